@@ -1,0 +1,26 @@
+"""jbp: convolutional networks in JAX with hand-written, checked backward rules.
+
+``jbp.X`` is the layer with its hand-written ``jax.custom_vjp`` backward (the equations of
+EQUATIONS.md); ``jbp.autodiff.X`` has the same signature and the same forward computation,
+differentiated by JAX; ``jbp.manual`` is an alias namespace of the hand-written versions.
+Images are NHWC, convolution kernels HWIO.
+"""
+
+from jbp.activations import leaky_relu, log_softmax, relu, sigmoid, softmax, tanh
+from jbp.conv import conv2d
+from jbp.dropout import dropout
+from jbp.linear import dense, flatten
+from jbp.losses import mse, sigmoid_binary_cross_entropy, softmax_cross_entropy
+from jbp.normalization import batch_norm
+from jbp.pooling import avg_pool, global_avg_pool, max_pool
+
+from jbp import autodiff, manual  # noqa: E402  (namespaces built from the modules above)
+
+LAYERS = (
+    "conv2d", "dense", "flatten", "relu", "leaky_relu", "sigmoid", "tanh", "softmax",
+    "log_softmax", "max_pool", "avg_pool", "global_avg_pool", "batch_norm", "dropout",
+    "softmax_cross_entropy", "mse", "sigmoid_binary_cross_entropy",
+)
+
+__version__ = "0.1.0"
+__all__ = list(LAYERS) + ["autodiff", "manual", "LAYERS"]

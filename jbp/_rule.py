@@ -1,0 +1,82 @@
+"""The one piece of plumbing every layer shares: a hand-written reverse-mode rule.
+
+A jbp layer is three plain functions written side by side in its module:
+
+- ``forward(*args, cfg)``: the maths of the layer in ``jax.numpy``/``lax``. This same function is
+  what ``jbp.autodiff`` differentiates with JAX, so the two versions cannot drift apart.
+- ``fwd(*args, cfg) -> (out, residuals)``: the forward plus the residuals the backward needs.
+- ``bwd(cfg, residuals, g) -> grads``: the document's backward equation.
+
+:func:`manual_rule` ties them together with ``jax.custom_vjp`` (static config as the trailing
+``nondiff_argnums``; ``optimize_remat=True`` so that under ``jax.checkpoint`` the forward is not run
+twice) and returns a callable that also carries the undecorated ``forward`` for the autodiff twin.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+_FORWARD_MODE_HINT = (
+    "jbp.{name} has a hand-written reverse-mode rule (jax.custom_vjp), and JAX cannot apply "
+    "forward-mode differentiation (jax.jvp, jax.jacfwd, jax.hessian, jax.linearize) to such a "
+    "rule. Use reverse mode instead: jax.grad, jax.vjp, jax.jacrev, or reverse-over-reverse for "
+    "second order (Hessian-vector products as jax.grad of a gradient dot product). If you need "
+    "forward mode, use jbp.autodiff.{name}, which has the same signature and forward computation "
+    "and is differentiated by JAX."
+)
+
+
+class ManualRule:
+    """A forward function paired with a hand-written backward via ``jax.custom_vjp``.
+
+    Calling it runs the custom-VJP version. ``rule.forward`` is the plain forward (what
+    ``jbp.autodiff`` differentiates). The trailing ``num_static`` arguments are static
+    configuration (hashable) and receive no gradient.
+    """
+
+    def __init__(self, name: str, forward: Callable, fwd: Callable, bwd: Callable,
+                 num_args: int, num_static: int = 1):
+        self.name = name
+        self.forward = forward
+        static = tuple(range(num_args - num_static, num_args))
+        self._vjp = jax.custom_vjp(forward, nondiff_argnums=static)
+        self._vjp.defvjp(fwd, bwd, optimize_remat=True)
+
+    def __call__(self, *args: Any):
+        try:
+            return self._vjp(*args)
+        except TypeError as err:
+            if "forward-mode" in str(err):
+                raise TypeError(_FORWARD_MODE_HINT.format(name=self.name)) from err
+            raise
+
+    def __repr__(self) -> str:
+        return f"ManualRule({self.name})"
+
+
+def manual_rule(name: str, forward: Callable, fwd: Callable, bwd: Callable, *,
+                num_args: int, num_static: int = 1) -> ManualRule:
+    """Build a :class:`ManualRule`; ``num_args`` counts every positional argument."""
+    return ManualRule(name, forward, fwd, bwd, num_args, num_static)
+
+
+def cast_like(grad, primal):
+    """Cast a cotangent to its primal's dtype (``None`` stays ``None``).
+
+    ``custom_vjp`` silently accepts a float32 cotangent for a bfloat16 primal; every jbp backward
+    passes its results through here so dtype in == dtype out.
+    """
+    if grad is None or primal is None:
+        return None
+    return jnp.asarray(grad).astype(jnp.result_type(primal))
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """The dtype to accumulate in: float32 for half precision inputs, else the input dtype."""
+    dtype = jnp.dtype(dtype)
+    if dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return jnp.dtype(jnp.float32)
+    return dtype

@@ -1,0 +1,218 @@
+"""Losses with hand-written backwards: where the backward pass starts.
+
+Equations (EQUATIONS.md, "Loss"), for a batch of ``N`` examples, ``g`` the incoming cotangent of
+the scalar loss (1 under ``jax.grad``)::
+
+    softmax cross-entropy:  L = −(1/N) Σ_n Σ_k y_nk log ŷ_nk,   ŷ = softmax(z)
+                            δ = ∂L/∂z = (ŷ Σ_k y_k − y) / N   = (ŷ − y)/N for labels summing to 1
+                            ∂L/∂y = −log ŷ / N               (soft labels are differentiable)
+    MSE:                    L = mean((ŷ − y)²),   δ = 2(ŷ − y)/size,   ∂L/∂y = −δ
+    sigmoid + BCE:          L = mean(softplus(z) − z y),   δ = (σ(z) − y)/size,   ∂L/∂y = −z/size
+
+``log ŷ`` is computed from the logits by log-sum-exp, never as ``log(softmax)``, so logits of
+±1e4 give finite losses and gradients. All losses are means, returned as scalars of the input
+dtype (half precision is accumulated in float32).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jbp import _checks
+from jbp._rule import cast_like, compute_dtype, manual_rule
+
+
+def _log_softmax(z):
+    s = z - lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+    return s - jnp.log(jnp.sum(jnp.exp(s), axis=-1, keepdims=True))
+
+
+# --- softmax cross-entropy --------------------------------------------------------------------
+
+def _ce_parts(z, y):
+    log_p = _log_softmax(z.astype(compute_dtype(z.dtype)))
+    return (-jnp.sum(y * log_p) / z.shape[0]).astype(z.dtype), log_p
+
+
+def _ce_forward(z, y):
+    return _ce_parts(z, y)[0]
+
+
+def _ce_fwd(z, y):
+    loss, log_p = _ce_parts(z, y)
+    return loss, (log_p, y)          # residuals: log ŷ and the targets y (2·N·K values)
+
+
+def _ce_bwd(res, g):
+    log_p, y = res
+    scale = g.astype(log_p.dtype) / log_p.shape[0]
+    # δ = (ŷ Σ_k y_k − y) / N, with ŷ = exp(log ŷ) from the log-sum-exp: finite for any logits.
+    dz = (jnp.exp(log_p) * jnp.sum(y, axis=-1, keepdims=True) - y) * scale
+    dy = -log_p * scale                                  # ∂L/∂y = −log ŷ / N
+    return dz.astype(g.dtype), cast_like(dy, y)
+
+
+_ce_rule = manual_rule("softmax_cross_entropy", _ce_forward, _ce_fwd, _ce_bwd, num_args=2,
+                       num_static=0)
+
+
+def _targets(logits, labels, label_smoothing):
+    """Dense targets (N, K) from integer labels (N,) or soft labels (N, K), smoothed."""
+    n, k = logits.shape
+    _checks.require_array("labels", labels)
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        if tuple(labels.shape) != (n,):
+            raise ValueError(f"labels: integer labels must have shape ({n},) (one class per "
+                             f"example), got {tuple(labels.shape)}")
+        y = jax.nn.one_hot(labels, k, dtype=compute_dtype(logits.dtype))
+    elif jnp.issubdtype(labels.dtype, jnp.floating):
+        if tuple(labels.shape) != (n, k):
+            raise ValueError(f"labels: one-hot/soft labels must have the logits' shape ({n}, {k}),"
+                             f" got {tuple(labels.shape)}")
+        y = labels.astype(compute_dtype(logits.dtype))
+    else:
+        raise TypeError(f"labels: expected integer class indices or float probabilities, got "
+                        f"dtype {labels.dtype}")
+    if label_smoothing:
+        y = (1.0 - label_smoothing) * y + label_smoothing / k
+    return y
+
+
+def _check_batch(name, x):
+    if x.shape and x.shape[0] == 0:
+        raise ValueError(f"{name}: the batch is empty (shape {tuple(x.shape)}); a mean over zero "
+                         f"examples is undefined")
+
+
+def _softmax_cross_entropy_api(rule):
+    def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *,
+                              label_smoothing: float = 0.0) -> jax.Array:
+        """Softmax cross-entropy from logits, mean over the batch.
+
+        Args:
+          logits: ``z``, shape ``(N, K)``.
+          labels: integer classes ``(N,)`` in ``[0, K)``, or one-hot/soft labels ``(N, K)``.
+          label_smoothing: ``ε`` in ``[0, 1)``; targets become ``(1 − ε) y + ε / K``.
+
+        Returns:
+          scalar ``L = −(1/N) Σ_n Σ_k y_nk log ŷ_nk``, dtype of ``logits``.
+
+        Backward ``δ = (ŷ − y)/N`` (``(ŷ Σ_k y_k − y)/N`` for unnormalised soft labels) and
+        ``∂L/∂y = −log ŷ / N``, from log-sum-exp: finite for logits of ±1e4.
+        Residuals: ``log ŷ`` and ``y`` (``2·N·K`` values).
+        """
+        _checks.require_rank("logits", logits, 2, "(N, K)")
+        _checks.require_float("logits", logits)
+        _check_batch("logits", logits)
+        if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing: expected a float in [0, 1), got "
+                             f"{label_smoothing!r}")
+        return rule(logits, _targets(logits, labels, float(label_smoothing)))
+
+    return softmax_cross_entropy
+
+
+softmax_cross_entropy = _softmax_cross_entropy_api(_ce_rule)
+autodiff_softmax_cross_entropy = _softmax_cross_entropy_api(_ce_rule.forward)
+
+
+# --- mean squared error -----------------------------------------------------------------------
+
+def _mse_parts(p, t):
+    diff = p.astype(compute_dtype(p.dtype)) - t.astype(compute_dtype(p.dtype))
+    return jnp.mean(jnp.square(diff)).astype(p.dtype), diff
+
+
+def _mse_forward(p, t):
+    return _mse_parts(p, t)[0]
+
+
+def _mse_fwd(p, t):
+    loss, diff = _mse_parts(p, t)
+    return loss, diff                             # residual: ŷ − y (size values)
+
+
+def _mse_bwd(diff, g):
+    d_pred = (2.0 * diff * (g.astype(diff.dtype) / diff.size)).astype(g.dtype)  # 2(ŷ − y)/size
+    return d_pred, -d_pred                                                      # ∂L/∂y = −δ
+
+
+_mse_rule = manual_rule("mse", _mse_forward, _mse_fwd, _mse_bwd, num_args=2, num_static=0)
+
+
+def _check_pair(pred_name, pred, target_name, target):
+    _checks.require_float(pred_name, pred)
+    _checks.require_float(target_name, target)
+    if tuple(pred.shape) != tuple(target.shape):
+        raise ValueError(f"{target_name}: expected the shape of {pred_name} "
+                         f"{tuple(pred.shape)}, got {tuple(target.shape)}")
+    _check_batch(pred_name, pred)
+
+
+def _mse_api(rule):
+    def mse(pred: jax.Array, target: jax.Array) -> jax.Array:
+        """Mean squared error ``mean((ŷ − y)²)`` over every element; shapes must match.
+
+        Backward ``δ = 2(ŷ − y)/size``, ``∂L/∂y = −δ``. Residuals: ``ŷ − y`` (``size`` values).
+        """
+        _check_pair("pred", pred, "target", target)
+        # The target is cast outside the rule: JAX casts its cotangent back to its dtype.
+        return rule(pred, target.astype(pred.dtype))
+
+    return mse
+
+
+mse = _mse_api(_mse_rule)
+autodiff_mse = _mse_api(_mse_rule.forward)
+
+
+# --- sigmoid binary cross-entropy ----------------------------------------------------------------
+
+def _bce_forward(z, y):
+    zc, yc = z.astype(compute_dtype(z.dtype)), y.astype(compute_dtype(z.dtype))
+    # softplus(z) − z y, written so that neither exp nor log can overflow:
+    # max(z, 0) − z y + log(1 + e^{−|z|}).
+    per_element = jnp.maximum(zc, 0) - zc * yc + jnp.log1p(jnp.exp(-jnp.abs(zc)))
+    return jnp.mean(per_element).astype(z.dtype)
+
+
+def _bce_fwd(z, y):
+    return _bce_forward(z, y), (z, y)             # residuals: z and y (2·size values)
+
+
+def _bce_bwd(res, g):
+    z, y = res
+    zc, yc = z.astype(compute_dtype(z.dtype)), y.astype(compute_dtype(z.dtype))
+    scale = g.astype(zc.dtype) / z.size
+    dz = (lax.logistic(zc) - yc) * scale          # δ = (σ(z) − y)/size
+    dy = -zc * scale                              # ∂L/∂y = −z/size
+    return dz.astype(g.dtype), dy.astype(g.dtype)
+
+
+_bce_rule = manual_rule("sigmoid_binary_cross_entropy", _bce_forward, _bce_fwd, _bce_bwd,
+                        num_args=2, num_static=0)
+
+
+def _bce_api(rule):
+    def sigmoid_binary_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+        """Binary cross-entropy of ``σ(z)`` against targets in ``[0, 1]``, mean over elements.
+
+        Args:
+          logits: ``z``, any shape ``(N, ...)``.
+          targets: ``y``, same shape, floating point (soft targets allowed).
+
+        Returns:
+          scalar ``mean(softplus(z) − z y)``, stable for ``|z|`` up to ±1e4 and beyond.
+
+        Backward ``δ = (σ(z) − y)/size``, ``∂L/∂y = −z/size``. Residuals: ``z`` and ``y``.
+        """
+        _check_pair("logits", logits, "targets", targets)
+        return rule(logits, targets.astype(logits.dtype))
+
+    return sigmoid_binary_cross_entropy
+
+
+sigmoid_binary_cross_entropy = _bce_api(_bce_rule)
+autodiff_sigmoid_binary_cross_entropy = _bce_api(_bce_rule.forward)

@@ -1,0 +1,175 @@
+"""Batch normalisation with a hand-written backward.
+
+Equations (EQUATIONS.md, "Batch normalisation"); statistics per channel (the last axis) over all
+other axes, ``M`` = number of values per channel (``N·H·W`` for images)::
+
+    μ = mean(x),  σ² = mean((x − μ)²)  (biased),  x̂ = (x − μ)/√(σ² + ε),  y = γ x̂ + β
+    ∂L/∂γ = Σ δ ⊙ x̂,   ∂L/∂β = Σ δ
+    ∂L/∂x = (γ / (M √(σ² + ε))) · (M δ − Σ δ − x̂ ⊙ Σ(δ ⊙ x̂))
+    evaluation (running statistics, affine in x):  ∂L/∂x = δ γ / √(σ²_run + ε)
+
+Conventions: running statistics are state, not parameters. They are updated as
+``m·old + (1 − m)·batch`` with the *unbiased* batch variance (``σ² · M/(M − 1)``, like PyTorch;
+``m = momentum = 0.9`` matches PyTorch's ``momentum=0.1``), and they receive no gradient in either
+mode (``stop_gradient``), in ``jbp`` and ``jbp.autodiff`` alike. Half-precision inputs are
+normalised in float32 and cast back.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jbp import _checks
+from jbp._rule import cast_like, compute_dtype, manual_rule
+
+
+def _stat_axes(x):
+    return tuple(range(x.ndim - 1))
+
+
+# --- training mode: batch statistics ----------------------------------------------------------
+
+def _normalize_batch(x, gamma, beta, eps):
+    xc = x.astype(compute_dtype(x.dtype))
+    mean = jnp.mean(xc, axis=_stat_axes(x))
+    var = jnp.mean(jnp.square(xc - mean), axis=_stat_axes(x))
+    inv_std = lax.rsqrt(var + eps)
+    x_hat = (xc - mean) * inv_std
+    return (gamma * x_hat + beta).astype(x.dtype), mean, var, x_hat, inv_std
+
+
+def _train_forward(x, gamma, beta, eps):
+    """Returns ``(y, μ, σ²)``; the statistics feed the running-average update."""
+    y, mean, var, _, _ = _normalize_batch(x, gamma, beta, eps)
+    return y, mean, var
+
+
+def _train_fwd(x, gamma, beta, eps):
+    y, mean, var, x_hat, inv_std = _normalize_batch(x, gamma, beta, eps)
+    # Residuals: x̂ (M·C values in the compute dtype), 1/σ (C values), γ and β (C values each;
+    # β only for its dtype).
+    return (y, mean, var), (x_hat, inv_std, gamma, beta)
+
+
+def _train_bwd(eps, res, cotangents):
+    # The cotangents of μ and σ² are zero: the public function stops their gradient.
+    g, _, _ = cotangents
+    x_hat, inv_std, gamma, beta = res
+    axes = _stat_axes(x_hat)
+    m = x_hat.size // x_hat.shape[-1]
+    g = g.astype(x_hat.dtype)
+    d_beta = jnp.sum(g, axis=axes)                          # ∂L/∂β = Σ δ
+    d_gamma = jnp.sum(g * x_hat, axis=axes)                 # ∂L/∂γ = Σ δ ⊙ x̂
+    # ∂L/∂x = (γ / (M √(σ² + ε))) · (M δ − Σ δ − x̂ ⊙ Σ(δ ⊙ x̂))
+    dx = (gamma * inv_std / m) * (m * g - d_beta - x_hat * d_gamma)
+    return (dx.astype(cotangents[0].dtype), cast_like(d_gamma, gamma), cast_like(d_beta, beta))
+
+
+_train_rule = manual_rule("batch_norm", _train_forward, _train_fwd, _train_bwd, num_args=4)
+
+
+# --- evaluation mode: running statistics --------------------------------------------------------
+
+def _normalize_running(x, gamma, beta, running_mean, running_var, eps):
+    xc = x.astype(compute_dtype(x.dtype))
+    inv_std = lax.rsqrt(running_var + eps)
+    x_hat = (xc - running_mean) * inv_std
+    return (gamma * x_hat + beta).astype(x.dtype), x_hat, inv_std
+
+
+def _eval_forward(x, gamma, beta, running_mean, running_var, eps):
+    return _normalize_running(x, gamma, beta, running_mean, running_var, eps)[0]
+
+
+def _eval_fwd(x, gamma, beta, running_mean, running_var, eps):
+    y, x_hat, inv_std = _normalize_running(x, gamma, beta, running_mean, running_var, eps)
+    # Residuals: x̂ (M·C values in the compute dtype), 1/σ_run, γ and β (C values each).
+    return y, (x_hat, inv_std, gamma, beta)
+
+
+def _eval_bwd(eps, res, g):
+    x_hat, inv_std, gamma, beta = res
+    axes = _stat_axes(x_hat)
+    gc = g.astype(x_hat.dtype)
+    dx = gc * gamma * inv_std                               # δ γ / √(σ²_run + ε)
+    d_gamma = jnp.sum(gc * x_hat, axis=axes)
+    d_beta = jnp.sum(gc, axis=axes)
+    # Running statistics get no gradient (they are state): None is a zero cotangent.
+    return dx.astype(g.dtype), cast_like(d_gamma, gamma), cast_like(d_beta, beta), None, None
+
+
+_eval_rule = manual_rule("batch_norm", _eval_forward, _eval_fwd, _eval_bwd, num_args=6)
+
+
+def _check(x, gamma, beta, running_mean, running_var, train, momentum, eps):
+    _checks.require_array("x", x)
+    if x.ndim < 2:
+        raise ValueError(f"x: expected shape (N, ..., C) with channels last, got {tuple(x.shape)}")
+    _checks.require_float("x", x)
+    c = x.shape[-1]
+    for name, v in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        _checks.require_array(name, v)
+        if tuple(v.shape) != (c,):
+            raise ValueError(f"{name}: expected shape ({c},) (channels, the last axis of x), "
+                             f"got {tuple(v.shape)}." + _checks.warn_if_nchw("x", x, v.shape[0]
+                                                                            if v.ndim else None))
+    if not isinstance(train, bool):
+        raise TypeError(f"train: expected a Python bool (it selects the computation at trace "
+                        f"time), got {type(train).__name__}")
+    if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum: expected a float in [0, 1], got {momentum!r}")
+    if not isinstance(eps, (int, float)) or eps <= 0:
+        raise ValueError(f"eps: expected a positive float, got {eps!r}")
+    m = x.size // c if c else 0
+    if train and m < 2:
+        raise ValueError(f"x: training-mode batch norm needs more than one value per channel to "
+                         f"estimate a variance, got shape {tuple(x.shape)} ({m} per channel)")
+
+
+def _batch_norm_api(train_rule, eval_rule):
+    def batch_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, running_mean: jax.Array,
+                   running_var: jax.Array, *, train: bool, momentum: float = 0.9,
+                   eps: float = 1e-5) -> Tuple[jax.Array, Tuple[jax.Array, jax.Array]]:
+        """Batch normalisation over every axis but the last (channels).
+
+        Args:
+          x: shape ``(N, ..., C)``, e.g. ``(N, H, W, C)`` or ``(N, C)``.
+          gamma, beta: scale ``γ`` and shift ``β``, shape ``(C,)``.
+          running_mean, running_var: running statistics, shape ``(C,)``; state, no gradient.
+          train: ``True`` normalises with batch statistics and updates the running ones;
+            ``False`` normalises with the running statistics and returns them unchanged.
+          momentum: ``new = momentum·old + (1 − momentum)·batch`` (unbiased batch variance).
+          eps: added to the variance.
+
+        Returns:
+          ``(y, (new_running_mean, new_running_var))``, ``y`` shaped like ``x``.
+
+        Backward: train ``∂L/∂x = (γ / (M √(σ² + ε))) · (M δ − Σ δ − x̂ ⊙ Σ(δ ⊙ x̂))``,
+        ``∂L/∂γ = Σ δ ⊙ x̂``, ``∂L/∂β = Σ δ``; eval ``∂L/∂x = δ γ / √(σ²_run + ε)``.
+        Residuals: ``x̂`` and ``1/σ`` (``(M·C + C) · itemsize`` bytes, float32 for half inputs)
+        plus ``γ``.
+        """
+        _check(x, gamma, beta, running_mean, running_var, train, momentum, eps)
+        running_mean = lax.stop_gradient(running_mean)
+        running_var = lax.stop_gradient(running_var)
+        if not train:
+            y = eval_rule(x, gamma, beta, running_mean, running_var, float(eps))
+            return y, (running_mean, running_var)
+        y, mean, var = train_rule(x, gamma, beta, float(eps))
+        mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
+        m = x.size // x.shape[-1]
+        unbiased_var = var * (m / (m - 1))
+        new_mean = momentum * running_mean + (1 - momentum) * mean.astype(running_mean.dtype)
+        new_var = momentum * running_var + (1 - momentum) * unbiased_var.astype(running_var.dtype)
+        return y, (new_mean.astype(running_mean.dtype), new_var.astype(running_var.dtype))
+
+    return batch_norm
+
+
+batch_norm = _batch_norm_api(_train_rule, _eval_rule)
+autodiff_batch_norm = _batch_norm_api(_train_rule.forward, _eval_rule.forward)
