@@ -8,8 +8,17 @@ A jbp layer is three plain functions written side by side in its module:
 - ``bwd(cfg, residuals, g) -> grads``: the document's backward equation.
 
 :func:`manual_rule` ties them together with ``jax.custom_vjp`` (static config as the trailing
-``nondiff_argnums``; ``optimize_remat=True`` so that under ``jax.checkpoint`` the forward is not run
-twice) and returns a callable that also carries the undecorated ``forward`` for the autodiff twin.
+``nondiff_argnums``) and returns a callable that also carries the undecorated ``forward`` for the
+autodiff twin.
+
+Under ``jax.checkpoint`` the forward still runs once: every ``fwd`` here is plain ``jnp``/``lax``,
+so when checkpointing discards the residuals of the primal pass, JAX's partial evaluation and XLA
+dead-code elimination drop their computation (``tests/test_transforms.py`` counts the compiled
+ops). We deliberately do *not* pass ``optimize_remat=True``: in jax 0.10 it wraps ``fwd`` in a
+primitive without higher-order AD rules, so ``jax.grad(jax.grad(f))`` fails with "Linearization
+failed to produce known values" (fixed upstream in JAX PR #38452, "fix higher-order AD of
+custom_remat"). Second order matters more to jbp than a rewrite DCE already performs;
+:data:`OPTIMIZE_REMAT` is the switch, and a canary test reports when JAX has the fix.
 """
 
 from __future__ import annotations
@@ -19,11 +28,15 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+#: Passed to ``custom_vjp.defvjp``; see the module docstring for why it is off.
+OPTIMIZE_REMAT = False
+
 _FORWARD_MODE_HINT = (
     "jbp.{name} has a hand-written reverse-mode rule (jax.custom_vjp), and JAX cannot apply "
-    "forward-mode differentiation (jax.jvp, jax.jacfwd, jax.hessian, jax.linearize) to such a "
-    "rule. Use reverse mode instead: jax.grad, jax.vjp, jax.jacrev, or reverse-over-reverse for "
-    "second order (Hessian-vector products as jax.grad of a gradient dot product). If you need "
+    "forward-mode differentiation (jax.jvp, jax.jacfwd) to such a rule directly. "
+    "Use reverse mode instead: jax.grad, jax.vjp, jax.jacrev; for second order, "
+    "reverse-over-reverse (Hessian-vector products as jax.grad of a gradient dot product) or "
+    "forward-over-reverse (jax.hessian = jacfwd(jacrev)) both work. If you need "
     "forward mode, use jbp.autodiff.{name}, which has the same signature and forward computation "
     "and is differentiated by JAX."
 )
@@ -43,7 +56,7 @@ class ManualRule:
         self.forward = forward
         static = tuple(range(num_args - num_static, num_args))
         self._vjp = jax.custom_vjp(forward, nondiff_argnums=static)
-        self._vjp.defvjp(fwd, bwd, optimize_remat=True)
+        self._vjp.defvjp(fwd, bwd, optimize_remat=OPTIMIZE_REMAT)
 
     def __call__(self, *args: Any):
         try:

@@ -1,0 +1,94 @@
+"""The public API contract: names, namespaces, identical signatures, documented equations."""
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jbp
+from jbp.cases import CASES
+
+
+@pytest.mark.parametrize("name", jbp.LAYERS)
+def test_namespaces(name):
+    manual = getattr(jbp, name)
+    assert getattr(jbp.manual, name) is manual
+    twin = getattr(jbp.autodiff, name)
+    assert twin is not manual
+    assert inspect.signature(twin) == inspect.signature(manual)
+
+
+@pytest.mark.parametrize("name", jbp.LAYERS)
+def test_docstrings_state_equation_and_residuals(name):
+    doc = getattr(jbp, name).__doc__
+    assert doc and "Backward" in doc, f"jbp.{name} docstring must state its backward equation"
+    assert "Residuals" in doc, f"jbp.{name} docstring must state its saved residuals"
+
+
+def test_every_layer_is_in_the_grid():
+    assert {c.layer for c in CASES} == set(jbp.LAYERS)
+
+
+def test_autodiff_twin_has_no_custom_rule():
+    x = jnp.ones((1, 5, 5, 2))
+    w = jnp.ones((3, 3, 2, 2))
+    for name in ("conv2d", "max_pool", "batch_norm"):
+        case = next(c for c in CASES if c.layer == name)
+        args = case.args(jnp.float32)
+        manual = str(jax.make_jaxpr(case.fn(jbp))(*args))
+        auto = str(jax.make_jaxpr(case.fn(jbp.autodiff))(*args))
+        assert "custom_vjp_call" in manual, name
+        assert "custom_vjp" not in auto and "custom_jvp" not in auto, name
+
+
+def test_batch_norm_running_stats_update_and_no_gradient():
+    """Running stats: m·old + (1 − m)·batch with the unbiased variance; zero gradient."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((4, 3, 2, 5)))
+    old_mean, old_var = jnp.asarray(rng.standard_normal(5)), jnp.asarray(rng.uniform(1, 2, 5))
+    g, b = jnp.ones(5), jnp.zeros(5)
+    _, (mean, var) = jbp.batch_norm(x, g, b, old_mean, old_var, train=True, momentum=0.8)
+    xs = np.asarray(x).reshape(-1, 5)
+    np.testing.assert_allclose(mean, 0.8 * np.asarray(old_mean) + 0.2 * xs.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(var, 0.8 * np.asarray(old_var) + 0.2 * xs.var(0, ddof=1),
+                               rtol=1e-12)
+    _, (m2, v2) = jbp.batch_norm(x, g, b, old_mean, old_var, train=False)
+    assert m2 is old_mean or np.array_equal(m2, old_mean)
+    for ns in (jbp, jbp.autodiff):
+        for train in (True, False):
+            def f(rm, rv):
+                y, (nm, nv) = ns.batch_norm(x, g, b, rm, rv, train=train)
+                return jnp.sum(y ** 2) + jnp.sum(nm) + jnp.sum(nv)
+            d_mean, d_var = jax.grad(f, (0, 1))(old_mean, old_var)
+            assert not np.any(d_mean) and not np.any(d_var)
+
+
+def test_dropout_is_identity_in_eval_and_inverted_in_train():
+    x = jnp.ones((1000,))
+    key = jax.random.key(0)
+    assert jbp.dropout(x, 0.5, key, train=False) is x
+    y = np.asarray(jbp.dropout(x, 0.25, key, train=True))
+    kept = y != 0
+    np.testing.assert_allclose(y[kept], 1 / 0.75)
+    assert 0.65 < kept.mean() < 0.85
+    g = np.asarray(jax.grad(lambda x: jnp.sum(jbp.dropout(x, 0.25, key, train=True)))(x))
+    np.testing.assert_array_equal(g, y)     # same mask, same scale: ∂y/∂x = m / (1 − p)
+
+
+def test_losses_stable_for_huge_logits():
+    """Logits of ±1e4: finite losses and gradients, equal to the limits worked out by hand."""
+    z = jnp.array([[1e4, -1e4, 0.0], [-1e4, 1e4, 0.0]])
+    labels = jnp.array([0, 0])
+    loss, grad = jax.value_and_grad(jbp.softmax_cross_entropy)(z, labels)
+    # Example 0 is right with certainty (loss 0); example 1 is wrong by 2e4 nats.
+    np.testing.assert_allclose(loss, (0 + 2e4) / 2)
+    np.testing.assert_allclose(grad, np.array([[0, 0, 0], [-1, 1, 0]]) / 2, atol=1e-12)
+    t = jnp.array([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]])      # every confident prediction wrong
+    loss, grad = jax.value_and_grad(jbp.sigmoid_binary_cross_entropy)(z, t)
+    # softplus(z) − z y per element: 1e4, 1e4, log 2 | 1e4, 1e4, log 2; mean over 6.
+    np.testing.assert_allclose(loss, (4e4 + 2 * np.log(2)) / 6, rtol=1e-12)
+    # (σ(z) − y)/6 with σ(±1e4) = 1, 0 and σ(0) = 1/2.
+    np.testing.assert_allclose(grad, (np.array([[1, 0, .5], [0, 1, .5]]) - np.asarray(t)) / 6,
+                               atol=1e-12)

@@ -1,0 +1,38 @@
+"""The README's main job, scripts/gradcheck.py, as a user runs it."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "gradcheck.py")
+
+
+def _run(*args, timeout=900):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_one_layer_prints_table_and_passes():
+    proc = _run("--layer", "relu", "--no-torch")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("relu ")]
+    assert len(rows) == 2 and all(r.rstrip().endswith("pass") for r in rows)
+    assert "2 passed, 0 failed" in proc.stdout
+
+
+def test_unknown_layer_is_a_clear_error():
+    proc = _run("--layer", "conv3d")
+    assert proc.returncode == 2
+    assert "no cases for layer 'conv3d'" in proc.stderr and "conv2d" in proc.stderr
+
+
+@pytest.mark.slow
+def test_whole_grid_passes():
+    """The main job end to end: every case of the grid, every reference, exit status 0."""
+    from jbp.cases import CASES
+    proc = _run()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"{len(CASES)} passed, 0 failed" in proc.stdout
