@@ -1,0 +1,223 @@
+"""Run configuration: TOML files loaded into frozen dataclasses, strictly.
+
+A config has four tables, ``[data]``, ``[model]``, ``[optim]``, ``[train]``, plus a top-level
+``name``. Every key has a type and a default (below); an unknown key or a value of the wrong type
+is a :class:`ConfigError` naming the key and the file. ``--set key=value`` overrides use dotted
+keys (``optim.lr=0.1``) and TOML syntax for values (``data.mean=[0.5]``, bare words are strings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+
+class ConfigError(ValueError):
+    """A config file or override is malformed: names the key and the file."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "mnist"            # mnist (shipped) | mnist_idx | cifar10 | npz
+    path: str = ""                    # file or directory; "" = the shipped MNIST subset
+    test_path: str = ""               # for npz / mnist_idx: the test set (images file for idx)
+    labels_path: str = ""             # mnist_idx: training labels file
+    test_labels_path: str = ""        # mnist_idx: test labels file
+    train_limit: Optional[int] = None  # use only the first N training examples
+    test_limit: Optional[int] = None
+    mean: Tuple[float, ...] = (0.1307,)
+    std: Tuple[float, ...] = (0.3081,)
+    augment_shift: int = 0            # random translation of training images, pixels
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "lenet5"              # seed_cnn | lenet5 | resnet20 | resnet18
+    num_classes: int = 10
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = "momentum"       # sgd | momentum | nesterov | adam | adamw
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"          # constant | cosine | step
+    warmup_steps: int = 0
+    step_boundaries: Tuple[float, ...] = (0.5, 0.75)   # fractions of the run (schedule="step")
+    step_decay: float = 0.1
+    clip_norm: Optional[float] = None  # clip the gradient's global norm
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    eval_batch_size: int = 1000
+    seed: int = 0
+    grad: str = "manual"              # manual | autodiff
+    log_every: int = 50               # steps between metrics.jsonl lines
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig}
+_CHOICES = {
+    ("data", "dataset"): ("mnist", "mnist_idx", "cifar10", "npz"),
+    ("model", "name"): ("seed_cnn", "lenet5", "resnet20", "resnet18"),
+    ("optim", "optimizer"): ("sgd", "momentum", "nesterov", "adam", "adamw"),
+    ("optim", "schedule"): ("constant", "cosine", "step"),
+    ("train", "grad"): ("manual", "autodiff"),
+}
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp, where: str):
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:                         # Optional[X]
+        if value is None:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list of {_type_name(args[0])}, "
+                              f"got {value!r} ({type(value).__name__})")
+        return tuple(_coerce(v, args[0], where) for v in value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r} "
+                          f"({type(value).__name__})")
+    return value
+
+
+def _section(cls, table: Dict[str, Any], section: str, source: str):
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: [{section}] must be a table, got {table!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in table.items():
+        where = f"{source}: {section}.{key}"
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key; valid keys of [{section}]: "
+                              f"{', '.join(sorted(known))}")
+        values[key] = _coerce(value, hints[key], where)
+        choices = _CHOICES.get((section, key))
+        if choices and values[key] not in choices:
+            raise ConfigError(f"{where}: expected one of {', '.join(choices)}, "
+                              f"got {values[key]!r}")
+    return cls(**values)
+
+
+def from_dict(raw: Dict[str, Any], source: str = "<dict>") -> Config:
+    """Build a :class:`Config` from nested dicts (a parsed TOML file), validating every key."""
+    unknown = set(raw) - set(_SECTIONS) - {"name"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {sorted(unknown)[0]!r}; valid top-level keys: "
+                          f"name, {', '.join(_SECTIONS)}")
+    name = _coerce(raw.get("name", "run"), str, f"{source}: name")
+    sections = {s: _section(cls, raw.get(s, {}), s, source) for s, cls in _SECTIONS.items()}
+    cfg = Config(name=name, **sections)
+    _validate(cfg, source)
+    return cfg
+
+
+def _validate(cfg: Config, source: str) -> None:
+    positive = [("train.epochs", cfg.train.epochs), ("train.batch_size", cfg.train.batch_size),
+                ("train.eval_batch_size", cfg.train.eval_batch_size),
+                ("train.log_every", cfg.train.log_every), ("model.num_classes",
+                                                           cfg.model.num_classes)]
+    for key, value in positive:
+        if value < 1:
+            raise ConfigError(f"{source}: {key}: expected >= 1, got {value}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"{source}: optim.lr: expected > 0, got {cfg.optim.lr}")
+    if len(cfg.data.mean) != len(cfg.data.std):
+        raise ConfigError(f"{source}: data.mean and data.std must have the same length "
+                          f"(one per channel), got {len(cfg.data.mean)} and {len(cfg.data.std)}")
+    if any(s <= 0 for s in cfg.data.std):
+        raise ConfigError(f"{source}: data.std: every entry must be > 0, got {cfg.data.std}")
+    if cfg.data.augment_shift < 0:
+        raise ConfigError(f"{source}: data.augment_shift: expected >= 0")
+
+
+def to_dict(cfg: Config) -> Dict[str, Any]:
+    """Plain nested dicts (tuples as lists, None dropped): what :func:`from_dict` reads back."""
+    def clean(d):
+        return {k: (list(v) if isinstance(v, tuple) else clean(v) if isinstance(v, dict) else v)
+                for k, v in d.items() if v is not None}
+    return clean(dataclasses.asdict(cfg))
+
+
+def to_toml(cfg: Config) -> str:
+    """The config as TOML text (the resolved config a run records)."""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v)
+    d = to_dict(cfg)
+    lines = [f"name = {value(d.pop('name'))}"]
+    for section, table in d.items():
+        lines.append(f"\n[{section}]")
+        lines.extend(f"{k} = {value(v)}" for k, v in table.items())
+    return "\n".join(lines) + "\n"
+
+
+def parse_override(text: str) -> Tuple[str, str, Any]:
+    """``"optim.lr=0.1"`` -> ("optim", "lr", 0.1); the value is read as TOML, else a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. optim.lr=0.1")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if key == "name":
+        return "", "name", raw.strip()
+    if key.count(".") != 1:
+        raise ConfigError(f"--set {text!r}: expected a dotted key section.key, e.g. train.epochs")
+    section, name = key.split(".")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, name, value
+
+
+def load(path: str, overrides: Sequence[str] = ()) -> Config:
+    """Read a TOML config, apply ``section.key=value`` overrides, validate."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    for text in overrides:
+        section, name, value = parse_override(text)
+        if not section:
+            raw["name"] = value
+        else:
+            raw.setdefault(section, {})
+            if not isinstance(raw[section], dict):
+                raise ConfigError(f"{path}: [{section}] must be a table")
+            raw[section][name] = value
+    source = path + (f" (with --set {' '.join(overrides)})" if overrides else "")
+    return from_dict(raw, source)

@@ -1,0 +1,149 @@
+"""Residual networks (He et al., 2016) from jbp layers: ResNet-20 and ResNet-18.
+
+Both stack *basic blocks*::
+
+    x ─ conv3×3(stride s) ─ BN ─ ReLU ─ conv3×3 ─ BN ─(+)─ ReLU
+    └──────────── shortcut: identity, or conv1×1(stride s) ─ BN ─┘   (projection)
+
+- ResNet-20 (CIFAR style): conv3×3(16) ─ BN ─ ReLU, three stages of 3 blocks with 16/32/64
+  channels (stride 2 entering stages 2 and 3), global average pool, fc. 28×28×1 -> 28, 14, 7;
+  32×32×3 -> 32, 16, 8.
+- ResNet-18 (ImageNet style, the document's "real-world example"): conv7×7(64, stride 2) ─ BN ─
+  ReLU ─ max-pool 3×3 stride 2, four stages of 2 blocks with 64/128/256/512 channels, global
+  average pool, fc to 1000 classes by default.
+
+Convolutions before batch norm carry no bias (BN's β replaces it). Projection shortcuts are used
+wherever the shape changes.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+
+from jbp.models import _init, layers
+
+
+def _bn(nn, p, s, x, train):
+    y, (mean, var) = nn.batch_norm(x, p["gamma"], p["beta"], s["mean"], s["var"], train=train)
+    return y, {"mean": mean, "var": var}
+
+
+def _init_block(key, cin, cout, stride):
+    k1, k2, k3 = jax.random.split(key, 3)
+    params, state = {}, {}
+    params["conv1"] = _init.conv(k1, 3, 3, cin, cout, bias=False)
+    params["bn1"], state["bn1"] = _init.batch_norm(cout)
+    params["conv2"] = _init.conv(k2, 3, 3, cout, cout, bias=False)
+    params["bn2"], state["bn2"] = _init.batch_norm(cout)
+    if stride != 1 or cin != cout:
+        params["proj"] = _init.conv(k3, 1, 1, cin, cout, bias=False)
+        params["proj_bn"], state["proj_bn"] = _init.batch_norm(cout)
+    return params, state
+
+
+def _block(nn, p, s, x, stride, train):
+    new = {}
+    h = nn.conv2d(x, p["conv1"]["w"], stride=stride, padding=1)
+    h, new["bn1"] = _bn(nn, p["bn1"], s["bn1"], h, train)
+    h = nn.relu(h)
+    h = nn.conv2d(h, p["conv2"]["w"], padding=1)
+    h, new["bn2"] = _bn(nn, p["bn2"], s["bn2"], h, train)
+    if "proj" in p:
+        shortcut = nn.conv2d(x, p["proj"]["w"], stride=stride, padding="VALID")
+        shortcut, new["proj_bn"] = _bn(nn, p["proj_bn"], s["proj_bn"], shortcut, train)
+    else:
+        shortcut = x
+    return nn.relu(h + shortcut), new
+
+
+def _init_stages(key, cin, widths: Sequence[int], blocks: int, first_stride: int):
+    params, state = [], []
+    keys = jax.random.split(key, len(widths) * blocks)
+    for i, cout in enumerate(widths):
+        for j in range(blocks):
+            stride = (first_stride if i == 0 else 2) if j == 0 else 1
+            p, s = _init_block(keys[i * blocks + j], cin, cout, stride)
+            params.append(p)
+            state.append(s)
+            cin = cout
+    return params, state
+
+
+def _strides(widths: Sequence[int], blocks: int, first_stride: int):
+    return [((first_stride if i == 0 else 2) if j == 0 else 1)
+            for i in range(len(widths)) for j in range(blocks)]
+
+
+def _apply_stages(nn, params, state, h, strides, train):
+    new_state = []
+    for p, s, stride in zip(params, state, strides):
+        h, ns = _block(nn, p, s, h, stride, train)
+        new_state.append(ns)
+    return h, new_state
+
+
+# --- ResNet-20 -----------------------------------------------------------------------------------
+
+R20_WIDTHS, R20_BLOCKS = (16, 32, 64), 3
+
+
+def init_resnet20(key, input_shape=(32, 32, 3), num_classes=10):
+    h, w, c = input_shape
+    if min(h, w) < 4:
+        raise ValueError(f"input_shape: resnet20 needs images of at least 4×4, got {input_shape}")
+    k_stem, k_stages, k_fc = jax.random.split(key, 3)
+    params, state = {}, {}
+    params["stem"] = _init.conv(k_stem, 3, 3, c, 16, bias=False)
+    params["stem_bn"], state["stem_bn"] = _init.batch_norm(16)
+    params["blocks"], state["blocks"] = _init_stages(k_stages, 16, R20_WIDTHS, R20_BLOCKS, 1)
+    params["fc"] = _init.dense(k_fc, R20_WIDTHS[-1], num_classes, gain=1.0)
+    return params, state
+
+
+def apply_resnet20(params, state, x, *, train, grad="manual"):
+    """x (N, H, W, C) -> logits (N, num_classes), new batch-norm state."""
+    nn = layers(grad)
+    _init.check_input(x, "for resnet20")
+    new = {}
+    h = nn.conv2d(x, params["stem"]["w"], padding=1)
+    h, new["stem_bn"] = _bn(nn, params["stem_bn"], state["stem_bn"], h, train)
+    h = nn.relu(h)
+    h, new["blocks"] = _apply_stages(nn, params["blocks"], state["blocks"], h,
+                                     _strides(R20_WIDTHS, R20_BLOCKS, 1), train)
+    h = nn.global_avg_pool(h)
+    return nn.dense(h, params["fc"]["w"], params["fc"]["b"]), new
+
+
+# --- ResNet-18 -----------------------------------------------------------------------------------
+
+R18_WIDTHS, R18_BLOCKS = (64, 128, 256, 512), 2
+
+
+def init_resnet18(key, input_shape=(224, 224, 3), num_classes=1000):
+    h, w, c = input_shape
+    if min(h, w) < 32:
+        raise ValueError(f"input_shape: resnet18 needs images of at least 32×32, got "
+                         f"{input_shape}")
+    k_stem, k_stages, k_fc = jax.random.split(key, 3)
+    params, state = {}, {}
+    params["stem"] = _init.conv(k_stem, 7, 7, c, 64, bias=False)
+    params["stem_bn"], state["stem_bn"] = _init.batch_norm(64)
+    params["blocks"], state["blocks"] = _init_stages(k_stages, 64, R18_WIDTHS, R18_BLOCKS, 1)
+    params["fc"] = _init.dense(k_fc, R18_WIDTHS[-1], num_classes, gain=1.0)
+    return params, state
+
+
+def apply_resnet18(params, state, x, *, train, grad="manual"):
+    """x (N, H, W, C) -> logits (N, num_classes), new batch-norm state."""
+    nn = layers(grad)
+    _init.check_input(x, "for resnet18")
+    new = {}
+    h = nn.conv2d(x, params["stem"]["w"], stride=2, padding=3)
+    h, new["stem_bn"] = _bn(nn, params["stem_bn"], state["stem_bn"], h, train)
+    h = nn.max_pool(nn.relu(h), 3, stride=2, padding=1)
+    h, new["blocks"] = _apply_stages(nn, params["blocks"], state["blocks"], h,
+                                     _strides(R18_WIDTHS, R18_BLOCKS, 1), train)
+    h = nn.global_avg_pool(h)
+    return nn.dense(h, params["fc"]["w"], params["fc"]["b"]), new

@@ -1,0 +1,199 @@
+"""The train step: one jit-compiled, pure function from (state, batch) to (state, metrics).
+
+    state = init_train_state(model, optimizer, key, input_shape, num_classes)
+    step = make_train_step(model.apply, optimizer, "softmax_cross_entropy", grad="manual")
+    for x, y in batches:
+        state, metrics = step(state, x, y)          # donated: the old state's buffers are reused
+
+``grad="manual"`` differentiates through jbp's hand-written rules, ``grad="autodiff"`` through the
+same forward with JAX's; the state pytrees are identical, so a run can switch between them.
+Optimisers come from optax (:func:`make_optimizer`); nothing here is a hand-written optimiser.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jbp.models import Model, layers
+
+
+class TrainState(NamedTuple):
+    """Everything a training run carries from step to step (a pytree)."""
+
+    params: Any          # model parameters
+    model_state: Any     # batch-norm running statistics
+    opt_state: Any       # the optax optimiser's state
+    step: jax.Array      # int32 scalar: steps taken
+    rng: jax.Array       # PRNG key, split once per step (dropout and friends)
+
+
+def init_train_state(model: Model, optimizer: optax.GradientTransformation, key: jax.Array,
+                     input_shape: Sequence[int], num_classes: int) -> TrainState:
+    init_key, rng = jax.random.split(key)
+    params, model_state = model.init(init_key, tuple(input_shape), num_classes)
+    return TrainState(params, model_state, optimizer.init(params), jnp.zeros((), jnp.int32), rng)
+
+
+# --- optimisers -------------------------------------------------------------------------------
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "step")
+
+
+def make_schedule(name: str, lr: float, total_steps: int, *, warmup_steps: int = 0,
+                  boundaries: Sequence[float] = (0.5, 0.75), decay: float = 0.1) -> optax.Schedule:
+    """Learning-rate schedule.
+
+    constant; cosine (linear warm-up over ``warmup_steps``, then cosine to 0 at ``total_steps``);
+    step (multiply by ``decay`` at each fraction of ``total_steps`` in ``boundaries``).
+    """
+    if name == "constant":
+        base = optax.constant_schedule(lr)
+    elif name == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0 if warmup_steps else lr, lr, warmup_steps,
+                                                  max(total_steps, warmup_steps + 1), 0.0)
+    elif name == "step":
+        base = optax.piecewise_constant_schedule(
+            lr, {int(b * total_steps): decay for b in boundaries})
+    else:
+        raise ValueError(f"schedule: expected one of {SCHEDULES}, got {name!r}")
+    if warmup_steps:
+        warm = optax.linear_schedule(0.0, lr, warmup_steps)
+        return optax.join_schedules([warm, base], [warmup_steps])
+    return base
+
+
+def _decay_mask(params):
+    """Weight decay on weights (ndim > 1), not on biases or batch-norm γ/β."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(name: str, schedule: Union[float, optax.Schedule], *, momentum: float = 0.9,
+                   weight_decay: float = 0.0, clip_norm: Optional[float] = None,
+                   b1: float = 0.9, b2: float = 0.999) -> optax.GradientTransformation:
+    """An optax chain: [clip by global norm] -> [decoupled-from-loss L2 weight decay] -> optimiser.
+
+    ``sgd``, ``momentum``, ``nesterov`` and ``adam`` add ``weight_decay · w`` to the gradient
+    (weights only); ``adamw`` uses optax's decoupled decay.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {name!r}")
+    parts = []
+    if clip_norm:
+        parts.append(optax.clip_by_global_norm(clip_norm))
+    if weight_decay and name != "adamw":
+        parts.append(optax.add_decayed_weights(weight_decay, mask=_decay_mask))
+    if name == "sgd":
+        parts.append(optax.sgd(schedule))
+    elif name in ("momentum", "nesterov"):
+        parts.append(optax.sgd(schedule, momentum=momentum, nesterov=name == "nesterov"))
+    elif name == "adam":
+        parts.append(optax.adam(schedule, b1=b1, b2=b2))
+    else:
+        parts.append(optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay,
+                                 mask=_decay_mask))
+    return optax.chain(*parts)
+
+
+# --- steps ------------------------------------------------------------------------------------
+
+def _loss_fn(loss: Union[str, Callable], grad: str) -> Callable:
+    """A loss by name is taken from the same namespace as the model's layers."""
+    return getattr(layers(grad), loss) if isinstance(loss, str) else loss
+
+
+def make_loss(apply: Callable, loss: Union[str, Callable] = "softmax_cross_entropy", *,
+              grad: str = "manual") -> Callable:
+    """``loss(params, model_state, x, y) -> (loss, (logits, new_model_state))``, train mode."""
+    loss_fn = _loss_fn(loss, grad)
+
+    def objective(params, model_state, x, y):
+        logits, new_state = apply(params, model_state, x, train=True, grad=grad)
+        return loss_fn(logits, y), (logits, new_state)
+
+    return objective
+
+
+def make_train_step(apply: Callable, optimizer: optax.GradientTransformation,
+                    loss: Union[str, Callable] = "softmax_cross_entropy", *,
+                    grad: str = "manual", donate: bool = True) -> Callable:
+    """A jit-compiled ``step(state, x, y) -> (state, metrics)``.
+
+    ``metrics``: ``loss``, ``accuracy`` (of this batch), ``grad_norm`` (global L2 norm of the
+    gradient before clipping) as device scalars. With ``donate`` the input state's buffers are
+    reused for the output (do not touch the old state after the call).
+    """
+    objective = make_loss(apply, loss, grad=grad)
+
+    def step(state: TrainState, x, y):
+        (loss_value, (logits, model_state)), grads = jax.value_and_grad(
+            objective, has_aux=True)(state.params, state.model_state, x, y)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        rng, _ = jax.random.split(state.rng)
+        metrics = {"loss": loss_value,
+                   "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
+                   "grad_norm": optax.global_norm(grads)}
+        return TrainState(params, model_state, opt_state, state.step + 1, rng), metrics
+
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def make_grad_fn(apply: Callable, loss: Union[str, Callable] = "softmax_cross_entropy", *,
+                 grad: str = "manual") -> Callable:
+    """A jit-compiled ``(params, model_state, x, y) -> (loss, grads)`` (train-mode forward)."""
+    objective = make_loss(apply, loss, grad=grad)
+
+    def grads(params, model_state, x, y):
+        (loss_value, _), g = jax.value_and_grad(objective, has_aux=True)(params, model_state, x, y)
+        return loss_value, g
+
+    return jax.jit(grads)
+
+
+def make_eval_step(apply: Callable, loss: Union[str, Callable] = "softmax_cross_entropy", *,
+                   grad: str = "manual") -> Callable:
+    """A jit-compiled ``eval_step(state, x, y) -> {"loss_sum", "correct", "count"}`` (eval mode).
+
+    Sums, not means, so that batches of any size (the last partial one) add up exactly.
+    """
+    loss_fn = _loss_fn(loss, grad)
+
+    def eval_step(state: TrainState, x, y):
+        logits, _ = apply(state.params, state.model_state, x, train=False, grad=grad)
+        n = x.shape[0]
+        return {"loss_sum": loss_fn(logits, y) * n,
+                "correct": jnp.sum(jnp.argmax(logits, -1) == y),
+                "count": jnp.asarray(n, jnp.int32)}
+
+    return jax.jit(eval_step)
+
+
+def evaluate(eval_step: Callable, state: TrainState, batches) -> dict:
+    """Mean loss and accuracy over an iterable of (x, y) batches."""
+    loss_sum, correct, count = 0.0, 0, 0
+    for x, y in batches:
+        out = eval_step(state, x, y)
+        loss_sum += float(out["loss_sum"])
+        correct += int(out["correct"])
+        count += int(out["count"])
+    if count == 0:
+        raise ValueError("evaluate: no batches")
+    return {"loss": loss_sum / count, "accuracy": correct / count, "count": count}
+
+
+def tree_size(tree) -> int:
+    return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+def optimizer_from_config(cfg, total_steps: int) -> optax.GradientTransformation:
+    """The optax optimiser described by a ``jbp.config.OptimConfig``."""
+    schedule = make_schedule(cfg.schedule, cfg.lr, total_steps, warmup_steps=cfg.warmup_steps,
+                             boundaries=cfg.step_boundaries, decay=cfg.step_decay)
+    return make_optimizer(cfg.optimizer, schedule, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm)
