@@ -58,6 +58,9 @@ class ManualRule:
         self._vjp = jax.custom_vjp(forward, nondiff_argnums=static)
         self._vjp.defvjp(fwd, bwd, optimize_remat=OPTIMIZE_REMAT)
 
+    # Note: inside jax.jit the rule is staged out first, so jax.jvp(jax.jit(f)) fails later, in
+    # JAX itself, with JAX's own message ("can't apply forward-mode autodiff (jvp) to a
+    # custom_vjp function"); only eager and traced-under-jvp calls get the hint below.
     def __call__(self, *args: Any):
         try:
             return self._vjp(*args)
@@ -79,8 +82,10 @@ def manual_rule(name: str, forward: Callable, fwd: Callable, bwd: Callable, *,
 def cast_like(grad, primal):
     """Cast a cotangent to its primal's dtype (``None`` stays ``None``).
 
-    ``custom_vjp`` silently accepts a float32 cotangent for a bfloat16 primal; every jbp backward
-    passes its results through here so dtype in == dtype out.
+    ``custom_vjp`` silently accepts a float32 cotangent for a bfloat16 primal. Backwards whose
+    arithmetic may change dtype (mixed-dtype parameters, float32 accumulation) cast through here;
+    the others compute from the cotangent alone, which already has the output's (= input's)
+    dtype. The tests check dtype in == dtype out for every layer.
     """
     if grad is None or primal is None:
         return None

@@ -197,6 +197,7 @@ def _pool_case(kind, hw, window, stride=None, padding="VALID", count_include_pad
     if kind == "avg":
         kw["count_include_pad"] = count_include_pad
     name = f"{kind}_pool"
+    short = {"window": "k", "stride": "s", "padding": "pad"}
 
     def call(ns):
         return lambda x: getattr(ns, name)(x, **kw)
@@ -206,7 +207,10 @@ def _pool_case(kind, hw, window, stride=None, padding="VALID", count_include_pad
     torch_ok = kind == "max" or count_include_pad or (
         t == b and l == r and 2 * t <= cfg.window[0] and 2 * l <= cfg.window[1])
     torch_fn = functools.partial(_pool_torch, kind=kind, **kw) if torch_ok else None
-    config = f"{hw[0]}x{hw[1]} " + " ".join(f"{k}={v}" for k, v in kw.items() if v is not None)
+    config = f"{hw[0]}x{hw[1]} " + " ".join(f"{short[k]}={v}" for k, v in kw.items()
+                                            if v is not None and k in short)
+    if kind == "avg":
+        config += " incl-pad" if count_include_pad else " excl-pad"
     return Case(name, config, ((2, *hw, c),), ("x",), call, torch_fn, tags=("pool",))
 
 

@@ -162,7 +162,8 @@ def _conv2d_api(rule):
 
         Backward (hand-written in ``jbp.conv``): ``∂L/∂W = δ ⋆ a``, ``∂L/∂b = Σ_{n,h,w} δ``, and
         ``∂L/∂a`` = full convolution of the stride-dilated ``δ`` with ``W`` rotated 180° and
-        channels swapped. Residuals: ``x`` and ``w`` (``(x.size + w.size) · itemsize`` bytes).
+        channels swapped. Residuals: ``x``, ``w`` and ``b`` (``(x.size + w.size + C_out) ·
+        itemsize`` bytes; ``b`` only for its dtype).
         """
         cfg = conv_config(x, w, b, stride=stride, padding=padding, dilation=dilation,
                           groups=groups)

@@ -31,6 +31,8 @@ import numpy as np
 
 DEFAULT_TOLERANCES = {
     # (rtol, atol) per comparison and dtype
+    ("autodiff", "bfloat16"): (3e-2, 1e-3),
+    ("autodiff", "float16"): (1e-2, 1e-4),
     ("autodiff", "float32"): (1e-5, 1e-6),
     ("autodiff", "float64"): (1e-10, 1e-12),
     ("finite differences", "float64"): (1e-6, 1e-8),
@@ -142,7 +144,11 @@ def versus_autodiff(manual_fn: Callable, autodiff_fn: Callable, args: Sequence, 
     out, manual_vjp = jax.vjp(manual_fn, *args)
     ref_out, autodiff_vjp = jax.vjp(autodiff_fn, *args)
     u = random_cotangent(out, seed)
-    default_rtol, default_atol = DEFAULT_TOLERANCES[("autodiff", _dtype_name(args))]
+    key = ("autodiff", _dtype_name(args))
+    if key not in DEFAULT_TOLERANCES and (rtol is None or atol is None):
+        raise TypeError(f"versus_autodiff: no default tolerance for dtype {key[1]}; pass rtol "
+                        f"and atol")
+    default_rtol, default_atol = DEFAULT_TOLERANCES.get(key, (rtol, atol))
     return compare(label, "autodiff", manual_vjp(u), autodiff_vjp(u), names,
                    rtol=default_rtol if rtol is None else rtol,
                    atol=default_atol if atol is None else atol, detail=_dtype_name(args))
@@ -174,6 +180,21 @@ def _flat_fn(fn, args):
     return flat, theta0, offsets
 
 
+def numerical_jacobian(fn: Callable, args: Sequence, *, step: float = 1e-6):
+    """Central-difference Jacobian of ``fn`` at ``args`` (float64): one block per argument.
+
+    Returns a list with, for argument i, an array of shape ``(out_size, args[i].size)``; column j
+    is ``(F(θ + h e_j) − F(θ − h e_j)) / 2h`` over the flattened output. Two evaluations per
+    input element, batched with ``vmap``.
+    """
+    _require_float64(args)
+    flat, theta0, offsets = _flat_fn(fn, args)
+    basis = jnp.eye(int(theta0.size), dtype=theta0.dtype) * step
+    batched = jax.jit(jax.vmap(flat))
+    numeric = ((batched(theta0 + basis) - batched(theta0 - basis)) / (2 * step)).T
+    return [numeric[:, offsets[i]:offsets[i + 1]] for i in range(len(args))]
+
+
 def versus_finite_differences(fn: Callable, args: Sequence, *, mode: str = "auto",
                               names: Optional[Sequence[str]] = None, label: str = "manual",
                               step: float = 1e-6, num_directions: int = 6,
@@ -195,13 +216,9 @@ def versus_finite_differences(fn: Callable, args: Sequence, *, mode: str = "auto
     if mode == "auto":
         mode = "full" if n_in * n_out <= max_full_size else "directions"
     if mode == "full":
-        # Numerical Jacobian, one column per input element: (F(θ + h e_i) − F(θ − h e_i)) / 2h.
-        basis = jnp.eye(n_in, dtype=theta0.dtype) * step
-        batched = jax.jit(jax.vmap(flat))
-        numeric = ((batched(theta0 + basis) - batched(theta0 - basis)) / (2 * step)).T
+        want = numerical_jacobian(fn, args, step=step)
         analytic = jax.jit(jax.jacrev(flat))(theta0)              # one VJP per output row
         got = [analytic[:, offsets[i]:offsets[i + 1]] for i in range(len(args))]
-        want = [numeric[:, offsets[i]:offsets[i + 1]] for i in range(len(args))]
         detail = f"full Jacobian {n_out}x{n_in}"
     elif mode == "directions":
         rng = np.random.default_rng((seed, 0xD1F))

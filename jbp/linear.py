@@ -71,7 +71,7 @@ def _dense_api(rule):
           ``z``, shape ``(N, out)``.
 
         Backward (``jbp.linear``): ``∂L/∂W = aᵀ δ``, ``∂L/∂b = Σ_n δ_n``, ``∂L/∂a = δ Wᵀ``.
-        Residuals: ``a`` and ``W`` (``(N·in + in·out) · itemsize`` bytes).
+        Residuals: ``a``, ``W`` and ``b`` (``(N·in + in·out + out) · itemsize`` bytes).
         """
         _check_dense(x, w, b)
         return rule(x, w, b, None)

@@ -32,8 +32,12 @@ def _log_softmax(z):
 # --- softmax cross-entropy --------------------------------------------------------------------
 
 def _ce_parts(z, y):
-    log_p = _log_softmax(z.astype(compute_dtype(z.dtype)))
-    return (-jnp.sum(y * log_p) / z.shape[0]).astype(z.dtype), log_p
+    """Loss, shifted logits s = z − max z and Σ_k e^{s_k}: what the backward needs."""
+    zc = z.astype(compute_dtype(z.dtype))
+    s = zc - lax.stop_gradient(jnp.max(zc, axis=-1, keepdims=True))
+    sum_exp = jnp.sum(jnp.exp(s), axis=-1, keepdims=True)
+    log_p = s - jnp.log(sum_exp)                                  # log ŷ by log-sum-exp
+    return (-jnp.sum(y * log_p) / z.shape[0]).astype(z.dtype), s, sum_exp
 
 
 def _ce_forward(z, y):
@@ -41,16 +45,20 @@ def _ce_forward(z, y):
 
 
 def _ce_fwd(z, y):
-    loss, log_p = _ce_parts(z, y)
-    return loss, (log_p, y)          # residuals: log ŷ and the targets y (2·N·K values)
+    loss, s, sum_exp = _ce_parts(z, y)
+    # Residuals: s = z − max z, Σ_k e^{s_k} and the targets y ((2K + 1)·N values).
+    return loss, (s, sum_exp, y)
 
 
 def _ce_bwd(res, g):
-    log_p, y = res
-    scale = g.astype(log_p.dtype) / log_p.shape[0]
-    # δ = (ŷ Σ_k y_k − y) / N, with ŷ = exp(log ŷ) from the log-sum-exp: finite for any logits.
-    dz = (jnp.exp(log_p) * jnp.sum(y, axis=-1, keepdims=True) - y) * scale
-    dy = -log_p * scale                                  # ∂L/∂y = −log ŷ / N
+    s, sum_exp, y = res
+    # δ = (ŷ Σ_k y_k − y) / N  (= (ŷ − y)/N for labels summing to 1), with ŷ = e^{s} / Σ e^{s}:
+    # finite for any logits. Written as  −y/N + ŷ · Σ_k y_k/N,  in the order JAX differentiates
+    # the forward, so that manual and autodiff training runs stay bit-for-bit together.
+    d_log_p = y * -(g.astype(s.dtype) / s.shape[0])              # ∂L/∂log ŷ = −y/N
+    d_lse = jnp.sum(-d_log_p, axis=-1, keepdims=True)            # Σ_k y_k / N
+    dz = d_log_p + jnp.exp(s) * (d_lse / sum_exp)
+    dy = (s - jnp.log(sum_exp)) * -(g.astype(s.dtype) / s.shape[0])   # ∂L/∂y = −log ŷ / N
     return dz.astype(g.dtype), cast_like(dy, y)
 
 
@@ -66,6 +74,11 @@ def _targets(logits, labels, label_smoothing):
         if tuple(labels.shape) != (n,):
             raise ValueError(f"labels: integer labels must have shape ({n},) (one class per "
                              f"example), got {tuple(labels.shape)}")
+        if not isinstance(labels, jax.core.Tracer) and labels.size:
+            low, high = int(jnp.min(labels)), int(jnp.max(labels))   # concrete: check the range
+            if low < 0 or high >= k:
+                raise ValueError(f"labels: class indices must lie in [0, {k}) for logits with "
+                                 f"K={k} classes, found {low if low < 0 else high}")
         y = jax.nn.one_hot(labels, k, dtype=compute_dtype(logits.dtype))
     elif jnp.issubdtype(labels.dtype, jnp.floating):
         if tuple(labels.shape) != (n, k):
@@ -101,7 +114,11 @@ def _softmax_cross_entropy_api(rule):
 
         Backward ``δ = (ŷ − y)/N`` (``(ŷ Σ_k y_k − y)/N`` for unnormalised soft labels) and
         ``∂L/∂y = −log ŷ / N``, from log-sum-exp: finite for logits of ±1e4.
-        Residuals: ``log ŷ`` and ``y`` (``2·N·K`` values).
+        Residuals: ``s = z − max z``, ``Σ_k e^{s_k}`` and ``y``: ``(2K + 1)·N · 4`` bytes in
+        float32 (half precision is kept as float32).
+
+        Integer labels must lie in ``[0, K)``: concrete labels are checked (``ValueError``);
+        inside ``jax.jit`` they cannot be, and an out-of-range label selects no class.
         """
         _checks.require_rank("logits", logits, 2, "(N, K)")
         _checks.require_float("logits", logits)
@@ -155,7 +172,8 @@ def _mse_api(rule):
     def mse(pred: jax.Array, target: jax.Array) -> jax.Array:
         """Mean squared error ``mean((ŷ − y)²)`` over every element; shapes must match.
 
-        Backward ``δ = 2(ŷ − y)/size``, ``∂L/∂y = −δ``. Residuals: ``ŷ − y`` (``size`` values).
+        Backward ``δ = 2(ŷ − y)/size``, ``∂L/∂y = −δ``.
+        Residuals: ``ŷ − y`` (``size · itemsize`` bytes; float32 for half-precision inputs).
         """
         _check_pair("pred", pred, "target", target)
         # The target is cast outside the rule: JAX casts its cotangent back to its dtype.
@@ -206,7 +224,8 @@ def _bce_api(rule):
         Returns:
           scalar ``mean(softplus(z) − z y)``, stable for ``|z|`` up to ±1e4 and beyond.
 
-        Backward ``δ = (σ(z) − y)/size``, ``∂L/∂y = −z/size``. Residuals: ``z`` and ``y``.
+        Backward ``δ = (σ(z) − y)/size``, ``∂L/∂y = −z/size``.
+        Residuals: ``z`` and ``y`` (``2 · size · itemsize`` bytes).
         """
         _check_pair("logits", logits, "targets", targets)
         return rule(logits, targets.astype(logits.dtype))

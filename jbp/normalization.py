@@ -151,8 +151,8 @@ def _batch_norm_api(train_rule, eval_rule):
 
         Backward: train ``∂L/∂x = (γ / (M √(σ² + ε))) · (M δ − Σ δ − x̂ ⊙ Σ(δ ⊙ x̂))``,
         ``∂L/∂γ = Σ δ ⊙ x̂``, ``∂L/∂β = Σ δ``; eval ``∂L/∂x = δ γ / √(σ²_run + ε)``.
-        Residuals: ``x̂`` and ``1/σ`` (``(M·C + C) · itemsize`` bytes, float32 for half inputs)
-        plus ``γ``.
+        Residuals: ``x̂``, ``1/σ``, ``γ`` and ``β`` (``(M·C + 3C) · itemsize`` bytes; float32
+        for half-precision inputs).
         """
         _check(x, gamma, beta, running_mean, running_var, train, momentum, eps)
         running_mean = lax.stop_gradient(running_mean)

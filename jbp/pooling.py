@@ -12,7 +12,10 @@ backward computes on the padded grid and crops the padding away.
 
 Max-pool tie rule: the whole of ``δ[w]`` goes to the *first* maximum of the window in row-major
 window order (top-left first), the same position JAX picks. So the routed gradient of every window
-sums to ``δ[w]`` exactly.
+sums to ``δ[w]`` exactly. Two corner cases, stated rather than special-cased: a window containing
+NaN has no position equal to its (NaN) maximum, so its δ goes to tap 0 (JAX routes it to the NaN);
+a window whose real cells are all −∞ ties with its padding, and its δ may go to a padded cell and
+be cropped (as in JAX).
 """
 
 from __future__ import annotations
@@ -103,7 +106,9 @@ def _scatter_taps(contribution, cfg: PoolConfig, shape, dtype):
 def _max_forward(x, cfg: PoolConfig):
     kh, kw = cfg.window
     sh, sw = cfg.stride
-    return lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), lax.max, (1, kh, kw, 1),
+    # The init value must be a concrete (numpy) scalar: a traced one hides the max monoid from
+    # lax.reduce_window, which then falls back to a generic reduce that JAX cannot differentiate.
+    return lax.reduce_window(x, np.array(-np.inf, x.dtype), lax.max, (1, kh, kw, 1),
                              (1, sh, sw, 1), _pad_spec(cfg))
 
 
@@ -188,8 +193,8 @@ def _divisor(cfg: AvgConfig, dtype):
 def _avg_forward(x, cfg: AvgConfig):
     kh, kw = cfg.pool.window
     sh, sw = cfg.pool.stride
-    total = lax.reduce_window(x, jnp.array(0, x.dtype), lax.add, (1, kh, kw, 1), (1, sh, sw, 1),
-                              _pad_spec(cfg.pool))
+    total = lax.reduce_window(x, np.array(0, x.dtype), lax.add, (1, kh, kw, 1), (1, sh, sw, 1),
+                              _pad_spec(cfg.pool))      # concrete init: see _max_forward
     return total / _divisor(cfg, x.dtype)
 
 

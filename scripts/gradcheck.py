@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     print("cells: max abs / max rel error of the manual gradients against each reference\n")
 
     columns = ["autodiff float32", "autodiff float64", "finite diff", "pytorch"]
-    header = (f"{'layer':<29} {'config':<40} " + " ".join(f"{c:>17}" for c in columns)
+    header = (f"{'layer':<29} {'config':<52} " + " ".join(f"{c:>17}" for c in columns)
               + "  result")
     print(header)
     print("-" * len(header))
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
         for c in columns:
             if results[c] is not None:
                 worst[c] = max(worst[c], results[c].max_rel)
-        print(f"{case.layer:<29} {case.config[:40]:<40} "
+        print(f"{case.layer:<29} {case.config:<52} "
               + " ".join(f"{cell(results[c]):>17}" for c in columns)
               + f"  {'pass' if ok else 'FAIL'}", flush=True)
         if args.verbose or not ok:

@@ -44,12 +44,21 @@ def test_finite_differences_catch_wrong_rule(mode):
     assert gradcheck.versus_finite_differences(right, (X,), mode=mode).ok
 
 
-def test_finite_differences_full_mode_matches_known_jacobian():
-    """d(x²)/dx = 2x on the diagonal: the numerical Jacobian reproduces a hand calculation."""
-    x = jnp.array([0.5, -1.5, 2.0])
+def test_numerical_jacobian_matches_hand_calculation():
+    """F(x, w) = (x² · w0, x0·w1): ∂F/∂x = diag(2x·w0) and ∂F1/∂x0 = w1, by hand."""
+    x, w = jnp.array([0.5, -1.5, 2.0]), jnp.array([3.0, -2.0])
+    jx, jw = gradcheck.numerical_jacobian(lambda x, w: jnp.concatenate([x ** 2 * w[0],
+                                                                          x[:1] * w[1]]), (x, w))
+    want_x = np.zeros((4, 3))
+    want_x[[0, 1, 2], [0, 1, 2]] = 2 * np.asarray(x) * 3.0
+    want_x[3, 0] = -2.0
+    want_w = np.zeros((4, 2))
+    want_w[:3, 0] = np.asarray(x) ** 2
+    want_w[3, 1] = 0.5
+    np.testing.assert_allclose(jx, want_x, atol=1e-8)
+    np.testing.assert_allclose(jw, want_w, atol=1e-8)
     result = gradcheck.versus_finite_differences(lambda x: x ** 2, (x,), mode="full")
-    assert result.ok and result.max_abs < 1e-8
-    assert "full Jacobian 3x3" in str(result)
+    assert result.ok and "full Jacobian 3x3" in str(result)
 
 
 def test_finite_differences_require_float64():

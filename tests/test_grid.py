@@ -78,13 +78,17 @@ def test_bfloat16_gradients_close_to_float32(case):
     u16 = gradcheck.random_cotangent(out16)
     u32 = jax.tree.map(lambda u: u.astype(jnp.float32), u16)
     for name, g16, g32 in zip(case.names, vjp16(u16), vjp32(u32)):
-        err = gradcheck.arg_error(name, g16.astype(jnp.float32), g32, rtol=5e-2, atol=5e-2)
-        assert err.ok and err.cosine > 0.99, err
+        # bfloat16 keeps 8 significant bits (relative spacing 2^-8 ≈ 4e-3); sums of tens of
+        # terms lose a few more. Relative to the largest entry, 3e-2 is ~8 ulps.
+        err = gradcheck.arg_error(name, g16.astype(jnp.float32), g32, rtol=3e-2, atol=0.0)
+        assert err.ok and err.cosine > 0.999, err
 
 
-def test_jit_gradients_equal_eager(case):
+@pytest.mark.parametrize("namespace", ["manual", "autodiff"])
+def test_jit_gradients_equal_eager(case, namespace):
+    """Under jax.jit, both the hand-written rules and the autodiff twins give eager gradients."""
     args = case.args(jnp.float32)
-    fn = case.fn(jbp)
+    fn = case.fn(jbp if namespace == "manual" else jbp.autodiff)
     out = fn(*args)
     u = gradcheck.random_cotangent(out)
 

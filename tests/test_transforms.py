@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jbp
-from jbp import conv, gradcheck, pooling
+from jbp import conv, gradcheck
 from jbp.cases import CASES
 
 
@@ -49,14 +49,49 @@ def test_vmap_per_example_gradients_equal_python_loop(case):
             np.testing.assert_allclose(np.asarray(b[i]), np.asarray(l), rtol=1e-12, atol=1e-12)
 
 
+BATCH_COUPLED = [c for c in CASES if (c.layer == "batch_norm" and c.config.endswith("train"))
+                 or c.layer in ("softmax_cross_entropy", "mse", "sigmoid_binary_cross_entropy",
+                                "dropout")]
+
+
+@pytest.mark.parametrize("case", BATCH_COUPLED, ids=[c.id for c in BATCH_COUPLED])
+def test_vmap_over_independent_batches_equals_loop(case):
+    """Layers that couple a batch (batch-norm statistics, batch-mean losses, dropout's mask) under
+    jax.vmap over a stack of whole batches: each equals its own un-vmapped gradient."""
+    stacks = [case.args(jnp.float64, seed=s) for s in range(3)]
+    stacked = tuple(jnp.stack(parts) for parts in zip(*stacks))
+    fn = case.fn(jbp)
+    argnums = tuple(range(len(stacked)))
+
+    def loss(*a):
+        return jnp.sum(jnp.sin(fn(*a)))
+
+    batched = jax.vmap(jax.grad(loss, argnums))(*stacked)
+    for i, args in enumerate(stacks):
+        for b, l in zip(batched, jax.grad(loss, argnums)(*args)):
+            np.testing.assert_allclose(np.asarray(b[i]), np.asarray(l), rtol=1e-12, atol=1e-12)
+
+
 def _count_ops(fn, *args, op):
     hlo = jax.jit(fn).lower(*args).compile().as_text()
     return hlo.count(f" {op}(")
 
 
-@pytest.mark.parametrize("layer,op", [("conv2d", "convolution"), ("max_pool", "reduce-window")])
+# One signature op per layer: its count in the compiled gradient must not grow under checkpoint.
+REMAT_OPS = [("conv2d", "convolution"), ("dense", "dot"), ("max_pool", "reduce-window"),
+             ("avg_pool", "reduce-window"), ("sigmoid", "exponential"), ("tanh", "tanh"),
+             ("softmax", "exponential"), ("log_softmax", "exponential"),
+             ("batch_norm", "rsqrt"), ("softmax_cross_entropy", "exponential")]
+
+
+@pytest.mark.parametrize("layer,op", REMAT_OPS, ids=[layer for layer, _ in REMAT_OPS])
 def test_checkpoint_runs_forward_once_and_keeps_gradients(layer, op):
-    """Under jax.checkpoint: same gradients, and no extra forward op is compiled."""
+    """Under jax.checkpoint: same gradients, and no extra forward op is compiled.
+
+    Without JAX's dead-code elimination of the discarded residuals, checkpointing would run the
+    rule's fwd twice (once in the primal pass, again when recomputing residuals) and this count
+    would grow.
+    """
     case = next(c for c in CASES if c.layer == layer)
     args = case.args(jnp.float32)
     fn = case.fn(jbp)
@@ -70,32 +105,14 @@ def test_checkpoint_runs_forward_once_and_keeps_gradients(layer, op):
     remat = jax.grad(jax.checkpoint(loss), argnums)(*args)
     for p, r in zip(plain, remat):
         np.testing.assert_allclose(np.asarray(r), np.asarray(p), rtol=1e-6, atol=1e-6)
-    assert (_count_ops(jax.grad(jax.checkpoint(loss), argnums), *args, op=op)
-            == _count_ops(jax.grad(loss, argnums), *args, op=op))
+    count = _count_ops(jax.grad(loss, argnums), *args, op=op)
+    assert count >= 1, f"{op} not found in the compiled gradient of {layer}"
+    assert _count_ops(jax.grad(jax.checkpoint(loss), argnums), *args, op=op) == count
 
 
-def test_fwd_traced_once_under_checkpoint():
-    """jbp's ManualRule traces the hand-written fwd once under jax.checkpoint."""
-    from jbp._rule import manual_rule
-    calls = []
-
-    def counting_fwd(*a):
-        calls.append(1)
-        return pooling._max_fwd(*a)
-
-    rule = manual_rule("max_pool", pooling._max_forward, counting_fwd, pooling._max_bwd,
-                       num_args=2)
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 6, 6, 2)), jnp.float32)
-    cfg = pooling.pool_config(x, 3, 2, 1)
-    g = jax.grad(jax.checkpoint(lambda x: jnp.sum(rule(x, cfg) ** 2)))(x)
-    assert len(calls) == 1
-    ref = jax.grad(lambda x: jnp.sum(pooling.autodiff_max_pool(x, 3, 2, 1) ** 2))(x)
-    np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-6)
-
-
-@pytest.mark.parametrize("case", ONE_PER_LAYER, ids=[c.id for c in ONE_PER_LAYER])
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_hessian_vector_product_matches_autodiff(case):
-    """Reverse-over-reverse: H v of a scalar loss through the rule == through jax.grad."""
+    """Reverse-over-reverse under jax.jit: H v through the rule == through jax.grad."""
     args = case.args(jnp.float64)
     rng = np.random.default_rng(5)
     vs = [jnp.asarray(rng.standard_normal(a.shape)) for a in args]
@@ -112,7 +129,7 @@ def test_hessian_vector_product_matches_autodiff(case):
             g = jax.grad(loss, tuple(range(len(a))))(*a)
             return sum(jnp.vdot(gi, vi) for gi, vi in zip(g, vs))
 
-        return jax.grad(directional, tuple(range(len(args))))(*args)
+        return jax.jit(jax.grad(directional, tuple(range(len(args)))))(*args)
 
     result = gradcheck.compare("manual", "autodiff", hvp(jbp), hvp(jbp.autodiff), case.names,
                                rtol=1e-9, atol=1e-11, detail="Hessian-vector product")
