@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jbp import _checks
@@ -75,7 +76,8 @@ def _targets(logits, labels, label_smoothing):
             raise ValueError(f"labels: integer labels must have shape ({n},) (one class per "
                              f"example), got {tuple(labels.shape)}")
         if not isinstance(labels, jax.core.Tracer) and labels.size:
-            low, high = int(jnp.min(labels)), int(jnp.max(labels))   # concrete: check the range
+            concrete = np.asarray(labels)         # numpy, so nothing is staged under jax.jit
+            low, high = int(concrete.min()), int(concrete.max())
             if low < 0 or high >= k:
                 raise ValueError(f"labels: class indices must lie in [0, {k}) for logits with "
                                  f"K={k} classes, found {low if low < 0 else high}")

@@ -138,7 +138,7 @@ def make_train_step(apply: Callable, optimizer: optax.GradientTransformation,
         rng, _ = jax.random.split(state.rng)
         metrics = {"loss": loss_value,
                    "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
-                   "grad_norm": optax.global_norm(grads)}
+                   "grad_norm": optax.tree.norm(grads)}
         return TrainState(params, model_state, opt_state, state.step + 1, rng), metrics
 
     return jax.jit(step, donate_argnums=(0,) if donate else ())

@@ -1,0 +1,82 @@
+"""Configs: every shipped config loads and round-trips; mistakes name the key and the file."""
+
+import glob
+import os
+import tomllib
+
+import pytest
+
+from jbp import config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.toml")))
+
+
+def test_the_four_jobs_ship():
+    names = {os.path.basename(p)[:-5] for p in CONFIGS}
+    assert {"seed_example", "lenet_mnist", "resnet20_mnist", "resnet20_cifar10"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_round_trip(path):
+    cfg = config.load(path)
+    assert config.from_dict(config.to_dict(cfg)) == cfg
+    assert config.from_dict(tomllib.loads(config.to_toml(cfg))) == cfg
+
+
+def test_frozen():
+    cfg = config.load(CONFIGS[0])
+    with pytest.raises(Exception):
+        cfg.train.epochs = 3
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = _write(tmp_path, "[optim]\nlearning_rate = 0.1\n")
+    with pytest.raises(config.ConfigError, match=r"c.toml: optim.learning_rate: unknown key; "
+                                                 r"valid keys of \[optim\]: .*lr"):
+        config.load(path)
+    path = _write(tmp_path, "[trainer]\nepochs = 1\n")
+    with pytest.raises(config.ConfigError, match=r"c.toml: unknown key 'trainer'"):
+        config.load(path)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[train]\nepochs = 2.5\n", r"train.epochs: expected int, got 2.5 \(float\)"),
+    ("[train]\nepochs = true\n", r"train.epochs: expected int, got True \(bool\)"),
+    ("[optim]\nlr = \"fast\"\n", r"optim.lr: expected float, got 'fast' \(str\)"),
+    ("[data]\nmean = 0.5\n", r"data.mean: expected a list of float, got 0.5"),
+    ("[model]\nname = \"vgg16\"\n", r"model.name: expected one of seed_cnn, lenet5"),
+    ("[train]\ngrad = \"forward\"\n", r"train.grad: expected one of manual, autodiff"),
+    ("[train]\nbatch_size = 0\n", r"train.batch_size: expected >= 1, got 0"),
+    ("[data]\nmean = [0.5, 0.5]\n", r"data.mean and data.std must have the same length"),
+    ("[optim\nlr = 1\n", r"not valid TOML"),
+])
+def test_wrong_values_name_key_and_file(tmp_path, text, message):
+    with pytest.raises(config.ConfigError, match=r"c.toml.*" + message):
+        config.load(_write(tmp_path, text))
+
+
+def test_ints_are_accepted_for_floats(tmp_path):
+    assert config.load(_write(tmp_path, "[optim]\nlr = 1\n")).optim.lr == 1.0
+
+
+def test_overrides():
+    cfg = config.load(CONFIGS[0], ["optim.lr=0.2", "data.mean=[0.5]", "data.std=[0.5]",
+                                   "train.grad=autodiff", "name=mine", "data.path=/x/y"])
+    assert (cfg.optim.lr, cfg.data.mean, cfg.train.grad, cfg.name, cfg.data.path) == (
+        0.2, (0.5,), "autodiff", "mine", "/x/y")
+    with pytest.raises(config.ConfigError, match=r"--set 'lr': expected key=value"):
+        config.load(CONFIGS[0], ["lr"])
+    with pytest.raises(config.ConfigError, match=r"with --set optim.lrr=1.*optim.lrr: unknown"):
+        config.load(CONFIGS[0], ["optim.lrr=1"])
+
+
+def test_missing_file():
+    with pytest.raises(config.ConfigError, match=r"nope.toml: config file not found"):
+        config.load("nope.toml")
