@@ -9,6 +9,9 @@
    loss divergence |manual − autodiff| / |autodiff| and writes an overlay plot (compare.png).
 
 Exits 1 if any step-0 leaf differs by more than --rtol (max rel error, default 1e-4 in float32).
+
+--x64 runs both in float64: the rules are then compared at ~1e-12 instead of float32 rounding,
+which shows how much of any divergence over many steps is float32 rounding amplified by training.
 """
 
 from __future__ import annotations
@@ -41,7 +44,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rtol", type=float, default=1e-4,
                         help="step-0 tolerance: max rel error per parameter leaf")
     parser.add_argument("--out", help="directory for compare.json and compare.png")
+    parser.add_argument("--x64", action="store_true", help="params, state and data in float64")
     args = parser.parse_args(argv)
+    if args.x64:
+        jax.config.update("jax_enable_x64", True)
     try:
         cfg = config_lib.load(args.config, args.set)
         train_set, _ = data.load_dataset(cfg.data)
@@ -58,15 +64,26 @@ def main(argv=None) -> int:
     optimizer = train.optimizer_from_config(cfg.optim, tc.epochs * steps_per_epoch)
     key = jax.random.key(tc.seed)
     shape = train_set.x.shape[1:]
-    states = {g: train.init_train_state(model, optimizer, key, shape, cfg.model.num_classes)
-              for g in ("manual", "autodiff")}
+    dtype = np.float64 if args.x64 else np.float32
+
+    def initial_state():
+        state = train.init_train_state(model, optimizer, key, shape, cfg.model.num_classes)
+        if not args.x64:
+            return state
+        params, model_state = jax.tree.map(lambda a: a.astype(dtype),
+                                           (state.params, state.model_state))
+        return state._replace(params=params, model_state=model_state,
+                              opt_state=optimizer.init(params))
+
+    states = {g: initial_state() for g in ("manual", "autodiff")}
     norm = dict(mean=cfg.data.mean, std=cfg.data.std)
 
     def batch_stream():
         epoch = 0
         while True:
-            yield from data.batches(train_set, tc.batch_size, seed=tc.seed, epoch=epoch,
-                                    augment_shift=cfg.data.augment_shift, **norm)
+            for x, y in data.batches(train_set, tc.batch_size, seed=tc.seed, epoch=epoch,
+                                     augment_shift=cfg.data.augment_shift, **norm):
+                yield x.astype(dtype), y
             epoch += 1
 
     # --- 1. step-0 gradients --------------------------------------------------------------
@@ -78,8 +95,10 @@ def main(argv=None) -> int:
     names = leaf_names(grads["manual"][1])
     check = gradcheck.compare("manual", "autodiff", jax.tree.leaves(grads["manual"][1]),
                               jax.tree.leaves(grads["autodiff"][1]), names, rtol=args.rtol,
-                              atol=0.0, detail=f"{cfg.model.name}, step 0, batch {tc.batch_size}")
-    print(f"{cfg.name}: {cfg.model.name}, step-0 gradients on one batch of {tc.batch_size} "
+                              atol=0.0, detail=f"{cfg.model.name}, step 0, batch {tc.batch_size}, "
+                                     f"{np.dtype(dtype).name}")
+    print(f"{cfg.name}: {cfg.model.name} in {np.dtype(dtype).name}, step-0 gradients on one "
+          f"batch of {tc.batch_size} "
           f"(loss manual {float(grads['manual'][0]):.6f}, autodiff "
           f"{float(grads['autodiff'][0]):.6f})")
     width = max(len(n) for n in names)
@@ -116,6 +135,7 @@ def main(argv=None) -> int:
 
     with open(os.path.join(out, "compare.json"), "w") as f:
         json.dump({"config": args.config, "model": cfg.model.name, "steps": args.steps,
+                   "dtype": np.dtype(dtype).name,
                    "step0": [{"leaf": a.name, "max_abs": a.max_abs, "max_rel": a.max_rel,
                               "cosine": a.cosine} for a in check.args],
                    "step0_ok": check.ok, "loss_manual": losses["manual"].tolist(),
