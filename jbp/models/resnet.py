@@ -18,11 +18,12 @@ wherever the shape changes.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence, Tuple
 
 import jax
 
-from jbp.models import _init, layers
+from jbp.models import _init as _init_lib
+from jbp.models import layers
 
 
 def _bn(nn, p, s, x, train):
@@ -33,13 +34,13 @@ def _bn(nn, p, s, x, train):
 def _init_block(key, cin, cout, stride):
     k1, k2, k3 = jax.random.split(key, 3)
     params, state = {}, {}
-    params["conv1"] = _init.conv(k1, 3, 3, cin, cout, bias=False)
-    params["bn1"], state["bn1"] = _init.batch_norm(cout)
-    params["conv2"] = _init.conv(k2, 3, 3, cout, cout, bias=False)
-    params["bn2"], state["bn2"] = _init.batch_norm(cout)
+    params["conv1"] = _init_lib.conv(k1, 3, 3, cin, cout, bias=False)
+    params["bn1"], state["bn1"] = _init_lib.batch_norm(cout)
+    params["conv2"] = _init_lib.conv(k2, 3, 3, cout, cout, bias=False)
+    params["bn2"], state["bn2"] = _init_lib.batch_norm(cout)
     if stride != 1 or cin != cout:
-        params["proj"] = _init.conv(k3, 1, 1, cin, cout, bias=False)
-        params["proj_bn"], state["proj_bn"] = _init.batch_norm(cout)
+        params["proj"] = _init_lib.conv(k3, 1, 1, cin, cout, bias=False)
+        params["proj_bn"], state["proj_bn"] = _init_lib.batch_norm(cout)
     return params, state
 
 
@@ -84,66 +85,71 @@ def _apply_stages(nn, params, state, h, strides, train):
     return h, new_state
 
 
-# --- ResNet-20 -----------------------------------------------------------------------------------
+# --- the two networks -------------------------------------------------------------------------
 
-R20_WIDTHS, R20_BLOCKS = (16, 32, 64), 3
+class Spec(NamedTuple):
+    """What differs between ResNet-20 and ResNet-18."""
+
+    name: str
+    stem_kernel: int        # stem convolution: kernel, stride, padding
+    stem_stride: int
+    stem_padding: int
+    stem_pool: bool         # 3×3 stride-2 max pool after the stem
+    widths: Tuple[int, ...]
+    blocks: int             # basic blocks per stage
+    min_size: int           # smallest input height/width accepted
+
+
+RESNET20 = Spec("resnet20", 3, 1, 1, False, (16, 32, 64), 3, 4)
+RESNET18 = Spec("resnet18", 7, 2, 3, True, (64, 128, 256, 512), 2, 32)
+
+
+def _init(spec: Spec, key, input_shape, num_classes):
+    h, w, c = input_shape
+    if min(h, w) < spec.min_size:
+        raise ValueError(f"input_shape: {spec.name} needs images of at least "
+                         f"{spec.min_size}×{spec.min_size}, got {input_shape}")
+    k_stem, k_stages, k_fc = jax.random.split(key, 3)
+    width = spec.widths[0]
+    params, state = {}, {}
+    k = spec.stem_kernel
+    params["stem"] = _init_lib.conv(k_stem, k, k, c, width, bias=False)
+    params["stem_bn"], state["stem_bn"] = _init_lib.batch_norm(width)
+    params["blocks"], state["blocks"] = _init_stages(k_stages, width, spec.widths, spec.blocks, 1)
+    params["fc"] = _init_lib.dense(k_fc, spec.widths[-1], num_classes, gain=1.0)
+    return params, state
+
+
+def _apply(spec: Spec, params, state, x, train, grad):
+    nn = layers(grad)
+    _init_lib.check_input(x, f"for {spec.name}")
+    new = {}
+    h = nn.conv2d(x, params["stem"]["w"], stride=spec.stem_stride, padding=spec.stem_padding)
+    h, new["stem_bn"] = _bn(nn, params["stem_bn"], state["stem_bn"], h, train)
+    h = nn.relu(h)
+    if spec.stem_pool:
+        h = nn.max_pool(h, 3, stride=2, padding=1)
+    h, new["blocks"] = _apply_stages(nn, params["blocks"], state["blocks"], h,
+                                     _strides(spec.widths, spec.blocks, 1), train)
+    h = nn.global_avg_pool(h)
+    return nn.dense(h, params["fc"]["w"], params["fc"]["b"]), new
 
 
 def init_resnet20(key, input_shape=(32, 32, 3), num_classes=10):
-    h, w, c = input_shape
-    if min(h, w) < 4:
-        raise ValueError(f"input_shape: resnet20 needs images of at least 4×4, got {input_shape}")
-    k_stem, k_stages, k_fc = jax.random.split(key, 3)
-    params, state = {}, {}
-    params["stem"] = _init.conv(k_stem, 3, 3, c, 16, bias=False)
-    params["stem_bn"], state["stem_bn"] = _init.batch_norm(16)
-    params["blocks"], state["blocks"] = _init_stages(k_stages, 16, R20_WIDTHS, R20_BLOCKS, 1)
-    params["fc"] = _init.dense(k_fc, R20_WIDTHS[-1], num_classes, gain=1.0)
-    return params, state
+    """ResNet-20 parameters and batch-norm state for NHWC images of ``input_shape``."""
+    return _init(RESNET20, key, input_shape, num_classes)
 
 
 def apply_resnet20(params, state, x, *, train, grad="manual"):
     """x (N, H, W, C) -> logits (N, num_classes), new batch-norm state."""
-    nn = layers(grad)
-    _init.check_input(x, "for resnet20")
-    new = {}
-    h = nn.conv2d(x, params["stem"]["w"], padding=1)
-    h, new["stem_bn"] = _bn(nn, params["stem_bn"], state["stem_bn"], h, train)
-    h = nn.relu(h)
-    h, new["blocks"] = _apply_stages(nn, params["blocks"], state["blocks"], h,
-                                     _strides(R20_WIDTHS, R20_BLOCKS, 1), train)
-    h = nn.global_avg_pool(h)
-    return nn.dense(h, params["fc"]["w"], params["fc"]["b"]), new
-
-
-# --- ResNet-18 -----------------------------------------------------------------------------------
-
-R18_WIDTHS, R18_BLOCKS = (64, 128, 256, 512), 2
+    return _apply(RESNET20, params, state, x, train, grad)
 
 
 def init_resnet18(key, input_shape=(224, 224, 3), num_classes=1000):
-    h, w, c = input_shape
-    if min(h, w) < 32:
-        raise ValueError(f"input_shape: resnet18 needs images of at least 32×32, got "
-                         f"{input_shape}")
-    k_stem, k_stages, k_fc = jax.random.split(key, 3)
-    params, state = {}, {}
-    params["stem"] = _init.conv(k_stem, 7, 7, c, 64, bias=False)
-    params["stem_bn"], state["stem_bn"] = _init.batch_norm(64)
-    params["blocks"], state["blocks"] = _init_stages(k_stages, 64, R18_WIDTHS, R18_BLOCKS, 1)
-    params["fc"] = _init.dense(k_fc, R18_WIDTHS[-1], num_classes, gain=1.0)
-    return params, state
+    """ResNet-18 parameters and batch-norm state for NHWC images of ``input_shape``."""
+    return _init(RESNET18, key, input_shape, num_classes)
 
 
 def apply_resnet18(params, state, x, *, train, grad="manual"):
     """x (N, H, W, C) -> logits (N, num_classes), new batch-norm state."""
-    nn = layers(grad)
-    _init.check_input(x, "for resnet18")
-    new = {}
-    h = nn.conv2d(x, params["stem"]["w"], stride=2, padding=3)
-    h, new["stem_bn"] = _bn(nn, params["stem_bn"], state["stem_bn"], h, train)
-    h = nn.max_pool(nn.relu(h), 3, stride=2, padding=1)
-    h, new["blocks"] = _apply_stages(nn, params["blocks"], state["blocks"], h,
-                                     _strides(R18_WIDTHS, R18_BLOCKS, 1), train)
-    h = nn.global_avg_pool(h)
-    return nn.dense(h, params["fc"]["w"], params["fc"]["b"]), new
+    return _apply(RESNET18, params, state, x, train, grad)
