@@ -59,22 +59,23 @@ def _block(nn, p, s, x, stride, train):
     return nn.relu(h + shortcut), new
 
 
-def _init_stages(key, cin, widths: Sequence[int], blocks: int, first_stride: int):
+def _strides(widths: Sequence[int], blocks: int):
+    """Stride of each block: 2 entering every stage but the first, else 1."""
+    return [2 if (j == 0 and i > 0) else 1 for i in range(len(widths)) for j in range(blocks)]
+
+
+def _init_stages(key, cin, widths: Sequence[int], blocks: int):
     params, state = [], []
     keys = jax.random.split(key, len(widths) * blocks)
+    strides = _strides(widths, blocks)
     for i, cout in enumerate(widths):
         for j in range(blocks):
-            stride = (first_stride if i == 0 else 2) if j == 0 else 1
+            stride = strides[i * blocks + j]
             p, s = _init_block(keys[i * blocks + j], cin, cout, stride)
             params.append(p)
             state.append(s)
             cin = cout
     return params, state
-
-
-def _strides(widths: Sequence[int], blocks: int, first_stride: int):
-    return [((first_stride if i == 0 else 2) if j == 0 else 1)
-            for i in range(len(widths)) for j in range(blocks)]
 
 
 def _apply_stages(nn, params, state, h, strides, train):
@@ -115,7 +116,7 @@ def _init(spec: Spec, key, input_shape, num_classes):
     k = spec.stem_kernel
     params["stem"] = _init_lib.conv(k_stem, k, k, c, width, bias=False)
     params["stem_bn"], state["stem_bn"] = _init_lib.batch_norm(width)
-    params["blocks"], state["blocks"] = _init_stages(k_stages, width, spec.widths, spec.blocks, 1)
+    params["blocks"], state["blocks"] = _init_stages(k_stages, width, spec.widths, spec.blocks)
     params["fc"] = _init_lib.dense(k_fc, spec.widths[-1], num_classes, gain=1.0)
     return params, state
 
@@ -130,7 +131,7 @@ def _apply(spec: Spec, params, state, x, train, grad):
     if spec.stem_pool:
         h = nn.max_pool(h, 3, stride=2, padding=1)
     h, new["blocks"] = _apply_stages(nn, params["blocks"], state["blocks"], h,
-                                     _strides(spec.widths, spec.blocks, 1), train)
+                                     _strides(spec.widths, spec.blocks), train)
     h = nn.global_avg_pool(h)
     return nn.dense(h, params["fc"]["w"], params["fc"]["b"]), new
 
