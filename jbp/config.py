@@ -61,6 +61,8 @@ class TrainConfig:
     seed: int = 0
     grad: str = "manual"              # manual | autodiff
     log_every: int = 50               # steps between metrics.jsonl lines
+    checkpoint_every: int = 500       # steps between checkpoints (and one at every epoch end)
+    keep_checkpoints: int = 3         # how many of the newest checkpoints to keep
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,9 @@ def from_dict(raw: Dict[str, Any], source: str = "<dict>") -> Config:
 def _validate(cfg: Config, source: str) -> None:
     positive = [("train.epochs", cfg.train.epochs), ("train.batch_size", cfg.train.batch_size),
                 ("train.eval_batch_size", cfg.train.eval_batch_size),
-                ("train.log_every", cfg.train.log_every), ("model.num_classes",
+                ("train.log_every", cfg.train.log_every),
+                ("train.checkpoint_every", cfg.train.checkpoint_every),
+                ("train.keep_checkpoints", cfg.train.keep_checkpoints), ("model.num_classes",
                                                            cfg.model.num_classes)]
     for key, value in positive:
         if value < 1:

@@ -3,9 +3,15 @@
     python scripts/train.py                                   # configs/lenet_mnist.toml
     python scripts/train.py --config configs/resnet20_mnist.toml --grad autodiff
     python scripts/train.py --set optim.lr=0.1 --set train.epochs=5 --out runs/quick
+    python scripts/train.py --resume runs/quick               # continue where it stopped
+
+Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes a checkpoint and exits 0 with the
+command that resumes; a crash loses only the steps since the last checkpoint. Resuming replays
+the same data order, so the result is bit-identical to an uninterrupted run on the same machine.
 
 Writes to the run directory (default runs/<config name>-<grad>):
-    config.toml     the resolved config (file + overrides)
+    config.toml     the resolved config (file + overrides); --resume reads it back
+    ckpt-*.npz      checkpoints every train.checkpoint_every steps and at each epoch end
     metrics.jsonl   one JSON object per line: "train" every train.log_every steps, "eval" per epoch
     summary.json    final test accuracy, throughput, wall time
     curves.png      loss and accuracy curves (needs matplotlib: the [plots] extra)
@@ -17,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 
@@ -24,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
+from jbp import checkpoint  # noqa: E402
 from jbp import config as config_lib  # noqa: E402
 from jbp import data, report, train  # noqa: E402
 from jbp.models import get_model  # noqa: E402
@@ -42,7 +50,23 @@ def parse_args(argv=None):
                         help="gradients from jbp's hand-written rules or from JAX (overrides "
                              "train.grad)")
     parser.add_argument("--out", help="run directory (default runs/<name>-<grad>)")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR from its newest good checkpoint")
+    parser.add_argument("--every", type=int, metavar="N",
+                        help="checkpoint every N steps (overrides train.checkpoint_every)")
     return parser.parse_args(argv)
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints and exits cleanly."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.signal = signal.Signals(signum).name
 
 
 def progress(total: int, desc: str):
@@ -55,8 +79,15 @@ def progress(total: int, desc: str):
 def main(argv=None) -> int:
     args = parse_args(argv)
     overrides = list(args.set) + ([f"train.grad={args.grad}"] if args.grad else [])
+    overrides += [f"train.checkpoint_every={args.every}"] if args.every else []
     try:
-        cfg = config_lib.load(args.config, overrides)
+        if args.resume:
+            if not os.path.isfile(os.path.join(args.resume, "config.toml")):
+                raise config_lib.ConfigError(f"{args.resume}: not a run directory (no "
+                                             f"config.toml); nothing to resume")
+            cfg = config_lib.load(os.path.join(args.resume, "config.toml"), overrides)
+        else:
+            cfg = config_lib.load(args.config, overrides)
         train_set, test_set = data.load_dataset(cfg.data)
         data.check_labels(train_set, cfg.model.num_classes, cfg.data.path or "shipped MNIST")
         data.check_labels(test_set, cfg.model.num_classes,
@@ -65,7 +96,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    out = args.out or os.path.join("runs", f"{cfg.name}-{cfg.train.grad}")
+    out = args.resume or args.out or os.path.join("runs", f"{cfg.name}-{cfg.train.grad}")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.toml"), "w") as f:
         f.write(config_lib.to_toml(cfg))
@@ -83,8 +114,26 @@ def main(argv=None) -> int:
     optimizer = train.optimizer_from_config(cfg.optim, total_steps)
     state = train.init_train_state(model, optimizer, jax.random.key(tc.seed), input_shape,
                                    cfg.model.num_classes)
+    position = {"epoch": 0, "batch": 0}             # the next batch to train on
+    if args.resume:
+        try:
+            state, manifest, path = checkpoint.restore_latest(out, state)
+        except checkpoint.CheckpointError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        position = manifest["position"]
+        print(f"resuming from {path}: step {int(state.step)}, epoch {position['epoch'] + 1}, "
+              f"batch {position['batch']}")
+        if position["epoch"] >= tc.epochs:
+            print(f"{out}: the run already finished all {tc.epochs} epochs; nothing to do")
+            return 0
     train_step = train.make_train_step(model.apply, optimizer, grad=tc.grad)
     eval_step = train.make_eval_step(model.apply, grad=tc.grad)
+    config_text = config_lib.to_toml(cfg)
+
+    def save(epoch, batch):
+        return checkpoint.save(out, state, position={"epoch": epoch, "batch": batch},
+                               config=config_text, keep=tc.keep_checkpoints)
     print(f"{cfg.name}: {cfg.model.name} ({train.tree_size(state.params):,} parameters), "
           f"{tc.grad} gradients, {train_set.num_examples:,} train / {test_set.num_examples:,} "
           f"test images {input_shape}, {tc.epochs} epochs x {steps_per_epoch} steps of "
@@ -93,18 +142,30 @@ def main(argv=None) -> int:
     # --- training loop ---
     norm = dict(mean=cfg.data.mean, std=cfg.data.std)
     metrics_path = os.path.join(out, "metrics.jsonl")
-    open(metrics_path, "w").close()
+    if not args.resume:
+        open(metrics_path, "w").close()
+    stop = StopRequest()
     start = time.perf_counter()
     train_time, images, result = 0.0, 0, {}
     with open(metrics_path, "a") as log:
-        for epoch in range(tc.epochs):
-            bar = progress(steps_per_epoch, f"epoch {epoch + 1}/{tc.epochs}")
+        for epoch in range(position["epoch"], tc.epochs):
+            first = position["batch"] if epoch == position["epoch"] else 0
+            bar = progress(steps_per_epoch - first, f"epoch {epoch + 1}/{tc.epochs}")
             epoch_start = time.perf_counter()
-            for x, y in data.batches(train_set, tc.batch_size, seed=tc.seed, epoch=epoch,
-                                     augment_shift=cfg.data.augment_shift, **norm):
+            for batch, (x, y) in enumerate(data.batches(
+                    train_set, tc.batch_size, seed=tc.seed, epoch=epoch, start=first,
+                    augment_shift=cfg.data.augment_shift, **norm), start=first):
                 state, metrics = train_step(state, x, y)
                 bar.update(1)
                 step = int(state.step)
+                if stop.signal:
+                    bar.close()
+                    path = save(epoch, batch + 1)
+                    print(f"{stop.signal}: stopped after step {step}, checkpoint {path}. "
+                          f"Resume with: python scripts/train.py --resume {out}", flush=True)
+                    return 0
+                if step % tc.checkpoint_every == 0:
+                    save(epoch, batch + 1)
                 if step % tc.log_every == 0 or step == total_steps:
                     values = {k: float(v) for k, v in metrics.items()}   # one host sync
                     rate = (images + (bar.n * tc.batch_size)) / max(
@@ -116,7 +177,8 @@ def main(argv=None) -> int:
             jax.block_until_ready(state.params)
             bar.close()
             train_time += time.perf_counter() - epoch_start
-            images += steps_per_epoch * tc.batch_size
+            images += (steps_per_epoch - first) * tc.batch_size
+            save(epoch + 1, 0)
             result = train.evaluate(eval_step, state, data.batches(
                 test_set, tc.eval_batch_size, train=False, **norm))
             record = {"kind": "eval", "step": int(state.step), "epoch": epoch + 1,
