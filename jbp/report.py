@@ -75,3 +75,21 @@ def plot_overlay(series: Dict[str, Sequence[float]], png_path: str, title: str,
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
     return png_path
+
+
+def plot_gradient_norms(steps: Sequence[int], series: Dict[str, Sequence[float]], png_path: str,
+                        title: str) -> Optional[str]:
+    """One line per layer: gradient L2 norm against step, log scale."""
+    plt = matplotlib_or_none()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for name, ys in series.items():
+        ax.plot(steps, [max(y, 1e-30) for y in ys], label=name, alpha=0.85)
+    ax.set(xlabel="step", ylabel="‖∂L/∂θ‖₂", yscale="log", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2 if len(series) > 8 else 1)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path

@@ -121,12 +121,19 @@ def make_loss(apply: Callable, loss: Union[str, Callable] = "softmax_cross_entro
 
 def make_train_step(apply: Callable, optimizer: optax.GradientTransformation,
                     loss: Union[str, Callable] = "softmax_cross_entropy", *,
-                    grad: str = "manual", donate: bool = True) -> Callable:
+                    grad: str = "manual", donate: bool = True,
+                    check_finite: bool = True) -> Callable:
     """A jit-compiled ``step(state, x, y) -> (state, metrics)``.
 
-    ``metrics``: ``loss``, ``accuracy`` (of this batch), ``grad_norm`` (global L2 norm of the
-    gradient before clipping) as device scalars. With ``donate`` the input state's buffers are
-    reused for the output (do not touch the old state after the call).
+    ``metrics`` (device arrays): ``loss``, ``accuracy`` (of this batch), ``grad_norm`` (global
+    L2 norm of the gradient before clipping), ``leaf_norms`` (the gradient norm of every
+    parameter leaf, in :func:`leaf_names` order) and ``finite``.
+
+    With ``check_finite`` (the default) a step whose loss or gradient is NaN/Inf is *not*
+    applied: the returned state is the input state (step count included), ``finite`` is False and
+    ``leaf_finite`` tells which parameter leaves had non-finite gradients. The check runs inside
+    the compiled step; reading ``finite`` costs the caller one scalar transfer. With ``donate``
+    the input state's buffers are reused for the output (do not touch the old state after).
     """
     objective = make_loss(apply, loss, grad=grad)
 
@@ -136,12 +143,27 @@ def make_train_step(apply: Callable, optimizer: optax.GradientTransformation,
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         rng, _ = jax.random.split(state.rng)
+        new_state = TrainState(params, model_state, opt_state, state.step + 1, rng)
+        leaves = jax.tree.leaves(grads)
         metrics = {"loss": loss_value,
                    "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
-                   "grad_norm": optax.tree.norm(grads)}
-        return TrainState(params, model_state, opt_state, state.step + 1, rng), metrics
+                   "grad_norm": optax.tree.norm(grads),
+                   "leaf_norms": jnp.stack([jnp.sqrt(jnp.sum(jnp.square(g))) for g in leaves])}
+        if check_finite:
+            leaf_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves])
+            finite = jnp.isfinite(loss_value) & jnp.all(leaf_finite)
+            new_state = jax.lax.cond(finite, lambda: new_state, lambda: state)
+            metrics.update(finite=finite, leaf_finite=leaf_finite)
+        else:
+            metrics["finite"] = jnp.asarray(True)
+        return new_state, metrics
 
     return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def leaf_names(tree) -> list:
+    """``keystr`` paths of a pytree's leaves, e.g. ``"['conv1']['w']"``."""
+    return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def make_grad_fn(apply: Callable, loss: Union[str, Callable] = "softmax_cross_entropy", *,

@@ -32,10 +32,6 @@ from jbp import data, gradcheck, report, train  # noqa: E402
 from jbp.models import get_model  # noqa: E402
 
 
-def leaf_names(tree):
-    return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="TOML config, e.g. configs/lenet_mnist.toml")
@@ -92,7 +88,7 @@ def main(argv=None) -> int:
     for g in ("manual", "autodiff"):
         fn = train.make_grad_fn(model.apply, grad=g)
         grads[g] = fn(states[g].params, states[g].model_state, x0, y0)
-    names = leaf_names(grads["manual"][1])
+    names = train.leaf_names(grads["manual"][1])
     check = gradcheck.compare("manual", "autodiff", jax.tree.leaves(grads["manual"][1]),
                               jax.tree.leaves(grads["autodiff"][1]), names, rtol=args.rtol,
                               atol=0.0, detail=f"{cfg.model.name}, step 0, batch {tc.batch_size}, "
@@ -132,7 +128,7 @@ def main(argv=None) -> int:
     worst = int(np.argmax(divergence))
     final = gradcheck.compare("manual", "autodiff", jax.tree.leaves(states["manual"].params),
                               jax.tree.leaves(states["autodiff"].params),
-                              leaf_names(states["manual"].params), rtol=1.0, atol=1.0)
+                              train.leaf_names(states["manual"].params), rtol=1.0, atol=1.0)
     print(f"  max divergence {divergence[worst]:.2e} at step {worst}; final parameters differ by "
           f"max rel {final.max_rel:.2e}")
 

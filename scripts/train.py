@@ -30,6 +30,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 from jbp import checkpoint  # noqa: E402
 from jbp import config as config_lib  # noqa: E402
@@ -74,6 +75,25 @@ def progress(total: int, desc: str):
     from tqdm import tqdm  # noqa: PLC0415
     return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True,
                 disable=not sys.stderr.isatty())
+
+
+def report_non_finite(out, metrics, names, train_set, tc, epoch, batch, step) -> int:
+    """Stop on a NaN/Inf loss or gradient: name the step and the first bad leaf, save the batch's
+    example indices. The state was not updated and no checkpoint is written, so the newest
+    checkpoint is the last good one."""
+    leaf_finite = np.asarray(metrics["leaf_finite"])
+    bad = [n for n, ok in zip(names, leaf_finite) if not ok]
+    order = data.epoch_order(train_set.num_examples, seed=tc.seed, epoch=epoch, shuffle=True)
+    indices = order[batch * tc.batch_size:(batch + 1) * tc.batch_size]
+    path = os.path.join(out, "nonfinite_batch.json")
+    with open(path, "w") as f:
+        json.dump({"step": step, "epoch": epoch, "batch": batch, "loss": float(metrics["loss"]),
+                   "nonfinite_leaves": bad, "example_indices": indices.tolist()}, f)
+    where = f"first non-finite gradient in parameter {bad[0]}" if bad else "the loss is non-finite"
+    print(f"error: non-finite loss or gradient at step {step} (epoch {epoch + 1}, batch {batch}): "
+          f"{where}. The update was not applied; the newest checkpoint in {out} is the last good "
+          f"state. The batch's example indices are in {path}.", file=sys.stderr)
+    return 1
 
 
 def main(argv=None) -> int:
@@ -130,6 +150,7 @@ def main(argv=None) -> int:
     train_step = train.make_train_step(model.apply, optimizer, grad=tc.grad)
     eval_step = train.make_eval_step(model.apply, grad=tc.grad)
     config_text = config_lib.to_toml(cfg)
+    names = train.leaf_names(state.params)
 
     def save(epoch, batch):
         return checkpoint.save(out, state, position={"epoch": epoch, "batch": batch},
@@ -157,7 +178,12 @@ def main(argv=None) -> int:
                     augment_shift=cfg.data.augment_shift, **norm), start=first):
                 state, metrics = train_step(state, x, y)
                 bar.update(1)
-                step = int(state.step)
+                step, finite = jax.device_get((state.step, metrics["finite"]))  # one transfer
+                step = int(step)
+                if not finite:
+                    bar.close()
+                    return report_non_finite(out, metrics, names, train_set, tc, epoch, batch,
+                                             step + 1)
                 if stop.signal:
                     bar.close()
                     path = save(epoch, batch + 1)
@@ -167,7 +193,8 @@ def main(argv=None) -> int:
                 if step % tc.checkpoint_every == 0:
                     save(epoch, batch + 1)
                 if step % tc.log_every == 0 or step == total_steps:
-                    values = {k: float(v) for k, v in metrics.items()}   # one host sync
+                    values = {k: float(metrics[k]) for k in ("loss", "accuracy", "grad_norm")}
+                    values["grad_norms"] = dict(zip(names, map(float, metrics["leaf_norms"])))
                     rate = (images + (bar.n * tc.batch_size)) / max(
                         train_time + time.perf_counter() - epoch_start, 1e-9)
                     bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{rate:,.0f}")
