@@ -63,6 +63,7 @@ class TrainConfig:
     log_every: int = 50               # steps between metrics.jsonl lines
     checkpoint_every: int = 500       # steps between checkpoints (and one at every epoch end)
     keep_checkpoints: int = 3         # how many of the newest checkpoints to keep
+    check_finite: bool = True         # stop on a NaN/Inf loss or gradient (checked on device)
 
 
 @dataclass(frozen=True)

@@ -147,7 +147,8 @@ def main(argv=None) -> int:
         if position["epoch"] >= tc.epochs:
             print(f"{out}: the run already finished all {tc.epochs} epochs; nothing to do")
             return 0
-    train_step = train.make_train_step(model.apply, optimizer, grad=tc.grad)
+    train_step = train.make_train_step(model.apply, optimizer, grad=tc.grad,
+                                       check_finite=tc.check_finite)
     eval_step = train.make_eval_step(model.apply, grad=tc.grad)
     config_text = config_lib.to_toml(cfg)
     names = train.leaf_names(state.params)

@@ -72,6 +72,18 @@ def test_cli_stops_on_divergence_keeping_last_good_checkpoint(tmp_path):
         assert all(np.all(np.isfinite(a)) for a in arrays if a.dtype.kind == "f")
 
 
+def test_check_can_be_switched_off():
+    model = get_model("seed_cnn")
+    opt = optax.sgd(0.1)
+    state = train.init_train_state(model, opt, jax.random.key(0), (6, 6, 1), 3)
+    x = np.full((2, 6, 6, 1), np.nan, np.float32)
+    after, metrics = train.make_train_step(model.apply, opt, donate=False,
+                                           check_finite=False)(state, x, np.array([0, 1]))
+    assert bool(metrics["finite"]) and int(after.step) == 1        # applied, unchecked
+    # NaN pixels reach the conv kernel gradient (ReLU maps NaN to 0, so fc stays finite).
+    assert not np.all(np.isfinite(np.asarray(after.params["conv"]["w"])))
+
+
 def test_plot_gradients_script(tmp_path):
     run = str(tmp_path / "run")
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--out", run,
