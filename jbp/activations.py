@@ -37,12 +37,14 @@ def _axis(x, axis) -> int:
 # --- ReLU ------------------------------------------------------------------------------------
 
 def _relu_forward(x):
-    return jnp.where(x > 0, x, jnp.zeros((), x.dtype))
+    # "x <= 0 -> 0, else x": NaN compares false, so NaN propagates (as in PyTorch) instead of
+    # being silently zeroed; JAX's derivative of this is 0 at x = 0, as EQUATIONS.md states.
+    return jnp.where(x <= 0, jnp.zeros((), x.dtype), x)
 
 
 def _relu_fwd(x):
     mask = x > 0                                  # residual: bool mask, x.size bytes
-    return jnp.where(mask, x, jnp.zeros((), x.dtype)), mask
+    return _relu_forward(x), mask
 
 
 def _relu_bwd(mask, g):

@@ -69,3 +69,12 @@ def test_max_pool_constant_windows_match_autodiff():
         manual = _grads(lambda x: jbp.max_pool(x, **kw), x)[0]
         auto = _grads(lambda x: jbp.autodiff.max_pool(x, **kw), x)[0]
         np.testing.assert_allclose(np.asarray(manual), np.asarray(auto), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["relu", "leaky_relu", "sigmoid", "tanh"])
+def test_activations_propagate_nan(name):
+    """NaN in, NaN out: an activation must not hide a NaN from the non-finite guard."""
+    x = jnp.asarray([-1.0, jnp.nan, 0.0, 2.0], jnp.float32)
+    for ns in (jbp, jbp.autodiff):
+        y = getattr(ns, name)(x)
+        assert bool(jnp.isnan(y[1])) and not bool(jnp.any(jnp.isnan(y[jnp.array([0, 2, 3])])))
