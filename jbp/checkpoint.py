@@ -127,7 +127,11 @@ def restore(path: str, like) -> Tuple[Any, dict]:
 
     Fails, naming the first mismatching leaf, if the checkpoint was written by another model.
     """
-    manifest, arrays = read(path)
+    return _fit(path, *read(path), like)
+
+
+def _fit(path: str, manifest: dict, arrays: List[np.ndarray], like) -> Tuple[Any, dict]:
+    """Verified checkpoint contents -> a pytree shaped like ``like``, leaf by leaf."""
     template = _leaves_with_paths(like)
     saved = manifest["leaves"]
     if len(saved) != len(template):
@@ -168,7 +172,7 @@ def restore_latest(directory: str, like) -> Tuple[Any, dict, str]:
     bad = None
     for path in reversed(paths):
         try:
-            manifest, _ = read(path)
+            contents = read(path)
         except CheckpointError as e:
             bad = bad or path
             older = [p for p in paths if p < path]
@@ -176,7 +180,7 @@ def restore_latest(directory: str, like) -> Tuple[Any, dict, str]:
             warnings.warn(f"skipping bad checkpoint {path} ({e}); trying {fallback}",
                           stacklevel=2)
             continue
-        state, manifest = restore(path, like)
+        state, manifest = _fit(path, *contents, like)
         return state, manifest, path
     raise CheckpointError(f"{directory}: every checkpoint is unreadable or corrupt "
                           f"(newest: {bad})")

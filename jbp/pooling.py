@@ -79,13 +79,12 @@ def _tap_view(xp, i, j, cfg: PoolConfig):
                      (1, sh, sw, 1))
 
 
-def _scatter_taps(contribution, cfg: PoolConfig, shape, dtype):
+def _scatter_taps(contribution, cfg: PoolConfig, dtype):
     """Σ over window taps of each tap's (N, H_out, W_out, C) contribution, placed back at the
     input cells that tap read (stride gaps zero), on the padded grid; then the padding is cropped.
 
     This is the transpose of :func:`_tap_view`: overlapping windows accumulate.
     """
-    n, _, _, c = shape
     (ho, wo), (sh, sw) = cfg.out_hw, cfg.stride
     (pt, pb), (pl, pr) = cfg.padding
     hp, wp = cfg.in_hw[0] + pt + pb, cfg.in_hw[1] + pl + pr
@@ -130,11 +129,9 @@ def _max_fwd(x, cfg: PoolConfig):
 
 
 def _max_bwd(cfg: PoolConfig, idx, g):
-    n, _, _, c = g.shape
     zero = jnp.zeros((), g.dtype)
     # ∂L/∂a[p] = Σ_{windows whose first maximum is p} δ[window]
-    dx = _scatter_taps(lambda t: jnp.where(idx == t, g, zero), cfg,
-                       (n, *cfg.in_hw, c), g.dtype)
+    dx = _scatter_taps(lambda t: jnp.where(idx == t, g, zero), cfg, g.dtype)
     return (dx,)   # δ has the output's dtype, which is the input's: dtype is preserved
 
 
@@ -204,9 +201,8 @@ def _avg_fwd(x, cfg: AvgConfig):
 
 
 def _avg_bwd(cfg: AvgConfig, _res, g):
-    n, _, _, c = g.shape
     share = g / _divisor(cfg, g.dtype)            # δ[w] / |w| to every cell of window w
-    dx = _scatter_taps(lambda t: share, cfg.pool, (n, *cfg.pool.in_hw, c), g.dtype)
+    dx = _scatter_taps(lambda t: share, cfg.pool, g.dtype)
     return (dx,)
 
 

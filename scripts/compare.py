@@ -46,8 +46,7 @@ def main(argv=None) -> int:
         jax.config.update("jax_enable_x64", True)
     try:
         cfg = config_lib.load(args.config, args.set)
-        train_set, _ = data.load_dataset(cfg.data)
-        data.check_labels(train_set, cfg.model.num_classes, cfg.data.path or "shipped MNIST")
+        train_set, _ = data.load_dataset(cfg.data, cfg.model.num_classes)
     except (config_lib.ConfigError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

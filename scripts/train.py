@@ -108,18 +108,16 @@ def main(argv=None) -> int:
             cfg = config_lib.load(os.path.join(args.resume, "config.toml"), overrides)
         else:
             cfg = config_lib.load(args.config, overrides)
-        train_set, test_set = data.load_dataset(cfg.data)
-        data.check_labels(train_set, cfg.model.num_classes, cfg.data.path or "shipped MNIST")
-        data.check_labels(test_set, cfg.model.num_classes,
-                          cfg.data.test_path or cfg.data.path or "shipped MNIST")
+        train_set, test_set = data.load_dataset(cfg.data, cfg.model.num_classes)
     except (config_lib.ConfigError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     out = args.resume or args.out or os.path.join("runs", f"{cfg.name}-{cfg.train.grad}")
     os.makedirs(out, exist_ok=True)
+    config_text = config_lib.to_toml(cfg)
     with open(os.path.join(out, "config.toml"), "w") as f:
-        f.write(config_lib.to_toml(cfg))
+        f.write(config_text)
 
     # --- model, optimiser, jitted steps ---
     tc = cfg.train
@@ -150,7 +148,6 @@ def main(argv=None) -> int:
     train_step = train.make_train_step(model.apply, optimizer, grad=tc.grad,
                                        check_finite=tc.check_finite)
     eval_step = train.make_eval_step(model.apply, grad=tc.grad)
-    config_text = config_lib.to_toml(cfg)
     names = train.leaf_names(state.params)
 
     def save(epoch, batch):
@@ -191,8 +188,8 @@ def main(argv=None) -> int:
                     print(f"{stop.signal}: stopped after step {step}, checkpoint {path}. "
                           f"Resume with: python scripts/train.py --resume {out}", flush=True)
                     return 0
-                if step % tc.checkpoint_every == 0:
-                    save(epoch, batch + 1)
+                if step % tc.checkpoint_every == 0 and batch + 1 < steps_per_epoch:
+                    save(epoch, batch + 1)            # (the epoch's last step: saved below)
                 if step % tc.log_every == 0 or step == total_steps:
                     values = {k: float(metrics[k]) for k in ("loss", "accuracy", "grad_norm")}
                     values["grad_norms"] = dict(zip(names, map(float, metrics["leaf_norms"])))

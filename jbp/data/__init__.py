@@ -268,8 +268,11 @@ def subset(ds: Dataset, limit: Optional[int]) -> Dataset:
     return ds if limit is None else Dataset(ds.x[:limit], ds.y[:limit])
 
 
-def load_dataset(cfg) -> Tuple[Dataset, Dataset]:
-    """(train, test) for a ``jbp.config.DataConfig``; limits applied; clear errors for paths."""
+def load_dataset(cfg, num_classes: Optional[int] = None) -> Tuple[Dataset, Dataset]:
+    """(train, test) for a ``jbp.config.DataConfig``; limits applied; clear errors for paths.
+
+    With ``num_classes``, every label must lie in [0, num_classes) (see :func:`check_labels`).
+    """
     if cfg.dataset == "mnist":
         train, test = load_mnist(cfg.path or MNIST_PATH)
     elif cfg.dataset == "cifar10":
@@ -295,4 +298,7 @@ def load_dataset(cfg) -> Tuple[Dataset, Dataset]:
     if train.x.shape[1:] != test.x.shape[1:]:
         raise DataError(f"train images {train.x.shape[1:]} and test images {test.x.shape[1:]} "
                         f"differ in shape")
+    if num_classes is not None:
+        check_labels(train, num_classes, cfg.path or "shipped MNIST")
+        check_labels(test, num_classes, cfg.test_path or cfg.path or "shipped MNIST")
     return train, test
