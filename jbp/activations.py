@@ -43,12 +43,15 @@ def _relu_forward(x):
 
 
 def _relu_fwd(x):
-    mask = x > 0                                  # residual: bool mask, x.size bytes
-    return _relu_forward(x), mask
+    # Residual: the *output* a = max(z, 0), since 1[a > 0] = 1[z > 0] (NaN: both false). In a
+    # network the output is kept alive anyway (the next layer saves its input), so this costs
+    # no memory and no extra write, where a mask would be a new x.size-byte buffer.
+    y = _relu_forward(x)
+    return y, y
 
 
-def _relu_bwd(mask, g):
-    return (jnp.where(mask, g, jnp.zeros((), g.dtype)),)      # δ ⊙ 1[z > 0]
+def _relu_bwd(y, g):
+    return (jnp.where(y > 0, g, jnp.zeros((), g.dtype)),)     # δ ⊙ 1[z > 0] = δ ⊙ 1[a > 0]
 
 
 _relu_rule = manual_rule("relu", _relu_forward, _relu_fwd, _relu_bwd, num_args=1, num_static=0)
@@ -58,7 +61,7 @@ def _relu_api(rule):
     def relu(x: jax.Array) -> jax.Array:
         """ReLU ``max(z, 0)``, any shape. Backward ``δ ⊙ 1[z > 0]`` (gradient 0 at ``z = 0``).
 
-        Residuals: a boolean mask ``z > 0`` (``x.size`` bytes).
+        Residuals: the output ``a`` itself (no extra memory where the next layer keeps it).
         """
         _check(x)
         return rule(x)
@@ -93,7 +96,7 @@ def _leaky_api(rule):
         """Leaky ReLU: ``z`` for ``z > 0``, else ``α z`` with ``α = negative_slope``. Any shape.
 
         Backward ``δ ⊙ (1[z > 0] + α 1[z ≤ 0])`` (slope ``α`` at ``z = 0``).
-        Residuals: a boolean mask ``z > 0`` (``x.size`` bytes).
+        Residuals: the output ``a`` itself (no extra memory where the next layer keeps it).
         """
         _check(x)
         if not isinstance(negative_slope, (int, float)) or isinstance(negative_slope, bool):

@@ -112,6 +112,12 @@ CONV_CASES = [
     _conv_case((5, 5), 3, 2, 5, padding="VALID"),                 # kernel = input size
     _conv_case((6, 6), 3, 4, 3, bias=False),
     _conv_case((11, 10), 1, 2, 4, stride=3, padding="SAME"),
+    # Shapes that take jbp's CPU-specialised backward formulations (jbp.conv, _cpu_*_grad):
+    _conv_case((10, 7), 3, 4, 1, stride=3, padding="VALID"),      # 1x1 stride 3, odd: pointwise
+    _conv_case((5, 5), 2, 3, 1, stride=2, padding=1),             # 1x1 padded: empty phases
+    _conv_case((9, 9), 2, 3, 2, stride=3, padding=1),             # kernel < stride: phases
+    _conv_case((16, 16), 32, 4, 3, bias=False),                   # C_in 32, 16x16: per-tap dW
+    _conv_case((33, 31), 32, 3, 3, stride=2, n=3),                # taps + phases, odd, N=3
 ]
 
 

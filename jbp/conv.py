@@ -95,10 +95,191 @@ def _weight_grad(x, g, w_shape, cfg: ConvConfig):
         dimension_numbers=("CHWN", "IHWO", "HWNC"), batch_group_count=cfg.groups)
 
 
+# --- faster formulations of the same equations (chosen per case; docs/performance.md) -------
+#
+# Each function below computes exactly one of the equations above, with a different XLA
+# operation. On XLA:CPU they beat `conv_general_dilated` for the shapes in `_bwd`'s dispatch;
+# on other backends (cuDNN, TPU) the generic convolutions are used (`lax.platform_dependent`).
+
+def _is_pointwise(w_shape, cfg: ConvConfig) -> bool:
+    """1×1 kernel, no padding, one group: every output pixel is a matmul of one input pixel."""
+    return (tuple(w_shape[:2]) == (1, 1) and cfg.groups == 1
+            and cfg.padding == ((0, 0), (0, 0)))
+
+
+def _pointwise_input_grad(g, w, x_shape, cfg: ConvConfig):
+    """1×1 kernel: ∂L/∂a[n, h·s, w·s, c] = Σ_k δ[n,h,w,k] W[0,0,c,k]; the other cells get 0.
+
+    One matmul ``δ Wᵀ`` over all pixels, then the stride gaps and the cells past the last
+    window are filled with zeros by one interior/edge pad (no multiplications by zero)."""
+    n, ho, wo, _ = g.shape
+    dx = lax.dot_general(g, w[0, 0], (((3,), (1,)), ((), ())))          # (N, Ho, Wo, C_in)
+    (sh, sw) = cfg.stride
+    pad_h = x_shape[1] - ((ho - 1) * sh + 1)
+    pad_w = x_shape[2] - ((wo - 1) * sw + 1)
+    return lax.pad(dx, jnp.zeros((), dx.dtype),
+                   ((0, 0, 0), (0, pad_h, sh - 1), (0, pad_w, sw - 1), (0, 0, 0)))
+
+
+def _pointwise_weight_grad(x, g, cfg: ConvConfig):
+    """1×1 kernel: ∂L/∂W[0,0,c,k] = Σ_{n,h,w} a[n, h·s, w·s, c] δ[n,h,w,k] — one matmul ``aᵀ δ``
+    over the strided pixels (XLA:CPU's convolution for this is 5–9× slower)."""
+    (sh, sw) = cfg.stride
+    n, ho, wo, _ = g.shape
+    xs = lax.slice(x, (0, 0, 0, 0), (n, (ho - 1) * sh + 1, (wo - 1) * sw + 1, x.shape[3]),
+                   (1, sh, sw, 1))
+    dw = lax.dot_general(xs, g, (((0, 1, 2), (0, 1, 2)), ((), ())))      # (C_in, C_out)
+    return dw[None, None]
+
+
+def _phase_input_grad(g, w, x_shape, cfg: ConvConfig):
+    """Strided kernel: ∂L/∂a by *phases* instead of a stride-dilated δ.
+
+    With stride s, input row p = s·q + r only meets kernel rows i ≡ r + pad_lo (mod s). So
+    for each of the s_h·s_w phases (r_h, r_w) the input gradient is a stride-1 full
+    correlation of δ with the sub-kernel W[i₀::s, j₀::s] (rotated 180°, channels swapped), and
+    the phases interleave back by interior padding. Same sum as the dilated form, without its
+    (1 − 1/s²) multiplications by the inserted zeros."""
+    kh, kw, cin, cout = w.shape
+    (sh, sw), ((lo_h, _), (lo_w, _)) = cfg.stride, cfg.padding
+    n, ho, wo, _ = g.shape
+    h_in, w_in = x_shape[1], x_shape[2]
+    zero = jnp.zeros((), g.dtype)
+    total = None
+    for r_h in range(sh):
+        for r_w in range(sw):
+            q_h, q_w = -(-(h_in - r_h) // sh), -(-(w_in - r_w) // sw)   # rows/cols of phase
+            i0, j0 = (r_h + lo_h) % sh, (r_w + lo_w) % sw
+            sub = w[i0::sh, j0::sw]
+            m_h, m_w = sub.shape[:2]
+            if q_h <= 0 or q_w <= 0:
+                continue
+            if m_h == 0 or m_w == 0:          # no kernel tap reaches this phase: zero gradient
+                phase = jnp.zeros((n, q_h, q_w, cin), g.dtype)
+            else:
+                # phase[q] = Σ_m δ[q + off − m] · W_sub[m],   off = (r + pad_lo) // s
+                pads = []
+                for q, m, off, size in ((q_h, m_h, (r_h + lo_h) // sh, ho),
+                                        (q_w, m_w, (r_w + lo_w) // sw, wo)):
+                    lo = m - 1 - off
+                    pads.append((lo, q + m - 1 - size - lo))
+                rot = jnp.transpose(sub[::-1, ::-1], (0, 1, 3, 2))          # (m_h, m_w, K, C)
+                gp = lax.pad(g, zero, ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+                phase = lax.conv_general_dilated(gp, rot, (1, 1), "VALID",
+                                                 dimension_numbers=_NHWC)
+            placed = lax.pad(phase, zero, (
+                (0, 0, 0),
+                (r_h, h_in - (r_h + (q_h - 1) * sh + 1), sh - 1),
+                (r_w, w_in - (r_w + (q_w - 1) * sw + 1), sw - 1),
+                (0, 0, 0)))
+            total = placed if total is None else total + placed
+    return total
+
+
+#: Images per chunk in :func:`_tap_weight_grad` (a chunk of x and δ stays in cache).
+TAP_CHUNK = 8
+
+
+def _chunk(n: int, target: int = TAP_CHUNK) -> int:
+    """The largest divisor of the batch size ``n`` that is at most ``target``."""
+    return max(b for b in range(1, min(n, target) + 1) if n % b == 0)
+
+
+def _tap_weight_grad(x, g, w_shape, cfg: ConvConfig):
+    """∂L/∂W[i,j,c,k] = Σ_{n,h,w} δ[n,h,w,k] · a[n, h·s+i·d, w·s+j·d, c], one matmul per tap.
+
+    For each kernel tap (i, j) the sum over (n, h, w) is a plain matmul ``a_tapᵀ δ`` of the
+    (strided, shifted) input view with δ. Looping over chunks of the batch (``lax.scan``) keeps
+    each chunk's input and δ in cache while its KH·KW matmuls read them; the convolution form
+    instead transposes the whole input to put N innermost (docs/performance.md)."""
+    kh, kw, cin, cout = w_shape
+    n, ho, wo, _ = g.shape
+    (sh, sw), (dh, dw_) = cfg.stride, cfg.dilation
+    pads = []
+    for axis, k in ((0, kh), (1, kw)):
+        k_eff = (k - 1) * cfg.dilation[axis] + 1
+        lo, hi = cfg.padding[axis]
+        rem = _leftover(x.shape[1 + axis], g.shape[1 + axis], k_eff, cfg.stride[axis], (lo, hi))
+        pads.append((lo, hi - rem, 0))
+    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), *pads, (0, 0, 0)))
+    b = _chunk(n)
+    xp = xp.reshape(n // b, b, *xp.shape[1:])
+    gc = g.reshape(n // b, b * ho * wo, cout)
+
+    def chunk(acc, inputs):
+        xb, gb = inputs
+        taps = [lax.slice(xb, (0, i * dh, j * dw_, 0),
+                          (b, i * dh + (ho - 1) * sh + 1, j * dw_ + (wo - 1) * sw + 1, cin),
+                          (1, sh, sw, 1)).reshape(b * ho * wo, cin)
+                for i in range(kh) for j in range(kw)]
+        grads = [lax.dot_general(t, gb, (((0,), (0,)), ((), ()))) for t in taps]  # (C_in, K)
+        return acc + jnp.stack(grads), None
+
+    acc = jnp.zeros((kh * kw, cin, cout), jnp.result_type(x.dtype, g.dtype))
+    acc, _ = lax.scan(chunk, acc, (xp, gc))
+    return acc.reshape(kh, kw, cin, cout)
+
+
+def _use_taps(x_shape, w_shape, cfg: ConvConfig, out_hw) -> bool:
+    """Where the per-tap form measured faster on XLA:CPU (scripts/bench_ops.py,
+    docs/performance.md): C_in >= 32 over at least 16×16 output pixels. Narrower inputs keep
+    the convolution (the per-tap matmuls are then too thin), and so do smaller images."""
+    return (cfg.groups == 1 and w_shape[2] >= 32 and out_hw[0] * out_hw[1] >= 256
+            and x_shape[0] >= 2)
+
+
+def _tap_input_grad(g, w, x_shape, cfg: ConvConfig):
+    """∂L/∂a as a sum over kernel taps: ∂L/∂a[n, h·s+i·d, w·s+j·d, c] += Σ_k δ[n,h,w,k] W[i,j,c,k].
+
+    One matmul ``δ Wᵀ`` gives every tap's contribution at once, (N, H_out, W_out, KH·KW·C_in);
+    each tap's slice is then placed at its offset (interior padding for the stride) and the
+    placements are summed, all in one fused pass over ∂L/∂a. Measured, not used: alone it is
+    0.2–0.6× the convolution form for C_in ≤ 6 (scripts/bench_ops.py), but inside the LeNet-5
+    step XLA fuses the placements with their producers and the step got slower and 3× larger in
+    temp memory (docs/performance.md). Kept for the benchmark and the tests."""
+    kh, kw, cin, cout = w.shape
+    n, ho, wo, _ = g.shape
+    (sh, sw), (dh, dw_) = cfg.stride, cfg.dilation
+    (pt, pb), (pl, pr) = cfg.padding
+    hp, wp = x_shape[1] + pt + pb, x_shape[2] + pl + pr
+    cols = lax.dot_general(g, w.reshape(kh * kw * cin, cout), (((3,), (1,)), ((), ())))
+    zero = jnp.zeros((), g.dtype)
+    total = None
+    for t, (i, j) in enumerate((i, j) for i in range(kh) for j in range(kw)):
+        tap = cols[..., t * cin:(t + 1) * cin]
+        placed = lax.pad(tap, zero, (
+            (0, 0, 0),
+            (i * dh, hp - (i * dh + (ho - 1) * sh + 1), sh - 1),
+            (j * dw_, wp - (j * dw_ + (wo - 1) * sw + 1), sw - 1),
+            (0, 0, 0)))
+        total = placed if total is None else total + placed
+    return total[:, pt:pt + x_shape[1], pl:pl + x_shape[2], :]
+
+
+def _cpu_input_grad(g, w, x_shape, cfg: ConvConfig):
+    if _is_pointwise(w.shape, cfg):
+        return _pointwise_input_grad(g, w, x_shape, cfg)
+    if cfg.stride != (1, 1) and cfg.groups == 1 and cfg.dilation == (1, 1):
+        return _phase_input_grad(g, w, x_shape, cfg)
+    return _input_grad(g, w, x_shape, cfg)
+
+
+def _cpu_weight_grad(x, g, w_shape, cfg: ConvConfig):
+    if _is_pointwise(w_shape, cfg):
+        return _pointwise_weight_grad(x, g, cfg)
+    if _use_taps(x.shape, w_shape, cfg, g.shape[1:3]):
+        return _tap_weight_grad(x, g, w_shape, cfg)
+    return _weight_grad(x, g, w_shape, cfg)
+
+
 def _bwd(cfg: ConvConfig, res, g):
     x, w, b = res
-    dx = _input_grad(g, w, x.shape, cfg)
-    dw = _weight_grad(x, g, w.shape, cfg)
+    dx = lax.platform_dependent(
+        g, w, cpu=lambda g, w: _cpu_input_grad(g, w, x.shape, cfg),
+        default=lambda g, w: _input_grad(g, w, x.shape, cfg))
+    dw = lax.platform_dependent(
+        x, g, cpu=lambda x, g: _cpu_weight_grad(x, g, w.shape, cfg),
+        default=lambda x, g: _weight_grad(x, g, w.shape, cfg))
     db = None if b is None else jnp.sum(g, axis=(0, 1, 2))
     return cast_like(dx, x), cast_like(dw, w), cast_like(db, b)
 

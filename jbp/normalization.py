@@ -49,16 +49,19 @@ def _train_forward(x, gamma, beta, eps):
 
 
 def _train_fwd(x, gamma, beta, eps):
-    y, mean, var, x_hat, inv_std = _normalize_batch(x, gamma, beta, eps)
-    # Residuals: x̂ (M·C values in the compute dtype), 1/σ (C values), γ and β (C values each;
-    # β only for its dtype).
-    return (y, mean, var), (x_hat, inv_std, gamma, beta)
+    y, mean, var, _, inv_std = _normalize_batch(x, gamma, beta, eps)
+    # Residuals: the input x (M·C values; already in memory, so saving it writes nothing new),
+    # μ and 1/σ (C values each), γ and β (C values each; β only for its dtype). The backward
+    # recomputes x̂ = (x − μ)/σ inside its own fused passes instead of this forward writing a
+    # second M·C tensor (docs/performance.md).
+    return (y, mean, var), (x, mean, inv_std, gamma, beta)
 
 
 def _train_bwd(eps, res, cotangents):
     # The cotangents of μ and σ² are zero: the public function stops their gradient.
     g, _, _ = cotangents
-    x_hat, inv_std, gamma, beta = res
+    x, mean, inv_std, gamma, beta = res
+    x_hat = (x.astype(mean.dtype) - mean) * inv_std
     axes = _stat_axes(x_hat)
     m = x_hat.size // x_hat.shape[-1]
     g = g.astype(x_hat.dtype)
@@ -151,8 +154,8 @@ def _batch_norm_api(train_rule, eval_rule):
 
         Backward: train ``∂L/∂x = (γ / (M √(σ² + ε))) · (M δ − Σ δ − x̂ ⊙ Σ(δ ⊙ x̂))``,
         ``∂L/∂γ = Σ δ ⊙ x̂``, ``∂L/∂β = Σ δ``; eval ``∂L/∂x = δ γ / √(σ²_run + ε)``.
-        Residuals: ``x̂``, ``1/σ``, ``γ`` and ``β`` (``(M·C + 3C) · itemsize`` bytes; float32
-        for half-precision inputs).
+        Residuals (train): ``x``, ``μ``, ``1/σ``, ``γ`` and ``β`` (``M·C`` values of ``x``'s
+        dtype plus ``4C``; ``x̂`` is recomputed in the backward). Eval: ``x̂``, ``1/σ``, ``γ``, ``β``.
         """
         _check(x, gamma, beta, running_mean, running_var, train, momentum, eps)
         running_mean = lax.stop_gradient(running_mean)

@@ -1,0 +1,314 @@
+#!/usr/bin/env python
+"""Side-by-side train-step benchmark: jbp manual vs jbp autodiff vs plain lax vs PyTorch.
+
+    python scripts/bench.py                 # all models, >= 20 timed steps each (~10 min, 2 cores)
+    python scripts/bench.py --quick         # lenet5 b128 and resnet20 b32 (< 2 min)
+    python scripts/bench.py --json out.json --device gpu
+
+Every variant trains the *same* network from the *same* parameters on the *same* batch with
+SGD + momentum 0.9 (optax; torch.optim.SGD for PyTorch):
+
+    manual         jbp layers, hand-written backward rules      (jbp.manual)
+    autodiff       jbp layers' forward, differentiated by JAX   (jbp.autodiff)
+    lax_reference  the network in plain lax/jnp + jax.grad      (scripts/bench_models.py)
+    torch          PyTorch eager, channels-last                 (if torch is installed)
+
+A JAX step is one jit-compiled call (forward, backward, optimizer update; donated state). Steps
+are timed alternately (variant order rotated every round) after warm-up; the table shows
+medians with min-max and the ratio to jbp manual. Before timing, the step-0 losses of all
+variants must agree (they start from identical numbers), or the run stops.
+
+Columns: compile time and ``compiled.memory_analysis()`` temp bytes (JAX variants); GFLOP/s
+counts 3 × the forward's convolution/matmul FLOPs per step (the usual MFU convention), and
+"% peak" divides it by a large float32 matmul measured in the same run on the same device.
+
+Environment: with ``--env tuned`` (the default on Linux CPU) the script re-executes itself with
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``: XLA:CPU allocates its temp buffer afresh every step,
+and transparent huge pages cut the page-fault cost of touching it (docs/performance.md has
+the measured effect). The setting applies to every variant alike, torch included; ``--env
+default`` runs without it. The jbp library itself sets nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+
+TUNED_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+_REEXEC_MARK = "JBP_BENCH_REEXEC"
+
+CONFIGS = {  # name -> (model, batch, input_shape, num_classes)
+    "lenet5_b128": ("lenet5", 128, (28, 28, 1), 10),
+    "resnet20_b128": ("resnet20", 128, (32, 32, 3), 10),
+    "resnet20_b32": ("resnet20", 32, (32, 32, 3), 10),
+    "resnet18_b16": ("resnet18", 16, (112, 112, 3), 1000),
+}
+QUICK = ("lenet5_b128", "resnet20_b32")
+VARIANTS = ("manual", "autodiff", "lax_reference", "torch")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
+    p.add_argument("--configs", default=None,
+                   help=f"comma-separated subset of {', '.join(CONFIGS)}")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated subset of %(default)s")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per variant (>= 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant after compile")
+    p.add_argument("--device", default=None,
+                   help="JAX platform to run on (cpu, gpu, tpu; default: JAX's default backend)")
+    p.add_argument("--env", choices=("tuned", "default"), default="tuned",
+                   help="tuned: set %s for the run (Linux CPU only)" % " ".join(
+                       f"{k}={v}" for k, v in TUNED_ENV.items()))
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: the number of CPU cores)")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    names = QUICK if args.quick else tuple(CONFIGS)
+    if args.configs:
+        names = tuple(c.strip() for c in args.configs.split(",") if c.strip())
+        bad = [c for c in names if c not in CONFIGS]
+        if bad:
+            p.error(f"--configs: unknown {bad}; choose from {', '.join(CONFIGS)}")
+    args.config_names = names
+    args.variant_names = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    bad = [v for v in args.variant_names if v not in VARIANTS]
+    if bad or "manual" not in args.variant_names:
+        p.error(f"--variants: need 'manual' plus any of {', '.join(VARIANTS)}; got "
+                f"{args.variants!r}")
+    return args
+
+
+def maybe_reexec(args):
+    """Re-run this process with the tuned environment (glibc reads its tunables at start-up)."""
+    if (args.env != "tuned" or platform.system() != "Linux" or os.environ.get(_REEXEC_MARK)
+            or (args.device not in (None, "cpu"))):
+        return
+    env = dict(os.environ, **TUNED_ENV, **{_REEXEC_MARK: "1"})
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
+# Everything below runs after the (possible) re-exec, so imports come late on purpose.
+
+def main(argv=None):
+    args = parse_args(argv)
+    maybe_reexec(args)
+
+    import json
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_models  # noqa: PLC0415
+    from jbp.models import get_model
+    from jbp.train import make_loss
+
+    platforms = sorted({d.platform for d in jax.devices()} | {"cpu"})
+    device_name = args.device or jax.default_backend()
+    if device_name not in platforms:
+        sys.exit(f"--device: {device_name!r} is not available here; JAX sees {platforms}")
+    device = jax.devices(device_name)[0]
+
+    torch = None
+    if "torch" in args.variant_names:
+        try:
+            import torch  # noqa: PLC0415
+            torch.set_num_threads(args.threads or os.cpu_count())
+        except ImportError:
+            print("note: torch is not installed; skipping the torch variant", file=sys.stderr)
+    torch_device = None
+    if torch is not None:
+        torch_device = "cpu" if device.platform == "cpu" else (
+            "cuda" if torch.cuda.is_available() else None)
+        if torch_device is None:
+            print(f"note: this torch cannot run on {device.platform}; skipping it",
+                  file=sys.stderr)
+    variants = [v for v in args.variant_names if v != "torch" or torch_device]
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    def median_ms(fn, repeats):
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return 1e3 * float(np.median(times))
+
+    # --- the device's float32 matmul peak, measured now -----------------------------------------
+    with jax.default_device(device):
+        n = 2048 if device.platform == "cpu" else 8192
+        a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+        matmul = jax.jit(lambda a: a @ a)
+        matmul(a).block_until_ready()
+        peak_gflops = 2 * n ** 3 / median_ms(lambda: matmul(a).block_until_ready(), 10) / 1e6
+    log(f"float32 matmul peak ({n}³ on {device.device_kind}): {peak_gflops:.0f} GFLOP/s")
+
+    optimizer = optax.sgd(0.01, momentum=0.9)
+
+    def jax_step(variant, model_name, apply):
+        if variant == "lax_reference":
+            loss_fn = make_loss(bench_models.lax_apply(model_name), bench_models.lax_loss,
+                                grad="autodiff")
+        else:
+            loss_fn = make_loss(apply, "softmax_cross_entropy", grad=variant)
+
+        def step(params, model_state, opt_state, x, y):
+            (loss, (_, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                params, model_state, x, y)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), model_state, opt_state, loss
+
+        return jax.jit(step, donate_argnums=(0, 1, 2))
+
+    rows = []
+
+    def write_json():
+        if args.json:
+            tmp = args.json + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(rows, f, indent=1)
+            os.replace(tmp, args.json)
+
+    for cfg_name in args.config_names:
+        model_name, batch, shape, classes = CONFIGS[cfg_name]
+        log(f"[{cfg_name}] building {', '.join(variants)}")
+        model = get_model(model_name)
+        rng = np.random.default_rng(0)
+        x_np = rng.standard_normal((batch, *shape), dtype=np.float32)
+        y_np = rng.integers(0, classes, batch).astype(np.int32)
+        with jax.default_device(device):
+            params, state = model.init(jax.random.PRNGKey(0), shape, classes)
+            flops = 3 * bench_models.forward_flops(model_name, params, state, jnp.asarray(x_np))
+            x, y = jax.device_put(x_np, device), jax.device_put(y_np, device)
+            runners, info = {}, {}
+            for v in variants:
+                if v == "torch":
+                    runners[v], info[v] = _torch_runner(torch, torch_device, bench_models,
+                                                        model_name, params, state, x_np, y_np)
+                    continue
+                step = jax_step(v, model_name, model.apply)
+                carry = [jax.tree.map(jnp.copy, t)
+                         for t in (params, state, optimizer.init(params))]
+                t0 = time.perf_counter()
+                compiled = step.lower(*carry, x, y).compile()
+                compile_s = time.perf_counter() - t0
+                mem = compiled.memory_analysis()
+                temp = int(mem.temp_size_in_bytes) if mem is not None else None
+                info[v] = {"compile_s": compile_s, "temp_bytes": temp}
+
+                def run(compiled=compiled, carry=carry):
+                    out = compiled(*carry, x, y)
+                    carry[:] = out[:3]
+                    return out[3].block_until_ready()
+
+                runners[v] = run
+                log(f"[{cfg_name}] {v}: compiled in {compile_s:.1f} s, temp "
+                    f"{temp / 2**20 if temp is not None else float('nan'):.1f} MiB")
+
+            # Identical starting point => identical step-0 loss (up to float32 rounding).
+            loss0 = {v: float(runners[v]()) for v in variants}
+            ref = loss0["manual"]
+            bad = {v: l for v, l in loss0.items() if not abs(l - ref) <= 1e-4 * max(1, abs(ref))}
+            if bad:
+                sys.exit(f"[{cfg_name}] step-0 losses disagree: {loss0}; the variants are not "
+                         f"the same model, so the timings would mean nothing")
+            for v in variants:
+                for _ in range(args.warmup):
+                    runners[v]()
+            times = {v: [] for v in variants}
+            for r in range(args.steps):
+                order = variants[r % len(variants):] + variants[:r % len(variants)]
+                for v in order:
+                    t0 = time.perf_counter()
+                    runners[v]()
+                    times[v].append(1e3 * (time.perf_counter() - t0))
+                if r == 0 or (r + 1) % 5 == 0:
+                    log(f"[{cfg_name}] step {r + 1}/{args.steps}: " + ", ".join(
+                        f"{v} {np.median(times[v]):.1f} ms" for v in variants))
+
+        manual_ms = float(np.median(times["manual"]))
+        for v in variants:
+            med = float(np.median(times[v]))
+            gflops = flops / med / 1e6
+            rows.append({
+                "model": model_name, "batch": batch, "variant": v,
+                "input_shape": list(shape), "device": device.device_kind,
+                "step_ms_median": med, "step_ms_min": float(np.min(times[v])),
+                "step_ms_max": float(np.max(times[v])), "steps": args.steps,
+                "ratio_to_manual": med / manual_ms,
+                "compile_s": info[v]["compile_s"], "temp_bytes": info[v]["temp_bytes"],
+                "gflops": gflops, "peak_fraction": gflops / peak_gflops,
+                "images_per_s": batch / med * 1e3, "loss0": loss0[v],
+            })
+        write_json()
+
+    print(_header(jax, torch if torch_device else None, device, peak_gflops, args))
+    print(table(rows))
+    if args.json:
+        print(f"\nwrote {len(rows)} rows to {args.json}")
+
+
+def _torch_runner(torch, device, bench_models, model_name, params, state, x_np, y_np):
+    import torch.nn.functional as F  # noqa: PLC0415
+    module = bench_models.torch_model(model_name, params, state).to(device)
+    module = module.to(memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
+    xt = torch.from_numpy(x_np).permute(0, 3, 1, 2).contiguous(
+        memory_format=torch.channels_last).to(device)
+    yt = torch.from_numpy(y_np).long().to(device)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(module(xt), yt)
+        loss.backward()
+        opt.step()
+        return loss.detach().cpu()      # synchronises on GPU
+
+    return run, {"compile_s": None, "temp_bytes": None}
+
+
+def _header(jax, torch, device, peak, args):
+    lines = [f"jax {jax.__version__} on {device.platform} ({device.device_kind}), "
+             f"{os.cpu_count()} CPU cores"]
+    if torch is not None:
+        lines.append(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+                     f"channels-last")
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("GLIBC_TUNABLES", "XLA_FLAGS")
+                   if os.environ.get(k))
+    lines.append(f"environment: {env or '(none set)'}; float32 matmul peak {peak:.0f} GFLOP/s; "
+                 f"{args.steps} timed steps per variant, alternating, after {args.warmup} "
+                 f"warm-up steps")
+    return "\n".join(lines) + "\n"
+
+
+def table(rows) -> str:
+    """Markdown table of benchmark rows."""
+    head = ("| model | batch | variant | step ms median | min–max | × manual | compile s "
+            "| temp MiB | GFLOP/s | % peak | img/s |")
+    out = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        compile_s = "" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
+        temp = "" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:.1f}"
+        out.append(
+            f"| {r['model']} | {r['batch']} | {r['variant']} | {r['step_ms_median']:.2f} "
+            f"| {r['step_ms_min']:.1f}–{r['step_ms_max']:.1f} | {r['ratio_to_manual']:.2f} "
+            f"| {compile_s} | {temp} | {r['gflops']:.1f} | {100 * r['peak_fraction']:.1f} "
+            f"| {r['images_per_s']:.0f} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()

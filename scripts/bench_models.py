@@ -1,0 +1,200 @@
+"""The benchmark's two outside references, built on jbp's own parameter pytrees.
+
+- ``lax_apply(name)``: the same network written as a JAX user without jbp would write it
+  (``lax.conv_general_dilated``, ``lax.reduce_window`` max pooling, batch norm from ``jnp.mean``,
+  ``jax.nn.relu``, ``optax``'s cross-entropy), differentiated by ``jax.grad``. This is what a
+  Flax/Haiku model lowers to.
+- ``torch_model(name, params, state)``: the same network in PyTorch, channels-last, with the
+  weights copied from ``params``, so all four variants start from identical numbers.
+
+scripts/bench.py checks that every variant computes the same step-0 loss before it times them;
+tests/test_bench.py checks the models against jbp's forward.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from jbp.models import resnet
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+# --- plain-lax reference ----------------------------------------------------------------------
+
+def _conv(x, w, b=None, stride=1, padding=0):
+    pad = ((padding, padding),) * 2 if isinstance(padding, int) else padding
+    z = lax.conv_general_dilated(x, w, (stride, stride), pad, dimension_numbers=_NHWC)
+    return z if b is None else z + b
+
+
+def _bn(x, p, s, momentum=0.9, eps=1e-5):
+    mean = jnp.mean(x, axis=(0, 1, 2))
+    var = jnp.var(x, axis=(0, 1, 2))
+    y = (x - mean) * lax.rsqrt(var + eps) * p["gamma"] + p["beta"]
+    m = x.size // x.shape[-1]
+    mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
+    new = {"mean": momentum * s["mean"] + (1 - momentum) * mean,
+           "var": momentum * s["var"] + (1 - momentum) * var * (m / (m - 1))}
+    return y, new
+
+
+def _max_pool(x, window, stride, padding=0):
+    pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1),
+                             (1, stride, stride, 1), pad)
+
+
+def _lenet5(params, state, x):
+    p = params
+    h = _max_pool(jax.nn.relu(_conv(x, p["conv1"]["w"], p["conv1"]["b"], padding=2)), 2, 2)
+    h = _max_pool(jax.nn.relu(_conv(h, p["conv2"]["w"], p["conv2"]["b"])), 2, 2)
+    h = h.reshape(h.shape[0], -1)
+    h = jax.nn.relu(h @ p["fc1"]["w"] + p["fc1"]["b"])
+    h = jax.nn.relu(h @ p["fc2"]["w"] + p["fc2"]["b"])
+    return h @ p["fc3"]["w"] + p["fc3"]["b"], state
+
+
+def _resnet(spec):
+    def apply(params, state, x):
+        new = {}
+        h = _conv(x, params["stem"]["w"], stride=spec.stem_stride, padding=spec.stem_padding)
+        h, new["stem_bn"] = _bn(h, params["stem_bn"], state["stem_bn"])
+        h = jax.nn.relu(h)
+        if spec.stem_pool:
+            h = _max_pool(h, 3, 2, 1)
+        blocks = []
+        for p, s, stride in zip(params["blocks"], state["blocks"],
+                                resnet._strides(spec.widths, spec.blocks)):
+            nb = {}
+            y = _conv(h, p["conv1"]["w"], stride=stride, padding=1)
+            y, nb["bn1"] = _bn(y, p["bn1"], s["bn1"])
+            y = _conv(jax.nn.relu(y), p["conv2"]["w"], padding=1)
+            y, nb["bn2"] = _bn(y, p["bn2"], s["bn2"])
+            if "proj" in p:
+                sc = _conv(h, p["proj"]["w"], stride=stride)
+                sc, nb["proj_bn"] = _bn(sc, p["proj_bn"], s["proj_bn"])
+            else:
+                sc = h
+            h = jax.nn.relu(y + sc)
+            blocks.append(nb)
+        new["blocks"] = blocks
+        h = jnp.mean(h, axis=(1, 2))
+        return h @ params["fc"]["w"] + params["fc"]["b"], new
+    return apply
+
+
+LAX_MODELS = {"lenet5": _lenet5, "resnet20": _resnet(resnet.RESNET20),
+              "resnet18": _resnet(resnet.RESNET18)}
+
+
+def lax_apply(name):
+    """``apply(params, state, x, *, train, grad) -> (logits, new_state)``, jbp's model signature
+    (``train`` and ``grad`` are ignored: always train mode, always ``jax.grad``)."""
+    fn = LAX_MODELS[name]
+
+    def apply(params, state, x, *, train=True, grad=None):
+        del train, grad
+        return fn(params, state, x)
+
+    return apply
+
+
+def lax_loss(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def forward_flops(name, params, state, x) -> int:
+    """Multiply-add FLOPs (2 per MAC) of the forward's convolutions and matmuls, read from the
+    reference model's jaxpr. A train step is counted as 3× this (forward, input and weight
+    gradients), the usual convention for MFU."""
+    jaxpr = jax.make_jaxpr(lambda p, s, x: LAX_MODELS[name](p, s, x))(params, state, x)
+    total = 0
+    for eqn in jaxpr.jaxpr.eqns:
+        out = eqn.outvars[0].aval
+        if eqn.primitive.name == "conv_general_dilated":
+            kh, kw, cin, _ = eqn.invars[1].aval.shape          # HWIO
+            total += 2 * int(np.prod(out.shape)) * kh * kw * cin
+        elif eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2 * int(np.prod(out.shape)) * int(np.prod([lhs[d] for d in contract]))
+    return total
+
+
+# --- PyTorch ----------------------------------------------------------------------------------
+
+def torch_model(name, params, state):
+    """An ``nn.Module`` equal to jbp's ``name`` at ``params``/``state`` (NCHW module, to be fed
+    channels-last tensors). Raises ImportError without torch."""
+    import torch  # noqa: PLC0415
+    from torch import nn  # noqa: PLC0415
+
+    def t(a):
+        return torch.from_numpy(np.array(a, dtype=np.float32))
+
+    def conv(p, stride=1, padding=0):
+        w = p["w"]
+        kh, kw, cin, cout = w.shape
+        m = nn.Conv2d(cin, cout, (kh, kw), stride, padding, bias="b" in p)
+        with torch.no_grad():
+            m.weight.copy_(t(w).permute(3, 2, 0, 1))
+            if "b" in p:
+                m.bias.copy_(t(p["b"]))
+        return m
+
+    def bn(p, s):
+        m = nn.BatchNorm2d(p["gamma"].shape[0], eps=1e-5, momentum=0.1)
+        with torch.no_grad():
+            m.weight.copy_(t(p["gamma"]))
+            m.bias.copy_(t(p["beta"]))
+            m.running_mean.copy_(t(s["mean"]))
+            m.running_var.copy_(t(s["var"]))
+        return m
+
+    def linear(p):
+        w = p["w"]
+        m = nn.Linear(w.shape[0], w.shape[1])
+        with torch.no_grad():
+            m.weight.copy_(t(w).T)
+            m.bias.copy_(t(p["b"]))
+        return m
+
+    class Flatten(nn.Module):       # jbp flattens NHWC, i.e. in (H, W, C) order
+        def forward(self, x):
+            return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+
+    if name == "lenet5":
+        p = params
+        return nn.Sequential(conv(p["conv1"], padding=2), nn.ReLU(), nn.MaxPool2d(2),
+                             conv(p["conv2"]), nn.ReLU(), nn.MaxPool2d(2), Flatten(),
+                             linear(p["fc1"]), nn.ReLU(), linear(p["fc2"]), nn.ReLU(),
+                             linear(p["fc3"]))
+
+    spec = {"resnet20": resnet.RESNET20, "resnet18": resnet.RESNET18}[name]
+
+    class Block(nn.Module):
+        def __init__(self, p, s, stride):
+            super().__init__()
+            self.conv1, self.bn1 = conv(p["conv1"], stride, 1), bn(p["bn1"], s["bn1"])
+            self.conv2, self.bn2 = conv(p["conv2"], 1, 1), bn(p["bn2"], s["bn2"])
+            self.proj = (nn.Sequential(conv(p["proj"], stride), bn(p["proj_bn"], s["proj_bn"]))
+                         if "proj" in p else nn.Identity())
+
+        def forward(self, x):
+            y = torch.relu(self.bn1(self.conv1(x)))
+            return torch.relu(self.bn2(self.conv2(y)) + self.proj(x))
+
+    layers = [conv(params["stem"], spec.stem_stride, spec.stem_padding),
+              bn(params["stem_bn"], state["stem_bn"]), nn.ReLU()]
+    if spec.stem_pool:
+        layers.append(nn.MaxPool2d(3, 2, 1))
+    for p, s, stride in zip(params["blocks"], state["blocks"],
+                            resnet._strides(spec.widths, spec.blocks)):
+        layers.append(Block(p, s, stride))
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), linear(params["fc"])]
+    return nn.Sequential(*layers)

@@ -1,0 +1,101 @@
+"""scripts/bench.py and its reference models: the variants it times must be the same network.
+
+The plain-lax reference and the PyTorch model are checked against jbp's own forward and
+gradients at the same parameters; the FLOP count against a hand calculation; and a one-config
+run of the benchmark against the JSON schema the issue asks for."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jbp.models import get_model
+from jbp.train import make_loss
+
+SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "scripts")
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(SCRIPTS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_models = _load("bench_models")
+
+
+def _setup(name, shape, n=4, classes=10):
+    params, state = get_model(name).init(jax.random.PRNGKey(0), shape, classes)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((n, *shape)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, classes, n), jnp.int32)
+    return params, state, x, y
+
+
+@pytest.mark.parametrize("name,shape", [("lenet5", (28, 28, 1)), ("resnet20", (16, 16, 3))])
+def test_lax_reference_matches_jbp(name, shape):
+    params, state, x, y = _setup(name, shape)
+    ours = make_loss(get_model(name).apply, grad="manual")
+    ref = make_loss(bench_models.lax_apply(name), bench_models.lax_loss, grad="autodiff")
+    (l1, (_, s1)), g1 = jax.value_and_grad(ours, has_aux=True)(params, state, x, y)
+    (l2, (_, s2)), g2 = jax.value_and_grad(ref, has_aux=True)(params, state, x, y)
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves((g1, s1)), jax.tree.leaves((g2, s2))):
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5 * float(jnp.max(jnp.abs(b))) + 1e-7)
+
+
+@pytest.mark.parametrize("name,shape", [("lenet5", (28, 28, 1)), ("resnet20", (16, 16, 3))])
+def test_torch_model_matches_jbp(name, shape):
+    torch = pytest.importorskip("torch")
+    params, state, x, y = _setup(name, shape)
+    logits, _ = get_model(name).apply(params, state, x, train=True)
+    module = bench_models.torch_model(name, params, state).train()
+    xt = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2).contiguous(
+        memory_format=torch.channels_last)
+    out = module(xt).detach().numpy()
+    np.testing.assert_allclose(out, np.asarray(logits), rtol=1e-4, atol=1e-4)
+
+
+def test_forward_flops_by_hand():
+    params, state, x, _ = _setup("lenet5", (28, 28, 1), n=3)
+    n = 3
+    conv1 = 2 * n * 28 * 28 * 6 * (5 * 5 * 1)
+    conv2 = 2 * n * 10 * 10 * 16 * (5 * 5 * 6)
+    fc = 2 * n * (400 * 120 + 120 * 84 + 84 * 10)
+    assert bench_models.forward_flops("lenet5", params, state, x) == conv1 + conv2 + fc
+
+
+def test_bench_runs_and_writes_the_json_rows(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(SCRIPTS, "bench.py"), "--configs", "lenet5_b128",
+         "--steps", "2", "--warmup", "0", "--env", "default", "--json", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    variants = {r["variant"] for r in rows}
+    assert {"manual", "autodiff", "lax_reference"} <= variants
+    for r in rows:
+        for key in ("model", "batch", "variant", "step_ms_median", "step_ms_min", "step_ms_max",
+                    "temp_bytes", "gflops"):
+            assert key in r
+        assert r["model"] == "lenet5" and r["batch"] == 128
+        assert r["step_ms_min"] <= r["step_ms_median"] <= r["step_ms_max"]
+        assert (r["temp_bytes"] is None) == (r["variant"] == "torch")
+    # Step-0 losses agree across variants (the script exits non-zero otherwise).
+    losses = [r["loss0"] for r in rows]
+    assert max(losses) - min(losses) < 1e-4 * max(1.0, abs(losses[0]))
+    assert "| lenet5 | 128 | manual |" in proc.stdout
+
+
+def test_bench_rejects_unknown_config():
+    proc = subprocess.run([sys.executable, os.path.join(SCRIPTS, "bench.py"), "--configs",
+                           "vgg16"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown" in proc.stderr

@@ -1,0 +1,116 @@
+"""The faster formulations jbp.conv's CPU backward dispatches to, each checked in float64
+against JAX's derivative of the same convolution (jax.vjp of ``_forward``), on shapes chosen
+to hit their edge cases: odd sizes, asymmetric padding, strides larger than the kernel,
+dilation, batch sizes that do not divide the tap chunk. The public ``conv2d`` on these paths is
+also covered by the gradcheck grid (jbp/cases.py) and the PyTorch oracle."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jbp import conv as C
+
+# (N, H, W, C_in, C_out, KH, KW, stride, padding, dilation)
+SHAPES = [
+    (2, 9, 8, 3, 4, 3, 3, 2, 1, 1),
+    (2, 8, 8, 2, 3, 3, 3, 2, 1, 1),
+    (2, 7, 9, 3, 5, 1, 1, 2, "VALID", 1),
+    (2, 8, 8, 2, 2, 1, 1, (2, 3), "VALID", 1),
+    (2, 5, 5, 2, 3, 1, 1, 2, 1, 1),
+    (2, 10, 7, 2, 3, 5, 3, (3, 2), "SAME", 1),
+    (2, 6, 6, 2, 2, 3, 3, 2, "VALID", 1),
+    (3, 11, 11, 1, 2, 2, 2, 2, ((0, 1), (1, 0)), 1),
+    (2, 8, 8, 2, 2, 4, 4, 3, ((2, 1), (0, 2)), 1),
+    (1, 5, 5, 1, 1, 3, 3, 4, 2, 1),
+    (16, 9, 8, 3, 4, 3, 3, 1, 1, 1),
+    (5, 11, 11, 1, 2, 3, 3, (1, 2), ((0, 1), (1, 0)), 2),
+    (8, 8, 8, 2, 2, 4, 4, 3, ((2, 1), (0, 2)), (2, 1)),
+    (2, 14, 14, 6, 16, 5, 5, 1, "VALID", 1),
+]
+
+
+def _setup(shape):
+    n, h, w, cin, cout, kh, kw, stride, padding, dilation = shape
+    rng = np.random.default_rng(abs(hash(str(shape))) % 2**32)
+    x = jnp.asarray(rng.standard_normal((n, h, w, cin)))
+    wt = jnp.asarray(rng.standard_normal((kh, kw, cin, cout)))
+    cfg = C.conv_config(x, wt, stride=stride, padding=padding, dilation=dilation)
+    z, vjp = jax.vjp(lambda x, w: C._forward(x, w, None, cfg), x, wt)
+    g = jnp.asarray(rng.standard_normal(z.shape))
+    dx_ref, dw_ref = vjp(g)
+    return x, wt, g, cfg, dx_ref, dw_ref
+
+
+def _close(a, b):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12,
+                               atol=1e-12 * float(jnp.max(jnp.abs(b))))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_tap_weight_grad(shape):
+    x, wt, g, cfg, _, dw_ref = _setup(shape)
+    _close(C._tap_weight_grad(x, g, wt.shape, cfg), dw_ref)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_tap_input_grad(shape):
+    x, wt, g, cfg, dx_ref, _ = _setup(shape)
+    _close(C._tap_input_grad(g, wt, x.shape, cfg), dx_ref)
+
+
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s[9] == 1], ids=str)
+def test_phase_input_grad(shape):
+    x, wt, g, cfg, dx_ref, _ = _setup(shape)
+    _close(C._phase_input_grad(g, wt, x.shape, cfg), dx_ref)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_cpu_dispatch(shape):
+    x, wt, g, cfg, dx_ref, dw_ref = _setup(shape)
+    _close(C._cpu_input_grad(g, wt, x.shape, cfg), dx_ref)
+    _close(C._cpu_weight_grad(x, g, wt.shape, cfg), dw_ref)
+
+
+@pytest.mark.parametrize("shape", [s for s in SHAPES if (s[5], s[6]) == (1, 1)], ids=str)
+def test_pointwise(shape):
+    x, wt, g, cfg, dx_ref, dw_ref = _setup(shape)
+    if not C._is_pointwise(wt.shape, cfg):
+        pytest.skip("padded 1x1: not pointwise (takes the phase path, tested above)")
+    _close(C._pointwise_input_grad(g, wt, x.shape, cfg), dx_ref)
+    _close(C._pointwise_weight_grad(x, g, cfg), dw_ref)
+
+
+def test_dispatch_rules_pick_the_specialised_paths():
+    """The grid's new cases (jbp/cases.py) really exercise the formulations they are for."""
+    x = jnp.zeros((2, 16, 16, 32))
+    w = jnp.zeros((3, 3, 32, 4))
+    cfg = C.conv_config(x, w)
+    assert C._use_taps(x.shape, w.shape, cfg, (16, 16))
+    assert not C._use_taps(x.shape, w.shape, cfg, (8, 8))            # small images: conv
+    assert not C._use_taps((2, 16, 16, 16), (3, 3, 16, 4), cfg, (16, 16))   # narrow: conv
+    assert C._is_pointwise((1, 1, 3, 4), C.conv_config(jnp.zeros((1, 10, 7, 3)),
+                                                        jnp.zeros((1, 1, 3, 4)), stride=3,
+                                                        padding="VALID"))
+    assert not C._is_pointwise((1, 1, 2, 3), C.conv_config(jnp.zeros((1, 5, 5, 2)),
+                                                           jnp.zeros((1, 1, 2, 3)), stride=2,
+                                                           padding=1))
+
+
+def test_cpu_lowering_takes_the_cpu_branch():
+    """On CPU the manual backward of a 1x1 stride-2 conv is a matmul, not a convolution
+    (lax.platform_dependent picks per backend at lowering time)."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("CPU-only check")
+    import jbp
+    x = jnp.ones((4, 8, 8, 16), jnp.float32)
+    w = jnp.ones((1, 1, 16, 32), jnp.float32)
+
+    def loss(w):
+        return jnp.sum(jbp.conv2d(x, w, stride=2, padding="VALID") ** 2)
+
+    hlo = jax.jit(jax.grad(loss)).lower(w).compile().as_text()
+    # The forward is one convolution; the weight gradient must not add a second one.
+    assert hlo.count("convolution(") == 1, hlo
+    assert "dot(" in hlo or "dot_general" in hlo
