@@ -76,6 +76,17 @@ def _input_grad(g, w, x_shape, cfg: ConvConfig):
         rhs_dilation=cfg.dilation, dimension_numbers=_NHWC, feature_group_count=groups)
 
 
+def _weight_grad_pads(x, g, w_shape, cfg: ConvConfig):
+    """Forward padding, minus the padded-input cells past the last window (no gradient)."""
+    pads = []
+    for axis, k in ((0, w_shape[0]), (1, w_shape[1])):
+        k_eff = (k - 1) * cfg.dilation[axis] + 1
+        lo, hi = cfg.padding[axis]
+        rem = _leftover(x.shape[1 + axis], g.shape[1 + axis], k_eff, cfg.stride[axis], (lo, hi))
+        pads.append((lo, hi - rem))
+    return pads
+
+
 def _weight_grad(x, g, w_shape, cfg: ConvConfig):
     """∂L/∂W[i,j,c,k] = Σ_{n,h,w} δ[n,h,w,k] · a[n, h·s+i·d, w·s+j·d, c].
 
@@ -83,15 +94,8 @@ def _weight_grad(x, g, w_shape, cfg: ConvConfig):
     axis, C_in plays the batch, the stride dilates δ and the dilation strides the window. Groups
     become a batch-group count: group g's input channels pair with group g's output channels.
     """
-    kh, kw = w_shape[:2]
-    pads = []
-    for axis, k in ((0, kh), (1, kw)):
-        k_eff = (k - 1) * cfg.dilation[axis] + 1
-        lo, hi = cfg.padding[axis]
-        rem = _leftover(x.shape[1 + axis], g.shape[1 + axis], k_eff, cfg.stride[axis], (lo, hi))
-        pads.append((lo, hi - rem))
     return lax.conv_general_dilated(
-        x, g, window_strides=cfg.dilation, padding=pads, rhs_dilation=cfg.stride,
+        x, g, window_strides=cfg.dilation, padding=_weight_grad_pads(x, g, w_shape, cfg), rhs_dilation=cfg.stride,
         dimension_numbers=("CHWN", "IHWO", "HWNC"), batch_group_count=cfg.groups)
 
 
@@ -195,13 +199,8 @@ def _tap_weight_grad(x, g, w_shape, cfg: ConvConfig):
     kh, kw, cin, cout = w_shape
     n, ho, wo, _ = g.shape
     (sh, sw), (dh, dw_) = cfg.stride, cfg.dilation
-    pads = []
-    for axis, k in ((0, kh), (1, kw)):
-        k_eff = (k - 1) * cfg.dilation[axis] + 1
-        lo, hi = cfg.padding[axis]
-        rem = _leftover(x.shape[1 + axis], g.shape[1 + axis], k_eff, cfg.stride[axis], (lo, hi))
-        pads.append((lo, hi - rem, 0))
-    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), *pads, (0, 0, 0)))
+    (pt, pb), (pl, pr) = _weight_grad_pads(x, g, w_shape, cfg)
+    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
     b = _chunk(n)
     xp = xp.reshape(n // b, b, *xp.shape[1:])
     gc = g.reshape(n // b, b * ho * wo, cout)
