@@ -96,7 +96,7 @@ def _leaky_api(rule):
         """Leaky ReLU: ``z`` for ``z > 0``, else ``α z`` with ``α = negative_slope``. Any shape.
 
         Backward ``δ ⊙ (1[z > 0] + α 1[z ≤ 0])`` (slope ``α`` at ``z = 0``).
-        Residuals: the output ``a`` itself (no extra memory where the next layer keeps it).
+        Residuals: a boolean mask ``z > 0`` (``x.size`` bytes).
         """
         _check(x)
         if not isinstance(negative_slope, (int, float)) or isinstance(negative_slope, bool):

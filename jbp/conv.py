@@ -255,18 +255,38 @@ def _tap_input_grad(g, w, x_shape, cfg: ConvConfig):
     return total[:, pt:pt + x_shape[1], pl:pl + x_shape[2], :]
 
 
-def _cpu_input_grad(g, w, x_shape, cfg: ConvConfig):
-    if _is_pointwise(w.shape, cfg):
-        return _pointwise_input_grad(g, w, x_shape, cfg)
+def _cpu_input_grad_form(w_shape, cfg: ConvConfig) -> str:
+    """Which formulation the CPU backward uses for ∂L/∂a: pointwise, phases or generic."""
+    if _is_pointwise(w_shape, cfg):
+        return "pointwise"
     if cfg.stride != (1, 1) and cfg.groups == 1 and cfg.dilation == (1, 1):
+        return "phases"
+    return "generic"
+
+
+def _cpu_weight_grad_form(x_shape, w_shape, cfg: ConvConfig, out_hw) -> str:
+    """Which formulation the CPU backward uses for ∂L/∂W: pointwise, taps or generic."""
+    if _is_pointwise(w_shape, cfg):
+        return "pointwise"
+    if _use_taps(x_shape, w_shape, cfg, out_hw):
+        return "taps"
+    return "generic"
+
+
+def _cpu_input_grad(g, w, x_shape, cfg: ConvConfig):
+    form = _cpu_input_grad_form(w.shape, cfg)
+    if form == "pointwise":
+        return _pointwise_input_grad(g, w, x_shape, cfg)
+    if form == "phases":
         return _phase_input_grad(g, w, x_shape, cfg)
     return _input_grad(g, w, x_shape, cfg)
 
 
 def _cpu_weight_grad(x, g, w_shape, cfg: ConvConfig):
-    if _is_pointwise(w_shape, cfg):
+    form = _cpu_weight_grad_form(x.shape, w_shape, cfg, g.shape[1:3])
+    if form == "pointwise":
         return _pointwise_weight_grad(x, g, cfg)
-    if _use_taps(x.shape, w_shape, cfg, g.shape[1:3]):
+    if form == "taps":
         return _tap_weight_grad(x, g, w_shape, cfg)
     return _weight_grad(x, g, w_shape, cfg)
 

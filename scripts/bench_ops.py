@@ -69,16 +69,10 @@ def _formulations(x, w, cfg):
 def _chosen(x, w, cfg, kind):
     """The formulation jbp.conv's CPU dispatch picks for this shape."""
     if kind == "input":
-        if conv_lib._is_pointwise(w.shape, cfg):
-            return "dx pointwise"
-        if cfg.stride != (1, 1) and cfg.groups == 1 and cfg.dilation == (1, 1):
-            return "dx phases"
-        return "dx generic"
+        return "dx " + conv_lib._cpu_input_grad_form(w.shape, cfg)
     if kind == "weight":
-        if conv_lib._is_pointwise(w.shape, cfg):
-            return "dW pointwise"
         z_hw = conv_lib._forward(x, w, None, cfg).shape[1:3]
-        return "dW taps" if conv_lib._use_taps(x.shape, w.shape, cfg, z_hw) else "dW generic"
+        return "dW " + conv_lib._cpu_weight_grad_form(x.shape, w.shape, cfg, z_hw)
     return "forward"
 
 
