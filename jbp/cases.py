@@ -116,8 +116,11 @@ CONV_CASES = [
     _conv_case((10, 7), 3, 4, 1, stride=3, padding="VALID"),      # 1x1 stride 3, odd: pointwise
     _conv_case((5, 5), 2, 3, 1, stride=2, padding=1),             # 1x1 padded: empty phases
     _conv_case((9, 9), 2, 3, 2, stride=3, padding=1),             # kernel < stride: phases
-    _conv_case((16, 16), 32, 4, 3, bias=False),                   # C_in 32, 16x16: per-tap dW
-    _conv_case((33, 31), 32, 3, 3, stride=2, n=3),                # taps + phases, odd, N=3
+    _conv_case((16, 16), 32, 4, 3, bias=False, n=32),             # C_in 32, 16x16: per-tap dW
+    _conv_case((33, 31), 32, 3, 3, stride=2, n=33),               # taps + phases, odd, N=33
+    _conv_case((8, 8), 64, 4, 3, bias=False, n=32),               # C_in 64, 8x8: patch-matrix dW
+    _conv_case((7, 9), 64, 3, 3, stride=2, n=33),                 # patches + phases, odd, N=33
+    _conv_case((17, 15), 16, 4, 3, stride=2, n=32, bias=False),   # stride 2: patches + phases
 ]
 
 

@@ -219,12 +219,66 @@ def _tap_weight_grad(x, g, w_shape, cfg: ConvConfig):
     return acc.reshape(kh, kw, cin, cout)
 
 
+#: Images per step of the patch-matrix loop (``_patch_weight_grad``): measured best at 2 on
+#: ResNet-20's 8×8×64 layers (scripts/bench_ops.py).
+PATCH_CHUNK = 2
+
+
+def _patch_weight_grad(x, g, w_shape, cfg: ConvConfig):
+    """∂L/∂W as one matmul per batch chunk of the patch matrix (im2col): ∂L/∂W = Pᵀ δ.
+
+    Row ``(n, h, w)`` of ``P`` holds every tap's input vector ``a[n, h·s+i·d, w·s+j·d, :]``, so
+    ``P`` is (N·H_out·W_out, KH·KW·C_in) and ``Pᵀ δ`` is the whole kernel gradient in one wide
+    matmul, ordered (i, j, c) like ``W``. Built for ``PATCH_CHUNK`` images at a time inside a
+    ``lax.scan``, each chunk's ``P`` stays in cache; for the whole batch it would be KH·KW
+    times the input. Where it wins: small images with wide inputs (ResNet-20's 8×8×64 layers,
+    docs/performance.md), where the per-tap matmuls are small and the convolution form
+    transposes the input first."""
+    kh, kw, cin, cout = w_shape
+    n, ho, wo, _ = g.shape
+    (sh, sw), (dh, dw_) = cfg.stride, cfg.dilation
+    (pt, pb), (pl, pr) = _weight_grad_pads(x, g, w_shape, cfg)
+    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+    b = _chunk(n, PATCH_CHUNK)
+    xp = xp.reshape(n // b, b, *xp.shape[1:])
+    gc = g.reshape(n // b, b * ho * wo, cout)
+
+    def chunk(acc, inputs):
+        xb, gb = inputs
+        taps = [lax.slice(xb, (0, i * dh, j * dw_, 0),
+                          (b, i * dh + (ho - 1) * sh + 1, j * dw_ + (wo - 1) * sw + 1, cin),
+                          (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
+        patches = jnp.stack(taps, axis=3).reshape(b * ho * wo, kh * kw * cin)
+        return acc + lax.dot_general(patches, gb, (((0,), (0,)), ((), ()))), None
+
+    acc = jnp.zeros((kh * kw * cin, cout), jnp.result_type(x.dtype, g.dtype))
+    acc, _ = lax.scan(chunk, acc, (xp, gc))
+    return acc.reshape(kh, kw, cin, cout)
+
+
+def _use_patches(x_shape, w_shape, cfg: ConvConfig, out_hw) -> bool:
+    """Where the patch-matrix form measured faster on XLA:CPU (scripts/bench_ops.py,
+    docs/performance.md), batch >= 32 and patch rows of at most 1024 values (ResNet-18's
+    7×7×256 layers measured slower): strided kernels with rows of >= 128 values (ResNet-20's
+    stride-2 3×3 layers: 0.52× and 0.67×), and C_in >= 64 over at most 8×8 output pixels
+    (0.79×)."""
+    kh, kw, cin, _ = w_shape
+    row = kh * kw * cin
+    if cfg.groups != 1 or x_shape[0] < 32 or row > 1024:
+        return False
+    strided = cfg.stride != (1, 1) and row >= 128
+    small_and_wide = cin >= 64 and out_hw[0] * out_hw[1] <= 64
+    return strided or small_and_wide
+
+
 def _use_taps(x_shape, w_shape, cfg: ConvConfig, out_hw) -> bool:
     """Where the per-tap form measured faster on XLA:CPU (scripts/bench_ops.py,
-    docs/performance.md): C_in >= 32 over at least 16×16 output pixels. Narrower inputs keep
-    the convolution (the per-tap matmuls are then too thin), and so do smaller images."""
+    docs/performance.md): C_in >= 32 over at least 16×16 output pixels, batch >= 32. Narrower
+    inputs keep the convolution (the per-tap matmuls are then too thin), and so do smaller
+    images and small batches (batch 8: 1.95× slower on 16×16×32; ResNet-18's 28×28×64 at
+    batch 16: 1.08× slower)."""
     return (cfg.groups == 1 and w_shape[2] >= 32 and out_hw[0] * out_hw[1] >= 256
-            and x_shape[0] >= 2)
+            and x_shape[0] >= 32)
 
 
 def _tap_input_grad(g, w, x_shape, cfg: ConvConfig):
@@ -265,11 +319,13 @@ def _cpu_input_grad_form(w_shape, cfg: ConvConfig) -> str:
 
 
 def _cpu_weight_grad_form(x_shape, w_shape, cfg: ConvConfig, out_hw) -> str:
-    """Which formulation the CPU backward uses for ∂L/∂W: pointwise, taps or generic."""
+    """Which formulation the CPU backward uses for ∂L/∂W: pointwise, taps, patches or generic."""
     if _is_pointwise(w_shape, cfg):
         return "pointwise"
     if _use_taps(x_shape, w_shape, cfg, out_hw):
         return "taps"
+    if _use_patches(x_shape, w_shape, cfg, out_hw):
+        return "patches"
     return "generic"
 
 
@@ -288,6 +344,8 @@ def _cpu_weight_grad(x, g, w_shape, cfg: ConvConfig):
         return _pointwise_weight_grad(x, g, cfg)
     if form == "taps":
         return _tap_weight_grad(x, g, w_shape, cfg)
+    if form == "patches":
+        return _patch_weight_grad(x, g, w_shape, cfg)
     return _weight_grad(x, g, w_shape, cfg)
 
 

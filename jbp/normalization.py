@@ -61,12 +61,16 @@ def _train_bwd(eps, res, cotangents):
     # The cotangents of μ and σ² are zero: the public function stops their gradient.
     g, _, _ = cotangents
     x, mean, inv_std, gamma, beta = res
-    x_hat = (x.astype(mean.dtype) - mean) * inv_std
-    axes = _stat_axes(x_hat)
-    m = x_hat.size // x_hat.shape[-1]
-    g = g.astype(x_hat.dtype)
+    x = x.astype(mean.dtype)
+    axes = _stat_axes(x)
+    m = x.size // x.shape[-1]
+    g = g.astype(mean.dtype)
     d_beta = jnp.sum(g, axis=axes)                          # ∂L/∂β = Σ δ
-    d_gamma = jnp.sum(g * x_hat, axis=axes)                 # ∂L/∂γ = Σ δ ⊙ x̂
+    # ∂L/∂γ = Σ δ ⊙ x̂ = (Σ δ ⊙ x − μ Σ δ) / σ. The reduction reads δ and x as they are: with x̂
+    # inside it, XLA:CPU wrote x̂ out as a separate M·C tensor (held from the forward to here)
+    # because its reduction kernels take no per-channel broadcasts (docs/performance.md).
+    d_gamma = inv_std * (jnp.sum(g * x, axis=axes) - mean * d_beta)
+    x_hat = (x - mean) * inv_std
     # ∂L/∂x = (γ / (M √(σ² + ε))) · (M δ − Σ δ − x̂ ⊙ Σ(δ ⊙ x̂))
     dx = (gamma * inv_std / m) * (m * g - d_beta - x_hat * d_gamma)
     return (dx.astype(cotangents[0].dtype), cast_like(d_gamma, gamma), cast_like(d_beta, beta))

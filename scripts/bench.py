@@ -14,7 +14,9 @@ SGD + momentum 0.9 (optax; torch.optim.SGD for PyTorch):
     torch          PyTorch eager, channels-last                 (if torch is installed)
 
 A JAX step is one jit-compiled call (forward, backward, optimizer update; donated state). Steps
-are timed alternately (variant order rotated every round) after warm-up; the table shows
+are timed in alternating rounds after warm-up: each round gives every variant one untimed step
+(it absorbs the previous variant's spinning threads) and ``--block`` timed ones, and the
+variant order rotates every round. The table shows
 medians with min-max and the ratio to jbp manual. Before timing, the step-0 losses of all
 variants must agree (they start from identical numbers), or the run stops.
 
@@ -67,9 +69,11 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: the number of CPU cores)")
+    p.add_argument("--block", type=int, default=4,
+                   help="timed steps per variant per round, after one untimed step (default 4)")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.block < 1:
+        p.error("--steps and --block must be >= 1, --warmup >= 0")
     names = QUICK if args.quick else tuple(CONFIGS)
     if args.configs:
         names = tuple(c.strip() for c in args.configs.split(",") if c.strip())
@@ -228,16 +232,23 @@ def main(argv=None):
             for v in variants:
                 for _ in range(args.warmup):
                     runners[v]()
+            # Rounds of short blocks: each variant runs one untimed step, then `block` timed
+            # ones, and the variant order rotates every round. The untimed step absorbs what
+            # the previous variant leaves behind: PyTorch's OpenMP workers spin for a while
+            # after each op, and on a 2-core machine the step right after a torch step ran on
+            # about half the CPU (LeNet-5 manual: 7.2 ms alone, 7-16 ms bimodal after torch).
             times = {v: [] for v in variants}
-            for r in range(args.steps):
+            rounds = -(-args.steps // args.block)
+            for r in range(rounds):
                 order = variants[r % len(variants):] + variants[:r % len(variants)]
                 for v in order:
-                    t0 = time.perf_counter()
                     runners[v]()
-                    times[v].append(1e3 * (time.perf_counter() - t0))
-                if r == 0 or (r + 1) % 5 == 0:
-                    log(f"[{cfg_name}] step {r + 1}/{args.steps}: " + ", ".join(
-                        f"{v} {np.median(times[v]):.1f} ms" for v in variants))
+                    for _ in range(min(args.block, args.steps - len(times[v]))):
+                        t0 = time.perf_counter()
+                        runners[v]()
+                        times[v].append(1e3 * (time.perf_counter() - t0))
+                log(f"[{cfg_name}] round {r + 1}/{rounds}: " + ", ".join(
+                    f"{v} {np.median(times[v]):.1f} ms" for v in variants))
 
         manual_ms = float(np.median(times["manual"]))
         for v in variants:
@@ -289,7 +300,7 @@ def _header(jax, torch, device, peak, args):
     env = " ".join(f"{k}={os.environ[k]}" for k in ("GLIBC_TUNABLES", "XLA_FLAGS")
                    if os.environ.get(k))
     lines.append(f"environment: {env or '(none set)'}; float32 matmul peak {peak:.0f} GFLOP/s; "
-                 f"{args.steps} timed steps per variant, alternating, after {args.warmup} "
+                 f"{args.steps} timed steps per variant in alternating rounds of {args.block} (+1 untimed), after {args.warmup} "
                  f"warm-up steps")
     return "\n".join(lines) + "\n"
 

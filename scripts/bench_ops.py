@@ -12,7 +12,8 @@ after warm-up, the medians of:
     input grad     generic: conv of the stride-dilated δ with the rotated kernel (what XLA's
                    autodiff emits) | phases: one stride-1 conv per stride phase | pointwise (1×1)
     weight grad    generic: conv with N as the contraction axis | taps: one matmul per kernel
-                   tap over batch chunks | pointwise (1×1): one matmul
+                   tap over batch chunks | patches: one patch-matrix (im2col) matmul per
+                   batch chunk | pointwise (1×1): one matmul
 
 and checks each against the generic result. jbp.conv's CPU dispatch (``_cpu_input_grad``,
 ``_cpu_weight_grad``) was chosen from this table; docs/performance.md records the numbers.
@@ -62,6 +63,8 @@ def _formulations(x, w, cfg):
         out["dx taps"] = ("input", lambda x, w, g: conv_lib._tap_input_grad(
             g, w, x.shape, cfg))
         out["dW taps"] = ("weight", lambda x, w, g: conv_lib._tap_weight_grad(
+            x, g, w.shape, cfg))
+        out["dW patches"] = ("weight", lambda x, w, g: conv_lib._patch_weight_grad(
             x, g, w.shape, cfg))
     return out
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jbp import conv as C
+from jbp.cases import CONV_CASES
 
 # (N, H, W, C_in, C_out, KH, KW, stride, padding, dilation)
 SHAPES = [
@@ -55,6 +56,12 @@ def test_tap_weight_grad(shape):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_patch_weight_grad(shape):
+    x, wt, g, cfg, _, dw_ref = _setup(shape)
+    _close(C._patch_weight_grad(x, g, wt.shape, cfg), dw_ref)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_tap_input_grad(shape):
     x, wt, g, cfg, dx_ref, _ = _setup(shape)
     _close(C._tap_input_grad(g, wt, x.shape, cfg), dx_ref)
@@ -84,12 +91,31 @@ def test_pointwise(shape):
 
 def test_dispatch_rules_pick_the_specialised_paths():
     """The grid's new cases (jbp/cases.py) really exercise the formulations they are for."""
-    x = jnp.zeros((2, 16, 16, 32))
+    x = jnp.zeros((32, 16, 16, 32))
     w = jnp.zeros((3, 3, 32, 4))
     cfg = C.conv_config(x, w)
     assert C._use_taps(x.shape, w.shape, cfg, (16, 16))
     assert not C._use_taps(x.shape, w.shape, cfg, (8, 8))            # small images: conv
-    assert not C._use_taps((2, 16, 16, 16), (3, 3, 16, 4), cfg, (16, 16))   # narrow: conv
+    assert not C._use_taps((32, 16, 16, 16), (3, 3, 16, 4), cfg, (16, 16))  # narrow: conv
+    assert not C._use_taps((8, 16, 16, 32), w.shape, cfg, (16, 16))   # small batch: conv
+    assert C._use_patches((32, 8, 8, 64), (3, 3, 64, 4), cfg, (8, 8))
+    assert C._use_patches((33, 7, 9, 64), (3, 3, 64, 3), cfg, (4, 5))
+    assert not C._use_patches((32, 16, 16, 64), (3, 3, 64, 4), cfg, (16, 16))  # large images
+    assert not C._use_patches((32, 8, 8, 32), (3, 3, 32, 4), cfg, (8, 8))      # narrow
+    assert not C._use_patches((16, 8, 8, 64), (3, 3, 64, 4), cfg, (8, 8))      # small batch
+    assert not C._use_patches((32, 7, 7, 256), (3, 3, 256, 4), cfg, (7, 7))    # long rows
+    s2 = C.conv_config(jnp.zeros((32, 17, 15, 16)), jnp.zeros((3, 3, 16, 4)), stride=2)
+    assert C._use_patches((32, 17, 15, 16), (3, 3, 16, 4), s2, (9, 8))          # strided
+    assert not C._use_patches((32, 17, 15, 8), (3, 3, 8, 4), s2, (9, 8))        # short rows
+    # The grid's conv cases (jbp/cases.py) reach every weight-gradient form.
+    forms = set()
+    for case in CONV_CASES:
+        kw = {k: v for k, v in case.call.keywords.items() if k != "bias"}
+        x, w = jnp.zeros(case.shapes[0]), jnp.zeros(case.shapes[1])
+        cfg = C.conv_config(x, w, **kw)
+        out_hw = C._forward(x, w, None, cfg).shape[1:3]
+        forms.add(C._cpu_weight_grad_form(x.shape, w.shape, cfg, out_hw))
+    assert {"pointwise", "taps", "patches", "generic"} <= forms, forms
     assert C._is_pointwise((1, 1, 3, 4), C.conv_config(jnp.zeros((1, 10, 7, 3)),
                                                         jnp.zeros((1, 1, 3, 4)), stride=3,
                                                         padding="VALID"))
