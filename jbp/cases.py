@@ -112,15 +112,17 @@ CONV_CASES = [
     _conv_case((5, 5), 3, 2, 5, padding="VALID"),                 # kernel = input size
     _conv_case((6, 6), 3, 4, 3, bias=False),
     _conv_case((11, 10), 1, 2, 4, stride=3, padding="SAME"),
-    # Shapes that take jbp's CPU-specialised backward formulations (jbp.conv, _cpu_*_grad):
-    _conv_case((10, 7), 3, 4, 1, stride=3, padding="VALID"),      # 1x1 stride 3, odd: pointwise
-    _conv_case((5, 5), 2, 3, 1, stride=2, padding=1),             # 1x1 padded: empty phases
-    _conv_case((9, 9), 2, 3, 2, stride=3, padding=1),             # kernel < stride: phases
+    # Shapes that take jbp's CPU-specialised backward formulations (jbp.conv, _cpu_*_grad;
+    # tests/test_conv_formulations.py checks that every form is reached):
+    _conv_case((10, 7), 3, 4, 1, stride=3, padding="VALID"),      # 1x1 stride 3, odd: dW matmul
+    _conv_case((33, 32), 4, 6, 1, stride=2, padding="VALID"),     # 1x1, 17x16 δ: dW and dx matmul
+    _conv_case((5, 5), 2, 3, 1, stride=2, padding=1),             # 1x1 padded: not pointwise
+    _conv_case((9, 9), 2, 3, 2, stride=3, padding=1),             # kernel < stride
     _conv_case((16, 16), 32, 4, 3, bias=False, n=32),             # C_in 32, 16x16: per-tap dW
-    _conv_case((33, 31), 32, 3, 3, stride=2, n=33),               # taps + phases, odd, N=33
+    _conv_case((33, 31), 32, 3, 3, stride=2, n=33),               # taps + dx phases, odd, N=33
     _conv_case((8, 8), 64, 4, 3, bias=False, n=32),               # C_in 64, 8x8: patch-matrix dW
-    _conv_case((7, 9), 64, 3, 3, stride=2, n=33),                 # patches + phases, odd, N=33
-    _conv_case((17, 15), 16, 4, 3, stride=2, n=32, bias=False),   # stride 2: patches + phases
+    _conv_case((7, 9), 64, 3, 3, stride=2, n=33),                 # patches, stride 2, odd, N=33
+    _conv_case((17, 15), 16, 4, 3, stride=2, n=32, bias=False),   # stride 2: patches
 ]
 
 

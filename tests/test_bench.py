@@ -57,7 +57,7 @@ def test_torch_model_matches_jbp(name, shape):
     params, state, x, y = _setup(name, shape)
     logits, _ = get_model(name).apply(params, state, x, train=True)
     module = bench_models.torch_model(name, params, state).train()
-    xt = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2).contiguous(
+    xt = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous(
         memory_format=torch.channels_last)
     out = module(xt).detach().numpy()
     np.testing.assert_allclose(out, np.asarray(logits), rtol=1e-4, atol=1e-4)

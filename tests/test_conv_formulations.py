@@ -107,15 +107,20 @@ def test_dispatch_rules_pick_the_specialised_paths():
     s2 = C.conv_config(jnp.zeros((32, 17, 15, 16)), jnp.zeros((3, 3, 16, 4)), stride=2)
     assert C._use_patches((32, 17, 15, 16), (3, 3, 16, 4), s2, (9, 8))          # strided
     assert not C._use_patches((32, 17, 15, 8), (3, 3, 8, 4), s2, (9, 8))        # short rows
-    # The grid's conv cases (jbp/cases.py) reach every weight-gradient form.
+    s2_64 = C.conv_config(jnp.zeros((32, 16, 16, 32)), jnp.zeros((3, 3, 32, 64)), stride=2)
+    assert C._cpu_input_grad_form((3, 3, 32, 64), s2_64, (8, 8)) == "generic"   # small δ
+    assert C._cpu_input_grad_form((3, 3, 32, 64), s2_64, (16, 16)) == "phases"
+    # The grid's conv cases (jbp/cases.py) reach every form of both gradients.
     forms = set()
     for case in CONV_CASES:
         kw = {k: v for k, v in case.call.keywords.items() if k != "bias"}
         x, w = jnp.zeros(case.shapes[0]), jnp.zeros(case.shapes[1])
         cfg = C.conv_config(x, w, **kw)
         out_hw = C._forward(x, w, None, cfg).shape[1:3]
-        forms.add(C._cpu_weight_grad_form(x.shape, w.shape, cfg, out_hw))
-    assert {"pointwise", "taps", "patches", "generic"} <= forms, forms
+        forms.add("dW " + C._cpu_weight_grad_form(x.shape, w.shape, cfg, out_hw))
+        forms.add("dx " + C._cpu_input_grad_form(w.shape, cfg, out_hw))
+    assert forms == {"dW pointwise", "dW taps", "dW patches", "dW generic",
+                     "dx pointwise", "dx phases", "dx generic"}, forms
     assert C._is_pointwise((1, 1, 3, 4), C.conv_config(jnp.zeros((1, 10, 7, 3)),
                                                         jnp.zeros((1, 1, 3, 4)), stride=3,
                                                         padding="VALID"))
