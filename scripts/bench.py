@@ -300,8 +300,8 @@ def _header(jax, torch, device, peak, args):
     env = " ".join(f"{k}={os.environ[k]}" for k in ("GLIBC_TUNABLES", "XLA_FLAGS")
                    if os.environ.get(k))
     lines.append(f"environment: {env or '(none set)'}; float32 matmul peak {peak:.0f} GFLOP/s; "
-                 f"{args.steps} timed steps per variant in alternating rounds of {args.block} (+1 untimed), after {args.warmup} "
-                 f"warm-up steps")
+                 f"{args.steps} timed steps per variant in alternating rounds of {args.block} "
+                 f"(+1 untimed), after {args.warmup} warm-up steps")
     return "\n".join(lines) + "\n"
 
 
