@@ -196,25 +196,39 @@ def _tap_weight_grad(x, g, w_shape, cfg: ConvConfig):
     (strided, shifted) input view with δ. Looping over chunks of the batch (``lax.scan``) keeps
     each chunk's input and δ in cache while its KH·KW matmuls read them; the convolution form
     instead transposes the whole input to put N innermost (docs/performance.md)."""
+    cin = w_shape[2]
+
+    def tap_matmuls(views, gb):
+        grads = [lax.dot_general(v.reshape(-1, cin), gb, (((0,), (0,)), ((), ())))
+                 for v in views]                                    # each (C_in, C_out)
+        return jnp.concatenate(grads)
+
+    return _chunked_weight_grad(x, g, w_shape, cfg, TAP_CHUNK, tap_matmuls)
+
+
+def _chunked_weight_grad(x, g, w_shape, cfg: ConvConfig, target: int, per_chunk):
+    """Σ over batch chunks (``lax.scan``) of ``per_chunk(views, δ_chunk)``, (KH·KW·C_in, C_out).
+
+    ``views`` are the KH·KW shifted, strided input views ``a[n, h·s+i·d, w·s+j·d, :]`` of one
+    chunk of at most ``target`` images, each (B, H_out, W_out, C_in), in (i, j) order; δ_chunk
+    is (B·H_out·W_out, C_out). Shared by the per-tap and the patch-matrix forms."""
     kh, kw, cin, cout = w_shape
     n, ho, wo, _ = g.shape
     (sh, sw), (dh, dw_) = cfg.stride, cfg.dilation
     (pt, pb), (pl, pr) = _weight_grad_pads(x, g, w_shape, cfg)
     xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
-    b = _chunk(n)
+    b = _chunk(n, target)
     xp = xp.reshape(n // b, b, *xp.shape[1:])
     gc = g.reshape(n // b, b * ho * wo, cout)
 
     def chunk(acc, inputs):
         xb, gb = inputs
-        taps = [lax.slice(xb, (0, i * dh, j * dw_, 0),
-                          (b, i * dh + (ho - 1) * sh + 1, j * dw_ + (wo - 1) * sw + 1, cin),
-                          (1, sh, sw, 1)).reshape(b * ho * wo, cin)
-                for i in range(kh) for j in range(kw)]
-        grads = [lax.dot_general(t, gb, (((0,), (0,)), ((), ()))) for t in taps]  # (C_in, K)
-        return acc + jnp.stack(grads), None
+        views = [lax.slice(xb, (0, i * dh, j * dw_, 0),
+                           (b, i * dh + (ho - 1) * sh + 1, j * dw_ + (wo - 1) * sw + 1, cin),
+                           (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
+        return acc + per_chunk(views, gb), None
 
-    acc = jnp.zeros((kh * kw, cin, cout), jnp.result_type(x.dtype, g.dtype))
+    acc = jnp.zeros((kh * kw * cin, cout), jnp.result_type(x.dtype, g.dtype))
     acc, _ = lax.scan(chunk, acc, (xp, gc))
     return acc.reshape(kh, kw, cin, cout)
 
@@ -234,26 +248,12 @@ def _patch_weight_grad(x, g, w_shape, cfg: ConvConfig):
     times the input. Where it wins: small images with wide inputs (ResNet-20's 8×8×64 layers,
     docs/performance.md), where the per-tap matmuls are small and the convolution form
     transposes the input first."""
-    kh, kw, cin, cout = w_shape
-    n, ho, wo, _ = g.shape
-    (sh, sw), (dh, dw_) = cfg.stride, cfg.dilation
-    (pt, pb), (pl, pr) = _weight_grad_pads(x, g, w_shape, cfg)
-    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
-    b = _chunk(n, PATCH_CHUNK)
-    xp = xp.reshape(n // b, b, *xp.shape[1:])
-    gc = g.reshape(n // b, b * ho * wo, cout)
+    def patch_matmul(views, gb):
+        patches = jnp.stack(views, axis=3)                          # (B, H_out, W_out, taps, C_in)
+        patches = patches.reshape(gb.shape[0], -1)                  # (B·H_out·W_out, KH·KW·C_in)
+        return lax.dot_general(patches, gb, (((0,), (0,)), ((), ())))
 
-    def chunk(acc, inputs):
-        xb, gb = inputs
-        taps = [lax.slice(xb, (0, i * dh, j * dw_, 0),
-                          (b, i * dh + (ho - 1) * sh + 1, j * dw_ + (wo - 1) * sw + 1, cin),
-                          (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
-        patches = jnp.stack(taps, axis=3).reshape(b * ho * wo, kh * kw * cin)
-        return acc + lax.dot_general(patches, gb, (((0,), (0,)), ((), ()))), None
-
-    acc = jnp.zeros((kh * kw * cin, cout), jnp.result_type(x.dtype, g.dtype))
-    acc, _ = lax.scan(chunk, acc, (xp, gc))
-    return acc.reshape(kh, kw, cin, cout)
+    return _chunked_weight_grad(x, g, w_shape, cfg, PATCH_CHUNK, patch_matmul)
 
 
 def _use_patches(x_shape, w_shape, cfg: ConvConfig, out_hw) -> bool:
