@@ -49,16 +49,11 @@ def _close(a, b):
                                atol=1e-12 * float(jnp.max(jnp.abs(b))))
 
 
+@pytest.mark.parametrize("form", ["_tap_weight_grad", "_patch_weight_grad"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_tap_weight_grad(shape):
+def test_chunked_weight_grads(shape, form):
     x, wt, g, cfg, _, dw_ref = _setup(shape)
-    _close(C._tap_weight_grad(x, g, wt.shape, cfg), dw_ref)
-
-
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_patch_weight_grad(shape):
-    x, wt, g, cfg, _, dw_ref = _setup(shape)
-    _close(C._patch_weight_grad(x, g, wt.shape, cfg), dw_ref)
+    _close(getattr(C, form)(x, g, wt.shape, cfg), dw_ref)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
