@@ -95,7 +95,8 @@ def _weight_grad(x, g, w_shape, cfg: ConvConfig):
     become a batch-group count: group g's input channels pair with group g's output channels.
     """
     return lax.conv_general_dilated(
-        x, g, window_strides=cfg.dilation, padding=_weight_grad_pads(x, g, w_shape, cfg), rhs_dilation=cfg.stride,
+        x, g, window_strides=cfg.dilation, padding=_weight_grad_pads(x, g, w_shape, cfg),
+        rhs_dilation=cfg.stride,
         dimension_numbers=("CHWN", "IHWO", "HWNC"), batch_group_count=cfg.groups)
 
 
@@ -184,7 +185,7 @@ def _phase_input_grad(g, w, x_shape, cfg: ConvConfig):
 TAP_CHUNK = 8
 
 
-def _chunk(n: int, target: int = TAP_CHUNK) -> int:
+def _chunk(n: int, target: int) -> int:
     """The largest divisor of the batch size ``n`` that is at most ``target``."""
     return max(b for b in range(1, min(n, target) + 1) if n % b == 0)
 

@@ -159,7 +159,8 @@ def _batch_norm_api(train_rule, eval_rule):
         Backward: train ``∂L/∂x = (γ / (M √(σ² + ε))) · (M δ − Σ δ − x̂ ⊙ Σ(δ ⊙ x̂))``,
         ``∂L/∂γ = Σ δ ⊙ x̂``, ``∂L/∂β = Σ δ``; eval ``∂L/∂x = δ γ / √(σ²_run + ε)``.
         Residuals (train): ``x``, ``μ``, ``1/σ``, ``γ`` and ``β`` (``M·C`` values of ``x``'s
-        dtype plus ``4C``; ``x̂`` is recomputed in the backward). Eval: ``x̂``, ``1/σ``, ``γ``, ``β``.
+        dtype plus ``4C``; ``x̂`` is recomputed in the backward).
+        Eval: ``x̂``, ``1/σ``, ``γ``, ``β``.
         """
         _check(x, gamma, beta, running_mean, running_var, train, momentum, eps)
         running_mean = lax.stop_gradient(running_mean)

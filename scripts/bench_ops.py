@@ -71,11 +71,10 @@ def _formulations(x, w, cfg):
 
 def _chosen(x, w, cfg, kind):
     """The formulation jbp.conv's CPU dispatch picks for this shape."""
+    z_hw = jax.eval_shape(lambda: conv_lib._forward(x, w, None, cfg)).shape[1:3]
     if kind == "input":
-        z_hw = conv_lib._forward(x, w, None, cfg).shape[1:3]
         return "dx " + conv_lib._cpu_input_grad_form(w.shape, cfg, z_hw)
     if kind == "weight":
-        z_hw = conv_lib._forward(x, w, None, cfg).shape[1:3]
         return "dW " + conv_lib._cpu_weight_grad_form(x.shape, w.shape, cfg, z_hw)
     return "forward"
 
