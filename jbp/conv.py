@@ -19,6 +19,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jbp import _checks
@@ -36,10 +37,22 @@ class ConvConfig(NamedTuple):
     groups: int
 
 
-def _forward(x, w, b, cfg: ConvConfig):
-    z = lax.conv_general_dilated(
+def _correlate(x, w, cfg: ConvConfig):
+    """z = a ⋆ W (no bias), as one XLA convolution."""
+    return lax.conv_general_dilated(
         x, w, window_strides=cfg.stride, padding=cfg.padding, rhs_dilation=cfg.dilation,
         dimension_numbers=_NHWC, feature_group_count=cfg.groups)
+
+
+def _forward(x, w, b, cfg: ConvConfig):
+    block = _column_block(x.shape, w.shape, x.dtype, cfg)
+    if block > 1:
+        # Thin convolutions: the same correlation over blocks of columns on XLA:CPU (below).
+        z = lax.platform_dependent(
+            x, w, cpu=lambda x, w: _column_blocked_correlate(x, w, cfg, block),
+            default=lambda x, w: _correlate(x, w, cfg))
+    else:
+        z = _correlate(x, w, cfg)
     return z if b is None else z + b
 
 
@@ -179,6 +192,125 @@ def _phase_input_grad(g, w, x_shape, cfg: ConvConfig):
                 (0, 0, 0)))
             total = placed if total is None else total + placed
     return total
+
+
+def _column_block(x_shape, w_shape, dtype, cfg: ConvConfig, max_cin: int = 4) -> int:
+    """Columns per block for the column-blocked forms on XLA:CPU; 1 means "do not block".
+
+    For thin layers only: at most ``max_cin`` input and 16 output channels (an image stem,
+    LeNet-5's layers), stride 1, no dilation, one group, a kernel wider than one column,
+    float32 or float64. XLA:CPU runs those convolutions through Eigen at 13–35 GFLOP/s
+    (YNNPACK takes a convolution only with more than 16 channels on one side); blocked they
+    have B·C_in → B·C_out channels. Measured (scripts/bench_ops.py, docs/performance.md): the
+    forward 1.6–4× faster for C_in <= 4 and a tie at LeNet-5's 6 → 16, so the forward uses
+    ``max_cin=4``; the weight gradient 1.4–2.2× faster up to 6 → 16 at batch >= 32, so it
+    uses ``max_cin=8``. ResNet-20's 16 → 16 layers measured 1.8× slower blocked. B is the
+    smallest of 2, 4, 8 with B·C_out >= 24, and at most half the output width."""
+    kh, kw, cin, cout = w_shape
+    if (cfg.groups != 1 or cfg.stride != (1, 1) or cfg.dilation != (1, 1) or kw < 2
+            or cin > max_cin or cout > 16
+            or jnp.dtype(dtype) not in (jnp.float32, jnp.float64)):
+        return 1
+    w_out = x_shape[2] + sum(cfg.padding[1]) - kw + 1
+    block = next((b for b in (2, 4, 8) if b * cout >= 24), 8)
+    return block if 2 * block <= w_out else 1
+
+
+def _column_blocks(w_out: int, kw: int, block: int) -> Tuple[int, int, int]:
+    """(output blocks ⌈W_out / B⌉, kernel blocks KB = ⌈(B + KW − 1) / B⌉, input blocks)."""
+    out_blocks = -(-w_out // block)
+    kb = -(-(block + kw - 1) // block)
+    return out_blocks, kb, out_blocks + kb - 1
+
+
+def _column_select(kb: int, block: int, kw: int, dtype) -> jax.Array:
+    """select[jb, p, q, j] = 1 where j = jb·B + p − q ∈ [0, KW): W_B = select · W."""
+    select = np.zeros((kb, block, block, kw), np.float32)
+    for jb in range(kb):
+        for p in range(block):
+            for q in range(block):
+                if 0 <= jb * block + p - q < kw:
+                    select[jb, p, q, jb * block + p - q] = 1
+    return jnp.asarray(select, dtype)
+
+
+def _blocked_input(x, cfg: ConvConfig, block: int, in_blocks: int):
+    """The padded input, zero-filled on the right to whole blocks, as (N, H_p, blocks, B·C)."""
+    n, h, wd, cin = x.shape
+    (pt, pb), (pl, _) = cfg.padding
+    xp = lax.pad(x, jnp.zeros((), x.dtype),
+                 ((0, 0, 0), (pt, pb, 0), (pl, in_blocks * block - wd - pl, 0), (0, 0, 0)))
+    return xp.reshape(n, h + pt + pb, in_blocks, block * cin)
+
+
+def _column_blocked_correlate(x, w, cfg: ConvConfig, block: int):
+    """z = a ⋆ W (stride 1, one group) as a correlation over blocks of ``B`` adjacent columns.
+
+    Reshaping the padded input (N, H_p, W_p, C) to (N, H_p, W_p / B, B·C) puts B columns in
+    the channel axis. Output column b·B + q (q < B) needs input columns b·B + p with
+    p − q = j ∈ [0, KW), i.e. blocks b … b + KB − 1 with KB = ⌈(B + KW − 1) / B⌉, so
+
+        z_B[n, h, b, (q, k)] = Σ_{i, jb, p, c} a_B[n, h + i, b + jb, (p, c)] · W_B[i, jb, (p, c), (q, k)]
+        W_B[i, jb, (p, c), (q, k)] = W[i, jb·B + p − q, c, k]   (0 where jb·B + p − q ∉ [0, KW))
+
+    is the same sum over the same taps (plus products with W_B's zeros), and reshaping
+    z_B (N, H_out, ⌈W_out / B⌉, B·C_out) back gives z. The input is zero-padded on the right
+    to whole blocks; output columns past W_out are cut off."""
+    kh, kw, cin, cout = w.shape
+    n, _, wd, _ = x.shape
+    w_out = wd + sum(cfg.padding[1]) - kw + 1
+    out_blocks, kb, in_blocks = _column_blocks(w_out, kw, block)
+    xb = _blocked_input(x, cfg, block, in_blocks)
+    wb = jnp.einsum("bpqj,ijck->ibpcqk", _column_select(kb, block, kw, w.dtype), w,
+                    precision=lax.Precision.HIGHEST).reshape(kh, kb, block * cin, block * cout)
+    zb = lax.conv_general_dilated(xb, wb, (1, 1), "VALID", dimension_numbers=_NHWC)
+    return zb.reshape(n, zb.shape[1], out_blocks * block, cout)[:, :, :w_out]
+
+
+#: Bytes of patch matrix per step of :func:`_column_blocked_weight_grad`'s loop over the batch.
+COLUMN_PATCH_BYTES = 8 << 20
+
+
+def _column_blocked_weight_grad(x, g, w_shape, cfg: ConvConfig, block: int):
+    """∂L/∂W for the column-blocked form: the patch matrix of the blocked input, then W_B's
+    gradient folded back onto W.
+
+    With a_B, δ_B the input and δ in blocks of B columns (:func:`_column_blocked_correlate`),
+
+        ∂L/∂W_B[i, jb, (p, c), (q, k)] = Σ_{n, h, b} a_B[n, h + i, b + jb, (p, c)] · δ_B[n, h, b, (q, k)]
+        ∂L/∂W[i, j, c, k] = Σ_{jb, p, q : jb·B + p − q = j} ∂L/∂W_B[i, jb, (p, c), (q, k)]
+
+    (the chain rule through W_B = select · W). The first line is one matmul ``Pᵀ δ_B`` with the
+    patch matrix P of a_B, (N·H_out·⌈W_out / B⌉, KH·KB·B·C_in): for thin layers a few MB, built
+    for as many images at a time as fit in :data:`COLUMN_PATCH_BYTES` (``lax.scan``). δ_B's
+    columns past W_out are zero, so the padding to whole blocks adds nothing."""
+    kh, kw, cin, cout = w_shape
+    n, ho, w_out, _ = g.shape
+    out_blocks, kb, in_blocks = _column_blocks(w_out, kw, block)
+    xb = _blocked_input(x, cfg, block, in_blocks)
+    gb = lax.pad(g, jnp.zeros((), g.dtype),
+                 ((0, 0, 0), (0, 0, 0), (0, out_blocks * block - w_out, 0), (0, 0, 0)))
+    gb = gb.reshape(n, ho, out_blocks, block * cout)
+    row = kh * kb * block * cin
+
+    def patch_matmul(xc, gc):
+        views = [xc[:, i:i + ho, jb:jb + out_blocks, :] for i in range(kh) for jb in range(kb)]
+        patches = jnp.stack(views, axis=3).reshape(-1, row)    # (B_n·H_out·blocks, KH·KB·B·C)
+        return lax.dot_general(patches, gc.reshape(-1, block * cout), (((0,), (0,)), ((), ())))
+
+    per_image = ho * out_blocks * row * jnp.dtype(x.dtype).itemsize
+    chunk = _chunk(n, max(1, COLUMN_PATCH_BYTES // per_image))
+    if chunk == n:
+        dwb = patch_matmul(xb, gb)
+    else:
+        def step(acc, inputs):
+            return acc + patch_matmul(*inputs), None
+        dwb, _ = lax.scan(step, jnp.zeros((row, block * cout), jnp.result_type(x.dtype, g.dtype)),
+                          (xb.reshape(n // chunk, chunk, *xb.shape[1:]),
+                           gb.reshape(n // chunk, chunk, *gb.shape[1:])))
+    dwb = dwb.reshape(kh, kb, block, cin, block, cout)
+    return jnp.einsum("bpqj,ibpcqk->ijck", _column_select(kb, block, kw, dwb.dtype), dwb,
+                      precision=lax.Precision.HIGHEST)
 
 
 #: Images per chunk in :func:`_tap_weight_grad` (a chunk of x and δ stays in cache).
@@ -324,10 +456,14 @@ def _cpu_input_grad_form(w_shape, cfg: ConvConfig, out_hw) -> str:
     return "generic"
 
 
-def _cpu_weight_grad_form(x_shape, w_shape, cfg: ConvConfig, out_hw) -> str:
-    """Which formulation the CPU backward uses for ∂L/∂W: pointwise, taps, patches or generic."""
+def _cpu_weight_grad_form(x_shape, w_shape, cfg: ConvConfig, out_hw, dtype=jnp.float32) -> str:
+    """Which formulation the CPU backward uses for ∂L/∂W: pointwise, columns, taps, patches
+    or generic. Columns: where the forward is column-blocked, from batch 32 (at batch 16 it
+    measured a tie)."""
     if _is_pointwise(w_shape, cfg):
         return "pointwise"
+    if x_shape[0] >= 32 and _column_block(x_shape, w_shape, dtype, cfg, max_cin=8) > 1:
+        return "columns"
     if _use_taps(x_shape, w_shape, cfg, out_hw):
         return "taps"
     if _use_patches(x_shape, w_shape, cfg, out_hw):
@@ -345,9 +481,12 @@ def _cpu_input_grad(g, w, x_shape, cfg: ConvConfig):
 
 
 def _cpu_weight_grad(x, g, w_shape, cfg: ConvConfig):
-    form = _cpu_weight_grad_form(x.shape, w_shape, cfg, g.shape[1:3])
+    form = _cpu_weight_grad_form(x.shape, w_shape, cfg, g.shape[1:3], x.dtype)
     if form == "pointwise":
         return _pointwise_weight_grad(x, g, cfg)
+    if form == "columns":
+        return _column_blocked_weight_grad(
+            x, g, w_shape, cfg, _column_block(x.shape, w_shape, x.dtype, cfg, max_cin=8))
     if form == "taps":
         return _tap_weight_grad(x, g, w_shape, cfg)
     if form == "patches":

@@ -1,5 +1,5 @@
-"""The faster formulations jbp.conv's CPU backward dispatches to, each checked in float64
-against JAX's derivative of the same convolution (jax.vjp of ``_forward``), on shapes chosen
+"""The faster formulations jbp.conv dispatches to on CPU, each checked in float64 against
+XLA's convolution (``_correlate``) and JAX's derivative of it (jax.vjp), on shapes chosen
 to hit their edge cases: odd sizes, asymmetric padding, strides larger than the kernel,
 dilation, batch sizes that do not divide the tap chunk. The public ``conv2d`` on these paths is
 also covered by the gradcheck grid (jbp/cases.py) and the PyTorch oracle."""
@@ -30,6 +30,17 @@ SHAPES = [
     (2, 14, 14, 6, 16, 5, 5, 1, "VALID", 1),
 ]
 
+# Stride-1 thin layers for the column-blocked forms: widths that leave a partial last block,
+# asymmetric padding, one row, one-column-wider-than-the-kernel inputs.
+COLUMN_SHAPES = [
+    (2, 28, 28, 1, 6, 5, 5, 1, 2, 1),
+    (3, 9, 13, 3, 16, 3, 3, 1, 1, 1),
+    (2, 7, 11, 2, 5, 2, 4, 1, ((1, 0), (2, 1)), 1),
+    (2, 14, 14, 6, 16, 5, 5, 1, "VALID", 1),
+    (1, 1, 9, 4, 3, 1, 3, 1, "VALID", 1),
+    (2, 6, 6, 1, 2, 3, 5, 1, ((0, 2), (3, 0)), 1),
+]
+
 
 def _setup(shape):
     n, h, w, cin, cout, kh, kw, stride, padding, dilation = shape
@@ -37,7 +48,7 @@ def _setup(shape):
     x = jnp.asarray(rng.standard_normal((n, h, w, cin)))
     wt = jnp.asarray(rng.standard_normal((kh, kw, cin, cout)))
     cfg = C.conv_config(x, wt, stride=stride, padding=padding, dilation=dilation)
-    z, vjp = jax.vjp(lambda x, w: C._forward(x, w, None, cfg), x, wt)
+    z, vjp = jax.vjp(lambda x, w: C._correlate(x, w, cfg), x, wt)
     g = jnp.asarray(rng.standard_normal(z.shape))
     dx_ref, dw_ref = vjp(g)
     return x, wt, g, cfg, dx_ref, dw_ref
@@ -56,6 +67,30 @@ def test_chunked_weight_grads(shape, form):
     _close(getattr(C, form)(x, g, wt.shape, cfg), dw_ref)
 
 
+@pytest.mark.parametrize("block", [2, 4, 8])
+@pytest.mark.parametrize("shape", COLUMN_SHAPES, ids=str)
+def test_column_blocked_forms(shape, block):
+    x, wt, g, cfg, _, dw_ref = _setup(shape)
+    _close(C._column_blocked_correlate(x, wt, cfg, block), C._correlate(x, wt, cfg))
+    _close(C._column_blocked_weight_grad(x, g, wt.shape, cfg, block), dw_ref)
+
+
+def test_column_blocked_weight_grad_in_batch_chunks(monkeypatch):
+    """Past COLUMN_PATCH_BYTES the patch matrix is built per batch chunk inside a scan."""
+    x, wt, g, cfg, _, dw_ref = _setup((6, 9, 13, 3, 6, 3, 3, 1, 1, 1))
+    monkeypatch.setattr(C, "COLUMN_PATCH_BYTES", 2 * 9 * 4 * 3 * 2 * 4 * 3 * 8)  # 2 images
+    jaxpr = jax.make_jaxpr(lambda x, g: C._column_blocked_weight_grad(x, g, wt.shape, cfg, 4))
+    assert "scan" in str(jaxpr(x, g))
+    _close(C._column_blocked_weight_grad(x, g, wt.shape, cfg, 4), dw_ref)
+
+
+@pytest.mark.parametrize("shape", SHAPES + COLUMN_SHAPES, ids=str)
+def test_forward(shape):
+    """``_forward`` (column-blocked on CPU where ``_column_block`` says so) is the convolution."""
+    x, wt, _, cfg, _, _ = _setup(shape)
+    _close(C._forward(x, wt, None, cfg), C._correlate(x, wt, cfg))
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_tap_input_grad(shape):
     x, wt, g, cfg, dx_ref, _ = _setup(shape)
@@ -68,7 +103,7 @@ def test_phase_input_grad(shape):
     _close(C._phase_input_grad(g, wt, x.shape, cfg), dx_ref)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES + COLUMN_SHAPES, ids=str)
 def test_cpu_dispatch(shape):
     x, wt, g, cfg, dx_ref, dw_ref = _setup(shape)
     _close(C._cpu_input_grad(g, wt, x.shape, cfg), dx_ref)
@@ -105,7 +140,28 @@ def test_dispatch_rules_pick_the_specialised_paths():
     s2_64 = C.conv_config(jnp.zeros((32, 16, 16, 32)), jnp.zeros((3, 3, 32, 64)), stride=2)
     assert C._cpu_input_grad_form((3, 3, 32, 64), s2_64, (8, 8)) == "generic"   # small δ
     assert C._cpu_input_grad_form((3, 3, 32, 64), s2_64, (16, 16)) == "phases"
-    # The grid's conv cases (jbp/cases.py) reach every form of both gradients.
+    # Column blocks: LeNet-5's first layer 4, ResNet's 3 -> 16 stem 2; not for 16 channels,
+    # strides, groups, bfloat16, 1-column kernels, or outputs narrower than two blocks.
+    same = C.conv_config(jnp.zeros((1, 28, 28, 1)), jnp.zeros((5, 5, 1, 6)), padding=2)
+    one = C.conv_config(jnp.zeros((1, 32, 32, 3)), jnp.zeros((3, 3, 3, 16)))
+    f32 = jnp.float32
+    assert C._column_block((128, 28, 28, 1), (5, 5, 1, 6), f32, same) == 4
+    assert C._column_block((128, 32, 32, 3), (3, 3, 3, 16), f32, one) == 2
+    assert C._column_block((128, 32, 32, 3), (3, 3, 3, 16), jnp.float64, one) == 2
+    assert C._column_block((128, 32, 32, 16), (3, 3, 16, 16), f32, one) == 1
+    assert C._column_block((128, 32, 32, 3), (3, 3, 3, 17), f32, one) == 1
+    assert C._column_block((128, 32, 32, 3), (3, 3, 3, 16), jnp.bfloat16, one) == 1
+    assert C._column_block((128, 32, 32, 3), (3, 1, 3, 16), f32, one) == 1
+    assert C._column_block((128, 32, 3, 3), (3, 3, 3, 16), f32, one) == 1    # W_out 3 < 4
+    assert C._column_block((128, 32, 32, 3), (3, 3, 3, 16), f32, s2) == 1
+    grouped = C.conv_config(jnp.zeros((1, 8, 8, 4)), jnp.zeros((3, 3, 2, 4)), groups=2)
+    assert C._column_block((128, 8, 8, 4), (3, 3, 2, 4), f32, grouped) == 1
+    lenet2 = C.conv_config(jnp.zeros((1, 14, 14, 6)), jnp.zeros((5, 5, 6, 16)), padding="VALID")
+    assert C._column_block((128, 14, 14, 6), (5, 5, 6, 16), f32, lenet2) == 1   # forward
+    assert C._cpu_weight_grad_form((128, 14, 14, 6), (5, 5, 6, 16), lenet2, (10, 10)) == "columns"
+    assert C._cpu_weight_grad_form((16, 14, 14, 6), (5, 5, 6, 16), lenet2, (10, 10)) == "generic"
+    # The grid's conv cases (jbp/cases.py) reach every form of both gradients and the
+    # column-blocked forward.
     forms = set()
     for case in CONV_CASES:
         kw = {k: v for k, v in case.call.keywords.items() if k != "bias"}
@@ -114,8 +170,10 @@ def test_dispatch_rules_pick_the_specialised_paths():
         out_hw = jax.eval_shape(lambda: C._forward(x, w, None, cfg)).shape[1:3]
         forms.add("dW " + C._cpu_weight_grad_form(x.shape, w.shape, cfg, out_hw))
         forms.add("dx " + C._cpu_input_grad_form(w.shape, cfg, out_hw))
-    assert forms == {"dW pointwise", "dW taps", "dW patches", "dW generic",
-                     "dx pointwise", "dx phases", "dx generic"}, forms
+        forms.add("z " + ("columns" if C._column_block(x.shape, w.shape, x.dtype, cfg) > 1
+                          else "generic"))
+    assert forms == {"dW pointwise", "dW columns", "dW taps", "dW patches", "dW generic",
+                     "dx pointwise", "dx phases", "dx generic", "z columns", "z generic"}, forms
     assert C._is_pointwise((1, 1, 3, 4), C.conv_config(jnp.zeros((1, 10, 7, 3)),
                                                         jnp.zeros((1, 1, 3, 4)), stride=3,
                                                         padding="VALID"))
