@@ -8,15 +8,18 @@ convolution shapes of the benchmark models.
 For every distinct convolution (input shape, kernel, stride, padding) it times, alternating and
 after warm-up, the medians of:
 
-    forward        lax.conv_general_dilated
+    forward        generic: lax.conv_general_dilated | columns: the same correlation over
+                   blocks of B columns (B·C_in -> B·C_out channels; thin layers)
     input grad     generic: conv of the stride-dilated δ with the rotated kernel (what XLA's
                    autodiff emits) | phases: one stride-1 conv per stride phase | pointwise (1×1)
     weight grad    generic: conv with N as the contraction axis | taps: one matmul per kernel
                    tap over batch chunks | patches: one patch-matrix (im2col) matmul per
-                   batch chunk | pointwise (1×1): one matmul
+                   batch chunk | columns: the patch matrix of the column-blocked input |
+                   pointwise (1×1): one matmul
 
 and checks each against the generic result. jbp.conv's CPU dispatch (``_cpu_input_grad``,
-``_cpu_weight_grad``) was chosen from this table; docs/performance.md records the numbers.
+``_cpu_weight_grad``) and its forward's column blocks (``_column_block``) were chosen
+from this table; docs/performance.md records the numbers.
 The "chosen" column says which formulation jbp uses for that shape on this backend.
 """
 
@@ -48,7 +51,7 @@ MODEL_CONVS = {
 
 def _formulations(x, w, cfg):
     """name -> (kind, fn(x, w, g)) for every formulation that applies to this shape."""
-    out = {"forward": ("forward", lambda x, w, g: conv_lib._forward(x, w, None, cfg)),
+    out = {"forward": ("forward", lambda x, w, g: conv_lib._correlate(x, w, cfg)),
            "dx generic": ("input", lambda x, w, g: conv_lib._input_grad(g, w, x.shape, cfg)),
            "dW generic": ("weight", lambda x, w, g: conv_lib._weight_grad(x, g, w.shape, cfg))}
     if conv_lib._is_pointwise(w.shape, cfg):
@@ -66,6 +69,13 @@ def _formulations(x, w, cfg):
             x, g, w.shape, cfg))
         out["dW patches"] = ("weight", lambda x, w, g: conv_lib._patch_weight_grad(
             x, g, w.shape, cfg))
+    if cfg.stride == (1, 1) and cfg.dilation == (1, 1) and cfg.groups == 1 and w.shape[1] > 1:
+        # Column blocks: the block jbp would pick, else 2 (to show what blocking costs).
+        block = max(conv_lib._column_block(x.shape, w.shape, x.dtype, cfg, max_cin=8), 2)
+        out[f"forward columns{block}"] = ("forward", lambda x, w, g: (
+            conv_lib._column_blocked_correlate(x, w, cfg, block)))
+        out[f"dW columns{block}"] = ("weight", lambda x, w, g: (
+            conv_lib._column_blocked_weight_grad(x, g, w.shape, cfg, block)))
     return out
 
 
@@ -75,8 +85,12 @@ def _chosen(x, w, cfg, kind):
     if kind == "input":
         return "dx " + conv_lib._cpu_input_grad_form(w.shape, cfg, z_hw)
     if kind == "weight":
-        return "dW " + conv_lib._cpu_weight_grad_form(x.shape, w.shape, cfg, z_hw)
-    return "forward"
+        form = conv_lib._cpu_weight_grad_form(x.shape, w.shape, cfg, z_hw, x.dtype)
+        if form == "columns":
+            form += str(conv_lib._column_block(x.shape, w.shape, x.dtype, cfg, max_cin=8))
+        return "dW " + form
+    block = conv_lib._column_block(x.shape, w.shape, x.dtype, cfg)
+    return f"forward columns{block}" if block > 1 else "forward"
 
 
 def main(argv=None):
@@ -104,7 +118,7 @@ def main(argv=None):
             x = jnp.asarray(rng.standard_normal((args.batch, h, wd, cin), dtype=np.float32))
             w = jnp.asarray(rng.standard_normal((k, k, cin, cout), dtype=np.float32))
             cfg = conv_lib.conv_config(x, w, stride=stride, padding=padding)
-            z = conv_lib._forward(x, w, None, cfg)
+            z = conv_lib._correlate(x, w, cfg)
             g = jnp.asarray(rng.standard_normal(z.shape, dtype=np.float32))
             forms = {name: (kind, jax.jit(fn)) for name, (kind, fn) in
                      _formulations(x, w, cfg).items()}
