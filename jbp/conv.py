@@ -116,8 +116,9 @@ def _weight_grad(x, g, w_shape, cfg: ConvConfig):
 # --- faster formulations of the same equations (chosen per case; docs/performance.md) -------
 #
 # Each function below computes exactly one of the equations above, with a different XLA
-# operation. On XLA:CPU they beat `conv_general_dilated` for the shapes in `_bwd`'s dispatch;
-# on other backends (cuDNN, TPU) the generic convolutions are used (`lax.platform_dependent`).
+# operation. On XLA:CPU they beat `conv_general_dilated` for the shapes `_forward` and `_bwd`
+# dispatch them to; on other backends (cuDNN, TPU) the generic convolutions are used
+# (`lax.platform_dependent`).
 
 def _is_pointwise(w_shape, cfg: ConvConfig) -> bool:
     """1×1 kernel, no padding, one group: every output pixel is a matmul of one input pixel."""
@@ -194,26 +195,41 @@ def _phase_input_grad(g, w, x_shape, cfg: ConvConfig):
     return total
 
 
-def _column_block(x_shape, w_shape, dtype, cfg: ConvConfig, max_cin: int = 4) -> int:
-    """Columns per block for the column-blocked forms on XLA:CPU; 1 means "do not block".
+#: Largest C_in for the column-blocked forward and weight gradient, smallest batch for the
+#: latter (see :func:`_column_block`).
+COLUMN_FORWARD_MAX_CIN, COLUMN_WEIGHT_GRAD_MAX_CIN, COLUMN_WEIGHT_GRAD_MIN_BATCH = 4, 8, 32
+
+
+def _column_block(x_shape, w_shape, dtype, cfg: ConvConfig,
+                  max_cin: int = COLUMN_FORWARD_MAX_CIN) -> int:
+    """Columns per block B for the column-blocked forms on XLA:CPU; 1 means "do not block".
 
     For thin layers only: at most ``max_cin`` input and 16 output channels (an image stem,
     LeNet-5's layers), stride 1, no dilation, one group, a kernel wider than one column,
     float32 or float64. XLA:CPU runs those convolutions through Eigen at 13–35 GFLOP/s
     (YNNPACK takes a convolution only with more than 16 channels on one side); blocked they
-    have B·C_in → B·C_out channels. Measured (scripts/bench_ops.py, docs/performance.md): the
-    forward 1.6–4× faster for C_in <= 4 and a tie at LeNet-5's 6 → 16, so the forward uses
-    ``max_cin=4``; the weight gradient 1.4–2.2× faster up to 6 → 16 at batch >= 32, so it
-    uses ``max_cin=8``. ResNet-20's 16 → 16 layers measured 1.8× slower blocked. B is the
-    smallest of 2, 4, 8 with B·C_out >= 24, and at most half the output width."""
+    have B·C_in → B·C_out channels. B is the smallest of 2, 4, 8 with B·C_out >= 24 (so
+    C_out >= 3), and the output must be at least two blocks wide. Measured
+    (scripts/bench_ops.py, docs/performance.md): the forward 0.25–0.76× the convolution's time
+    for C_in <= 4 and a tie at LeNet-5's 6 → 16, hence ``max_cin=4`` for the forward; the
+    weight gradient 0.55–0.73× up to 6 → 16 at batch >= 32 (a tie at batch 16), hence
+    :func:`_weight_grad_column_block`. ResNet-20's 16 → 16 layers measured 3.1× (forward)
+    and 1.4× (weight gradient) slower blocked."""
     kh, kw, cin, cout = w_shape
     if (cfg.groups != 1 or cfg.stride != (1, 1) or cfg.dilation != (1, 1) or kw < 2
-            or cin > max_cin or cout > 16
-            or jnp.dtype(dtype) not in (jnp.float32, jnp.float64)):
+            or cin > max_cin or not 3 <= cout <= 16
+            or jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))):
         return 1
     w_out = x_shape[2] + sum(cfg.padding[1]) - kw + 1
-    block = next((b for b in (2, 4, 8) if b * cout >= 24), 8)
+    block = next(b for b in (2, 4, 8) if b * cout >= 24)
     return block if 2 * block <= w_out else 1
+
+
+def _weight_grad_column_block(x_shape, w_shape, dtype, cfg: ConvConfig) -> int:
+    """B for the column-blocked weight gradient (C_in <= 8, batch >= 32), 1 for "do not"."""
+    if x_shape[0] < COLUMN_WEIGHT_GRAD_MIN_BATCH:
+        return 1
+    return _column_block(x_shape, w_shape, dtype, cfg, max_cin=COLUMN_WEIGHT_GRAD_MAX_CIN)
 
 
 def _column_blocks(w_out: int, kw: int, block: int) -> Tuple[int, int, int]:
@@ -225,13 +241,8 @@ def _column_blocks(w_out: int, kw: int, block: int) -> Tuple[int, int, int]:
 
 def _column_select(kb: int, block: int, kw: int, dtype) -> jax.Array:
     """select[jb, p, q, j] = 1 where j = jb·B + p − q ∈ [0, KW): W_B = select · W."""
-    select = np.zeros((kb, block, block, kw), np.float32)
-    for jb in range(kb):
-        for p in range(block):
-            for q in range(block):
-                if 0 <= jb * block + p - q < kw:
-                    select[jb, p, q, jb * block + p - q] = 1
-    return jnp.asarray(select, dtype)
+    jb, p, q, j = np.ogrid[:kb, :block, :block, :kw]
+    return jnp.asarray(jb * block + p - q == j, dtype)
 
 
 def _blocked_input(x, cfg: ConvConfig, block: int, in_blocks: int):
@@ -244,7 +255,8 @@ def _blocked_input(x, cfg: ConvConfig, block: int, in_blocks: int):
 
 
 def _column_blocked_correlate(x, w, cfg: ConvConfig, block: int):
-    """z = a ⋆ W (stride 1, one group) as a correlation over blocks of ``B`` adjacent columns.
+    """z = a ⋆ W (stride 1, no dilation, one group) as a correlation over blocks of ``B``
+    adjacent columns.
 
     Reshaping the padded input (N, H_p, W_p, C) to (N, H_p, W_p / B, B·C) puts B columns in
     the channel axis. Output column b·B + q (q < B) needs input columns b·B + p with
@@ -263,12 +275,15 @@ def _column_blocked_correlate(x, w, cfg: ConvConfig, block: int):
     xb = _blocked_input(x, cfg, block, in_blocks)
     wb = jnp.einsum("bpqj,ijck->ibpcqk", _column_select(kb, block, kw, w.dtype), w,
                     precision=lax.Precision.HIGHEST).reshape(kh, kb, block * cin, block * cout)
-    zb = lax.conv_general_dilated(xb, wb, (1, 1), "VALID", dimension_numbers=_NHWC)
+    zb = _correlate(xb, wb, _BLOCKED)
     return zb.reshape(n, zb.shape[1], out_blocks * block, cout)[:, :, :w_out]
 
 
 #: Bytes of patch matrix per step of :func:`_column_blocked_weight_grad`'s loop over the batch.
 COLUMN_PATCH_BYTES = 8 << 20
+
+#: A stride-1, unpadded correlation: the blocked input already carries the padding.
+_BLOCKED = ConvConfig((1, 1), ((0, 0), (0, 0)), (1, 1), 1)
 
 
 def _column_blocked_weight_grad(x, g, w_shape, cfg: ConvConfig, block: int):
@@ -280,10 +295,11 @@ def _column_blocked_weight_grad(x, g, w_shape, cfg: ConvConfig, block: int):
         ∂L/∂W_B[i, jb, (p, c), (q, k)] = Σ_{n, h, b} a_B[n, h + i, b + jb, (p, c)] · δ_B[n, h, b, (q, k)]
         ∂L/∂W[i, j, c, k] = Σ_{jb, p, q : jb·B + p − q = j} ∂L/∂W_B[i, jb, (p, c), (q, k)]
 
-    (the chain rule through W_B = select · W). The first line is one matmul ``Pᵀ δ_B`` with the
-    patch matrix P of a_B, (N·H_out·⌈W_out / B⌉, KH·KB·B·C_in): for thin layers a few MB, built
-    for as many images at a time as fit in :data:`COLUMN_PATCH_BYTES` (``lax.scan``). δ_B's
-    columns past W_out are zero, so the padding to whole blocks adds nothing."""
+    (the chain rule through W_B = select · W). The first line is the weight gradient of an
+    unpadded stride-1 correlation of a_B, computed as ``Pᵀ δ_B`` with the patch matrix P of
+    a_B, (N·H_out·⌈W_out / B⌉, KH·KB·B·C_in) (:func:`_patch_matmul`): for thin layers a few
+    MB, built for as many images at a time as fit in :data:`COLUMN_PATCH_BYTES`. δ_B's columns
+    past W_out are zero, so the padding to whole blocks adds nothing."""
     kh, kw, cin, cout = w_shape
     n, ho, w_out, _ = g.shape
     out_blocks, kb, in_blocks = _column_blocks(w_out, kw, block)
@@ -291,23 +307,10 @@ def _column_blocked_weight_grad(x, g, w_shape, cfg: ConvConfig, block: int):
     gb = lax.pad(g, jnp.zeros((), g.dtype),
                  ((0, 0, 0), (0, 0, 0), (0, out_blocks * block - w_out, 0), (0, 0, 0)))
     gb = gb.reshape(n, ho, out_blocks, block * cout)
-    row = kh * kb * block * cin
-
-    def patch_matmul(xc, gc):
-        views = [xc[:, i:i + ho, jb:jb + out_blocks, :] for i in range(kh) for jb in range(kb)]
-        patches = jnp.stack(views, axis=3).reshape(-1, row)    # (B_n·H_out·blocks, KH·KB·B·C)
-        return lax.dot_general(patches, gc.reshape(-1, block * cout), (((0,), (0,)), ((), ())))
-
-    per_image = ho * out_blocks * row * jnp.dtype(x.dtype).itemsize
-    chunk = _chunk(n, max(1, COLUMN_PATCH_BYTES // per_image))
-    if chunk == n:
-        dwb = patch_matmul(xb, gb)
-    else:
-        def step(acc, inputs):
-            return acc + patch_matmul(*inputs), None
-        dwb, _ = lax.scan(step, jnp.zeros((row, block * cout), jnp.result_type(x.dtype, g.dtype)),
-                          (xb.reshape(n // chunk, chunk, *xb.shape[1:]),
-                           gb.reshape(n // chunk, chunk, *gb.shape[1:])))
+    wb_shape = (kh, kb, block * cin, block * cout)
+    per_image = ho * out_blocks * kh * kb * block * cin * jnp.dtype(x.dtype).itemsize
+    dwb = _chunked_weight_grad(xb, gb, wb_shape, _BLOCKED, COLUMN_PATCH_BYTES // per_image,
+                               _patch_matmul)
     dwb = dwb.reshape(kh, kb, block, cin, block, cout)
     return jnp.einsum("bpqj,ibpcqk->ijck", _column_select(kb, block, kw, dwb.dtype), dwb,
                       precision=lax.Precision.HIGHEST)
@@ -315,11 +318,6 @@ def _column_blocked_weight_grad(x, g, w_shape, cfg: ConvConfig, block: int):
 
 #: Images per chunk in :func:`_tap_weight_grad` (a chunk of x and δ stays in cache).
 TAP_CHUNK = 8
-
-
-def _chunk(n: int, target: int) -> int:
-    """The largest divisor of the batch size ``n`` that is at most ``target``."""
-    return max(b for b in range(1, min(n, target) + 1) if n % b == 0)
 
 
 def _tap_weight_grad(x, g, w_shape, cfg: ConvConfig):
@@ -340,29 +338,39 @@ def _tap_weight_grad(x, g, w_shape, cfg: ConvConfig):
 
 
 def _chunked_weight_grad(x, g, w_shape, cfg: ConvConfig, target: int, per_chunk):
-    """Σ over batch chunks (``lax.scan``) of ``per_chunk(views, δ_chunk)``, (KH·KW·C_in, C_out).
+    """Σ over batch chunks of ``per_chunk(views, δ_chunk)``, (KH·KW·C_in, C_out).
 
     ``views`` are the KH·KW shifted, strided input views ``a[n, h·s+i·d, w·s+j·d, :]`` of one
-    chunk of at most ``target`` images, each (B, H_out, W_out, C_in), in (i, j) order; δ_chunk
-    is (B·H_out·W_out, C_out). Shared by the per-tap and the patch-matrix forms."""
+    chunk of B images, each (B, H_out, W_out, C_in), in (i, j) order; δ_chunk is
+    (B·H_out·W_out, C_out). Chunks of ``target`` images run in a ``lax.scan`` and the
+    N mod ``target`` images left over in one more call (a batch of at most ``target`` images
+    is one call). Shared by the per-tap, patch-matrix and column-blocked forms."""
     kh, kw, cin, cout = w_shape
     n, ho, wo, _ = g.shape
     (sh, sw), (dh, dw_) = cfg.stride, cfg.dilation
     (pt, pb), (pl, pr) = _weight_grad_pads(x, g, w_shape, cfg)
     xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
-    b = _chunk(n, target)
-    xp = xp.reshape(n // b, b, *xp.shape[1:])
-    gc = g.reshape(n // b, b * ho * wo, cout)
 
-    def chunk(acc, inputs):
-        xb, gb = inputs
+    def contribution(xb, gb):
+        b = xb.shape[0]
         views = [lax.slice(xb, (0, i * dh, j * dw_, 0),
                            (b, i * dh + (ho - 1) * sh + 1, j * dw_ + (wo - 1) * sw + 1, cin),
                            (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
-        return acc + per_chunk(views, gb), None
+        return per_chunk(views, gb.reshape(b * ho * wo, cout))
+
+    b = max(1, min(n, target))
+    if b == n:
+        return contribution(xp, g).reshape(kh, kw, cin, cout)
+    full = n - n % b
+
+    def step(acc, inputs):
+        return acc + contribution(*inputs), None
 
     acc = jnp.zeros((kh * kw * cin, cout), jnp.result_type(x.dtype, g.dtype))
-    acc, _ = lax.scan(chunk, acc, (xp, gc))
+    acc, _ = lax.scan(step, acc, (xp[:full].reshape(full // b, b, *xp.shape[1:]),
+                                  g[:full].reshape(full // b, b, *g.shape[1:])))
+    if full < n:
+        acc = acc + contribution(xp[full:], g[full:])
     return acc.reshape(kh, kw, cin, cout)
 
 
@@ -381,12 +389,15 @@ def _patch_weight_grad(x, g, w_shape, cfg: ConvConfig):
     times the input. Where it wins: small images with wide inputs (ResNet-20's 8×8×64 layers,
     docs/performance.md), where the per-tap matmuls are small and the convolution form
     transposes the input first."""
-    def patch_matmul(views, gb):
-        patches = jnp.stack(views, axis=3)                          # (B, H_out, W_out, taps, C_in)
-        patches = patches.reshape(gb.shape[0], -1)                  # (B·H_out·W_out, KH·KW·C_in)
-        return lax.dot_general(patches, gb, (((0,), (0,)), ((), ())))
+    return _chunked_weight_grad(x, g, w_shape, cfg, PATCH_CHUNK, _patch_matmul)
 
-    return _chunked_weight_grad(x, g, w_shape, cfg, PATCH_CHUNK, patch_matmul)
+
+def _patch_matmul(views, gb):
+    """``Pᵀ δ`` for one chunk: the views side by side are the patch matrix P, rows ordered
+    (n, h, w) like δ's and columns (i, j, c) like W's."""
+    patches = jnp.stack(views, axis=3)                          # (B, H_out, W_out, taps, C_in)
+    patches = patches.reshape(gb.shape[0], -1)                  # (B·H_out·W_out, KH·KW·C_in)
+    return lax.dot_general(patches, gb, (((0,), (0,)), ((), ())))
 
 
 def _use_patches(x_shape, w_shape, cfg: ConvConfig, out_hw) -> bool:
@@ -456,13 +467,12 @@ def _cpu_input_grad_form(w_shape, cfg: ConvConfig, out_hw) -> str:
     return "generic"
 
 
-def _cpu_weight_grad_form(x_shape, w_shape, cfg: ConvConfig, out_hw, dtype=jnp.float32) -> str:
-    """Which formulation the CPU backward uses for ∂L/∂W: pointwise, columns, taps, patches
-    or generic. Columns: where the forward is column-blocked, from batch 32 (at batch 16 it
-    measured a tie)."""
+def _cpu_weight_grad_form(x_shape, w_shape, cfg: ConvConfig, out_hw, dtype) -> str:
+    """Which formulation the CPU backward uses for ∂L/∂W: pointwise, columns (thin layers,
+    :func:`_weight_grad_column_block`), taps, patches or generic."""
     if _is_pointwise(w_shape, cfg):
         return "pointwise"
-    if x_shape[0] >= 32 and _column_block(x_shape, w_shape, dtype, cfg, max_cin=8) > 1:
+    if _weight_grad_column_block(x_shape, w_shape, dtype, cfg) > 1:
         return "columns"
     if _use_taps(x_shape, w_shape, cfg, out_hw):
         return "taps"
@@ -486,7 +496,7 @@ def _cpu_weight_grad(x, g, w_shape, cfg: ConvConfig):
         return _pointwise_weight_grad(x, g, cfg)
     if form == "columns":
         return _column_blocked_weight_grad(
-            x, g, w_shape, cfg, _column_block(x.shape, w_shape, x.dtype, cfg, max_cin=8))
+            x, g, w_shape, cfg, _weight_grad_column_block(x.shape, w_shape, x.dtype, cfg))
     if form == "taps":
         return _tap_weight_grad(x, g, w_shape, cfg)
     if form == "patches":

@@ -36,9 +36,14 @@ COLUMN_SHAPES = [
     (2, 28, 28, 1, 6, 5, 5, 1, 2, 1),
     (3, 9, 13, 3, 16, 3, 3, 1, 1, 1),
     (2, 7, 11, 2, 5, 2, 4, 1, ((1, 0), (2, 1)), 1),
+    (2, 5, 23, 2, 5, 3, 4, 1, ((1, 0), (2, 1)), 1),            # B = 8, a partial last block
     (2, 14, 14, 6, 16, 5, 5, 1, "VALID", 1),
     (1, 1, 9, 4, 3, 1, 3, 1, "VALID", 1),
     (2, 6, 6, 1, 2, 3, 5, 1, ((0, 2), (3, 0)), 1),
+    (2, 3, 4, 1, 6, 3, 6, 1, ((0, 0), (3, 3)), 1),             # kernel wider than the input
+    (2, 4, 2, 1, 3, 3, 5, 1, ((1, 1), (6, 1)), 1),             # left padding wider than it
+    (32, 5, 13, 3, 16, 3, 3, 1, 1, 1),                         # batch 32: dW columns too
+    (33, 4, 9, 6, 8, 3, 3, 1, ((2, 0), (1, 2)), 1),            # N = 33: scan + remainder
 ]
 
 
@@ -75,20 +80,49 @@ def test_column_blocked_forms(shape, block):
     _close(C._column_blocked_weight_grad(x, g, wt.shape, cfg, block), dw_ref)
 
 
-def test_column_blocked_weight_grad_in_batch_chunks(monkeypatch):
-    """Past COLUMN_PATCH_BYTES the patch matrix is built per batch chunk inside a scan."""
-    x, wt, g, cfg, _, dw_ref = _setup((6, 9, 13, 3, 6, 3, 3, 1, 1, 1))
-    monkeypatch.setattr(C, "COLUMN_PATCH_BYTES", 2 * 9 * 4 * 3 * 2 * 4 * 3 * 8)  # 2 images
-    jaxpr = jax.make_jaxpr(lambda x, g: C._column_blocked_weight_grad(x, g, wt.shape, cfg, 4))
-    assert "scan" in str(jaxpr(x, g))
+@pytest.mark.parametrize("images", [1, 2, 4, 7])
+def test_column_blocked_weight_grad_in_batch_chunks(monkeypatch, images):
+    """Past COLUMN_PATCH_BYTES the patch matrix is built per chunk of images inside a scan,
+    plus one call for the images left over (7 = one chunk of 7, no scan)."""
+    x, wt, g, cfg, _, dw_ref = _setup((7, 9, 13, 3, 6, 3, 3, 1, 1, 1))
+    per_image = 9 * 4 * (3 * 2 * 4 * 3) * 8       # H_out · blocks · KH·KB·B·C_in · 8 bytes
+    monkeypatch.setattr(C, "COLUMN_PATCH_BYTES", images * per_image)
+    jaxpr = str(jax.make_jaxpr(
+        lambda x, g: C._column_blocked_weight_grad(x, g, wt.shape, cfg, 4))(x, g))
+    assert ("scan" in jaxpr) == (images < 7)
     _close(C._column_blocked_weight_grad(x, g, wt.shape, cfg, 4), dw_ref)
 
 
-@pytest.mark.parametrize("shape", SHAPES + COLUMN_SHAPES, ids=str)
+def _blocks(shape):
+    """(forward B, weight-gradient B) that jbp's dispatch picks for a float64 shape."""
+    n, h, w, cin, cout, kh, kw, stride, padding, dilation = shape
+    x_shape, w_shape = (n, h, w, cin), (kh, kw, cin, cout)
+    cfg = C.conv_config(jnp.zeros(x_shape), jnp.zeros(w_shape), stride=stride,
+                        padding=padding, dilation=dilation)
+    return (C._column_block(x_shape, w_shape, jnp.float64, cfg),
+            C._weight_grad_column_block(x_shape, w_shape, jnp.float64, cfg))
+
+
+BLOCKED_SHAPES = [s for s in SHAPES + COLUMN_SHAPES if _blocks(s)[0] > 1]
+
+
+def test_shapes_reach_the_column_blocked_dispatch():
+    """test_forward has blocked shapes to run on, and test_cpu_dispatch reaches the
+    column-blocked weight gradient (with and without a remainder after the scan)."""
+    assert len(BLOCKED_SHAPES) >= 4, BLOCKED_SHAPES
+    assert sum(_blocks(s)[1] > 1 for s in COLUMN_SHAPES) >= 2
+
+
+@pytest.mark.parametrize("shape", BLOCKED_SHAPES, ids=str)
 def test_forward(shape):
-    """``_forward`` (column-blocked on CPU where ``_column_block`` says so) is the convolution."""
+    """``_forward``, column-blocked on CPU for these shapes, is the convolution; forward-mode
+    differentiation of the autodiff twin (through ``lax.platform_dependent``) is JAX's."""
     x, wt, _, cfg, _, _ = _setup(shape)
     _close(C._forward(x, wt, None, cfg), C._correlate(x, wt, cfg))
+    tangents = (jnp.ones_like(x), jnp.full_like(wt, 0.5))
+    _, jvp = jax.jvp(lambda x, w: C._forward(x, w, None, cfg), (x, wt), tangents)
+    _, jvp_ref = jax.jvp(lambda x, w: C._correlate(x, w, cfg), (x, wt), tangents)
+    _close(jvp, jvp_ref)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -156,10 +190,24 @@ def test_dispatch_rules_pick_the_specialised_paths():
     assert C._column_block((128, 32, 32, 3), (3, 3, 3, 16), f32, s2) == 1
     grouped = C.conv_config(jnp.zeros((1, 8, 8, 4)), jnp.zeros((3, 3, 2, 4)), groups=2)
     assert C._column_block((128, 8, 8, 4), (3, 3, 2, 4), f32, grouped) == 1
+    dilated = C.conv_config(jnp.zeros((1, 32, 32, 3)), jnp.zeros((3, 3, 3, 16)), dilation=2)
+    assert C._column_block((128, 32, 32, 3), (3, 3, 3, 16), f32, dilated) == 1
+    # C_out <= 2: no B reaches 24 channels (the seed example's 1 -> 1 layer stays as it is).
+    seed = C.conv_config(jnp.zeros((1, 28, 28, 1)), jnp.zeros((2, 2, 1, 1)), padding="VALID")
+    assert C._column_block((64, 28, 28, 1), (2, 2, 1, 1), f32, seed) == 1
+    assert C._column_block((64, 28, 28, 1), (2, 2, 1, 2), f32, seed) == 1
+    assert C._column_block((64, 28, 28, 1), (2, 2, 1, 3), f32, seed) == 8
+    # The output must be two blocks wide: W_out 8 takes B = 4, W_out 7 does not.
+    assert C._column_block((1, 8, 8, 1), (3, 3, 1, 6), f32, one) == 4
+    assert C._column_block((1, 8, 7, 1), (3, 3, 1, 6), f32, one) == 1
     lenet2 = C.conv_config(jnp.zeros((1, 14, 14, 6)), jnp.zeros((5, 5, 6, 16)), padding="VALID")
     assert C._column_block((128, 14, 14, 6), (5, 5, 6, 16), f32, lenet2) == 1   # forward
-    assert C._cpu_weight_grad_form((128, 14, 14, 6), (5, 5, 6, 16), lenet2, (10, 10)) == "columns"
-    assert C._cpu_weight_grad_form((16, 14, 14, 6), (5, 5, 6, 16), lenet2, (10, 10)) == "generic"
+    assert C._cpu_weight_grad_form((128, 14, 14, 6), (5, 5, 6, 16), lenet2, (10, 10),
+                                   f32) == "columns"
+    assert C._cpu_weight_grad_form((16, 14, 14, 6), (5, 5, 6, 16), lenet2, (10, 10),
+                                   f32) == "generic"
+    assert C._cpu_weight_grad_form((128, 14, 14, 6), (5, 5, 6, 16), lenet2, (10, 10),
+                                   jnp.bfloat16) == "generic"
     # The grid's conv cases (jbp/cases.py) reach every form of both gradients and the
     # column-blocked forward.
     forms = set()
@@ -168,7 +216,7 @@ def test_dispatch_rules_pick_the_specialised_paths():
         x, w = jnp.zeros(case.shapes[0]), jnp.zeros(case.shapes[1])
         cfg = C.conv_config(x, w, **kw)
         out_hw = jax.eval_shape(lambda: C._forward(x, w, None, cfg)).shape[1:3]
-        forms.add("dW " + C._cpu_weight_grad_form(x.shape, w.shape, cfg, out_hw))
+        forms.add("dW " + C._cpu_weight_grad_form(x.shape, w.shape, cfg, out_hw, x.dtype))
         forms.add("dx " + C._cpu_input_grad_form(w.shape, cfg, out_hw))
         forms.add("z " + ("columns" if C._column_block(x.shape, w.shape, x.dtype, cfg) > 1
                           else "generic"))
