@@ -128,6 +128,7 @@ CONV_CASES = [
     _conv_case((6, 17), 1, 6, 5),                                 # 4 columns per block
     _conv_case((5, 13), 3, 16, 3, n=32),                          # 2 per block, dW columns
     _conv_case((9, 10), 6, 16, 5, padding=((1, 0), (2, 1)), n=32, bias=False),  # dW only
+    _conv_case((9, 8), 3, 4, 5, padding="VALID"),                 # unpadded: dx by rows
 ]
 
 

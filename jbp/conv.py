@@ -316,6 +316,51 @@ def _column_blocked_weight_grad(x, g, w_shape, cfg: ConvConfig, block: int):
                       precision=lax.Precision.HIGHEST)
 
 
+def _row_input_grad(g, w, x_shape, cfg: ConvConfig):
+    """∂L/∂a (stride 1, no dilation, one group) as one matmul of δ's rows with a banded kernel.
+
+    In padded-input coordinates, ∂L/∂a[n, r, x, c] = Σ_{i, j, k} δ[n, r − i, x − j, k] W[i, j, c, k].
+    Put each δ row in one vector, (x′, k) → x′·C_out + k, and let P[n, r] hold the KH rows
+    r − i (zero outside δ). The sum over j is a banded (Toeplitz) matrix in x:
+
+        ∂L/∂a[n, r, (x, c)] = Σ_{i, (x′, k)} P[n, r, (i, x′, k)] · T[(i, x′, k), (x, c)]
+        T[(i, x′, k), (x, c)] = W[i, x − x′, c, k]   (0 unless 0 <= x − x′ < KW)
+
+    so the whole input gradient is one (N·H_p, KH·W_out·C_out) × (KH·W_out·C_out, W_p·C_in)
+    matmul, about H_p·W_p / (H_out·KW) times the convolution's multiplications (3.9× on
+    LeNet-5's 6 → 16 layer), and its result is a plain array, where the per-tap placements
+    (:func:`_tap_input_grad`) get fused into their consumer. The padding is cropped off."""
+    kh, kw, cin, cout = w.shape
+    n, ho, wo, _ = g.shape
+    (pt, pb), (pl, pr) = cfg.padding
+    hp, wp = x_shape[1] + pt + pb, x_shape[2] + pl + pr
+    # δ rows padded so that row r − i of δ is row r + KH − 1 − i here (hp >= ho always).
+    rows = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (kh - 1, hp - ho, 0), (0, 0, 0),
+                                               (0, 0, 0))).reshape(n, hp + kh - 1, wo * cout)
+    patches = jnp.concatenate([rows[:, kh - 1 - i:kh - 1 - i + hp] for i in range(kh)], axis=2)
+    xq, x, j = np.ogrid[:wo, :wp, :kw]
+    band = jnp.asarray(x == xq + j, w.dtype)                            # band[x′, x, j]
+    toeplitz = jnp.einsum("qxj,ijck->iqkxc", band, w, precision=lax.Precision.HIGHEST)
+    dxp = lax.dot_general(patches.reshape(n * hp, kh * wo * cout),
+                          toeplitz.reshape(kh * wo * cout, wp * cin), (((1,), (0,)), ((), ())))
+    return dxp.reshape(n, hp, wp, cin)[:, pt:pt + x_shape[1], pl:pl + x_shape[2], :]
+
+
+def _use_rows(x_shape, w_shape, cfg: ConvConfig, out_hw, dtype) -> bool:
+    """Where :func:`_row_input_grad` measured faster on XLA:CPU (scripts/bench_ops.py,
+    docs/performance.md): thin layers (at most 16 channels each side: the convolution runs on
+    Eigen) with an unpadded stride-1 forward (the input gradient then is a "full" correlation,
+    larger than δ) and at most 4× the convolution's multiplications. LeNet-5's 6 → 16 layer:
+    0.62× at batch 128, 0.74× at 16, a tie at 32; padded forwards (4.2–4.6×) measured up to
+    2.3× slower."""
+    kh, kw, cin, cout = w_shape
+    hp, wp = x_shape[1] + sum(cfg.padding[0]), x_shape[2] + sum(cfg.padding[1])
+    return (cfg.stride == (1, 1) and cfg.dilation == (1, 1) and cfg.groups == 1
+            and cfg.padding == ((0, 0), (0, 0)) and kw > 1 and max(cin, cout) <= 16
+            and jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
+            and hp * wp <= 4 * out_hw[0] * kw)
+
+
 #: Images per chunk in :func:`_tap_weight_grad` (a chunk of x and δ stays in cache).
 TAP_CHUNK = 8
 
@@ -453,11 +498,14 @@ def _tap_input_grad(g, w, x_shape, cfg: ConvConfig):
     return total[:, pt:pt + x_shape[1], pl:pl + x_shape[2], :]
 
 
-def _cpu_input_grad_form(w_shape, cfg: ConvConfig, out_hw) -> str:
-    """Which formulation the CPU backward uses for ∂L/∂a: pointwise, phases or generic.
+def _cpu_input_grad_form(x_shape, w_shape, cfg: ConvConfig, out_hw, dtype) -> str:
+    """Which formulation the CPU backward uses for ∂L/∂a: rows, pointwise, phases or generic.
 
-    Only for δ of at least 16×16 pixels: on ResNet-20's 8×8 δ both measured slower than the
-    convolution (phases 1.26–1.34×, pointwise 1.05–1.24×; scripts/bench_ops.py)."""
+    Pointwise and phases only for δ of at least 16×16 pixels: on ResNet-20's 8×8 δ both
+    measured slower than the convolution (phases 1.26–1.34×, pointwise 1.05–1.24×;
+    scripts/bench_ops.py)."""
+    if _use_rows(x_shape, w_shape, cfg, out_hw, dtype):
+        return "rows"
     if out_hw[0] * out_hw[1] < 256:
         return "generic"
     if _is_pointwise(w_shape, cfg):
@@ -482,7 +530,9 @@ def _cpu_weight_grad_form(x_shape, w_shape, cfg: ConvConfig, out_hw, dtype) -> s
 
 
 def _cpu_input_grad(g, w, x_shape, cfg: ConvConfig):
-    form = _cpu_input_grad_form(w.shape, cfg, g.shape[1:3])
+    form = _cpu_input_grad_form(x_shape, w.shape, cfg, g.shape[1:3], g.dtype)
+    if form == "rows":
+        return _row_input_grad(g, w, x_shape, cfg)
     if form == "pointwise":
         return _pointwise_input_grad(g, w, x_shape, cfg)
     if form == "phases":

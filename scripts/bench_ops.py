@@ -11,7 +11,8 @@ after warm-up, the medians of:
     forward        generic: lax.conv_general_dilated | columns: the same correlation over
                    blocks of B columns (B·C_in -> B·C_out channels; thin layers)
     input grad     generic: conv of the stride-dilated δ with the rotated kernel (what XLA's
-                   autodiff emits) | phases: one stride-1 conv per stride phase | pointwise (1×1)
+                   autodiff emits) | phases: one stride-1 conv per stride phase | rows: one
+                   matmul of δ's rows with a banded kernel (thin layers) | pointwise (1×1)
     weight grad    generic: conv with N as the contraction axis | taps: one matmul per kernel
                    tap over batch chunks | patches: one patch-matrix (im2col) matmul per
                    batch chunk | columns: the patch matrix of the column-blocked input |
@@ -65,6 +66,9 @@ def _formulations(x, w, cfg):
                 g, w, x.shape, cfg))
         out["dx taps"] = ("input", lambda x, w, g: conv_lib._tap_input_grad(
             g, w, x.shape, cfg))
+        if cfg.stride == (1, 1) and cfg.dilation == (1, 1) and w.shape[2] <= 16:
+            out["dx rows"] = ("input", lambda x, w, g: conv_lib._row_input_grad(
+                g, w, x.shape, cfg))
         out["dW taps"] = ("weight", lambda x, w, g: conv_lib._tap_weight_grad(
             x, g, w.shape, cfg))
         out["dW patches"] = ("weight", lambda x, w, g: conv_lib._patch_weight_grad(
@@ -85,7 +89,7 @@ def _chosen(x, w, cfg, kind):
     """The formulation jbp.conv's CPU dispatch picks for this shape."""
     z_hw = jax.eval_shape(lambda: conv_lib._forward(x, w, None, cfg)).shape[1:3]
     if kind == "input":
-        return "dx " + conv_lib._cpu_input_grad_form(w.shape, cfg, z_hw)
+        return "dx " + conv_lib._cpu_input_grad_form(x.shape, w.shape, cfg, z_hw, x.dtype)
     if kind == "weight":
         form = conv_lib._cpu_weight_grad_form(x.shape, w.shape, cfg, z_hw, x.dtype)
         if form == "columns":

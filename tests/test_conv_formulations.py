@@ -125,6 +125,13 @@ def test_forward(shape):
     _close(jvp, jvp_ref)
 
 
+@pytest.mark.parametrize("shape", [s for s in SHAPES + COLUMN_SHAPES if s[7] == 1 and s[9] == 1],
+                         ids=str)
+def test_row_input_grad(shape):
+    x, wt, g, cfg, dx_ref, _ = _setup(shape)
+    _close(C._row_input_grad(g, wt, x.shape, cfg), dx_ref)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_tap_input_grad(shape):
     x, wt, g, cfg, dx_ref, _ = _setup(shape)
@@ -172,13 +179,29 @@ def test_dispatch_rules_pick_the_specialised_paths():
     assert C._use_patches((32, 17, 15, 16), (3, 3, 16, 4), s2, (9, 8))          # strided
     assert not C._use_patches((32, 17, 15, 8), (3, 3, 8, 4), s2, (9, 8))        # short rows
     s2_64 = C.conv_config(jnp.zeros((32, 16, 16, 32)), jnp.zeros((3, 3, 32, 64)), stride=2)
-    assert C._cpu_input_grad_form((3, 3, 32, 64), s2_64, (8, 8)) == "generic"   # small δ
-    assert C._cpu_input_grad_form((3, 3, 32, 64), s2_64, (16, 16)) == "phases"
+    f32 = jnp.float32
+    assert C._cpu_input_grad_form((32, 16, 16, 32), (3, 3, 32, 64), s2_64, (8, 8),
+                                  f32) == "generic"                            # small δ
+    assert C._cpu_input_grad_form((32, 32, 32, 32), (3, 3, 32, 64), s2_64, (16, 16),
+                                  f32) == "phases"
+    # Rows: thin, unpadded stride-1 layers within 4× the convolution's multiplications
+    # (LeNet-5's 6 -> 16 layer: 14·14 <= 4·10·5).
+    valid = C.conv_config(jnp.zeros((1, 14, 14, 6)), jnp.zeros((5, 5, 6, 16)), padding="VALID")
+    assert C._cpu_input_grad_form((128, 14, 14, 6), (5, 5, 6, 16), valid, (10, 10),
+                                  f32) == "rows"
+    assert C._cpu_input_grad_form((128, 14, 14, 6), (5, 5, 6, 16), valid, (10, 10),
+                                  jnp.bfloat16) == "generic"
+    assert C._cpu_input_grad_form((128, 14, 14, 6), (5, 5, 6, 17), valid, (10, 10),
+                                  f32) == "generic"                           # 17 channels
+    assert C._cpu_input_grad_form((128, 16, 16, 6), (5, 5, 6, 16), valid, (12, 12),
+                                  f32) == "generic"                           # 16·16 > 4·12·5
+    padded = C.conv_config(jnp.zeros((1, 14, 14, 6)), jnp.zeros((5, 5, 6, 16)), padding=2)
+    assert C._cpu_input_grad_form((128, 14, 14, 6), (5, 5, 6, 16), padded, (14, 14),
+                                  f32) == "generic"
     # Column blocks: LeNet-5's first layer 4, ResNet's 3 -> 16 stem 2; not for 16 channels,
     # strides, groups, bfloat16, 1-column kernels, or outputs narrower than two blocks.
     same = C.conv_config(jnp.zeros((1, 28, 28, 1)), jnp.zeros((5, 5, 1, 6)), padding=2)
     one = C.conv_config(jnp.zeros((1, 32, 32, 3)), jnp.zeros((3, 3, 3, 16)))
-    f32 = jnp.float32
     assert C._column_block((128, 28, 28, 1), (5, 5, 1, 6), f32, same) == 4
     assert C._column_block((128, 32, 32, 3), (3, 3, 3, 16), f32, one) == 2
     assert C._column_block((128, 32, 32, 3), (3, 3, 3, 16), jnp.float64, one) == 2
@@ -217,11 +240,12 @@ def test_dispatch_rules_pick_the_specialised_paths():
         cfg = C.conv_config(x, w, **kw)
         out_hw = jax.eval_shape(lambda: C._forward(x, w, None, cfg)).shape[1:3]
         forms.add("dW " + C._cpu_weight_grad_form(x.shape, w.shape, cfg, out_hw, x.dtype))
-        forms.add("dx " + C._cpu_input_grad_form(w.shape, cfg, out_hw))
+        forms.add("dx " + C._cpu_input_grad_form(x.shape, w.shape, cfg, out_hw, x.dtype))
         forms.add("z " + ("columns" if C._column_block(x.shape, w.shape, x.dtype, cfg) > 1
                           else "generic"))
     assert forms == {"dW pointwise", "dW columns", "dW taps", "dW patches", "dW generic",
-                     "dx pointwise", "dx phases", "dx generic", "z columns", "z generic"}, forms
+                     "dx rows", "dx pointwise", "dx phases", "dx generic", "z columns",
+                     "z generic"}, forms
     assert C._is_pointwise((1, 1, 3, 4), C.conv_config(jnp.zeros((1, 10, 7, 3)),
                                                         jnp.zeros((1, 1, 3, 4)), stride=3,
                                                         padding="VALID"))
