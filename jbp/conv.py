@@ -199,6 +199,10 @@ def _phase_input_grad(g, w, x_shape, cfg: ConvConfig):
 #: latter (see :func:`_column_block`).
 COLUMN_FORWARD_MAX_CIN, COLUMN_WEIGHT_GRAD_MAX_CIN, COLUMN_WEIGHT_GRAD_MIN_BATCH = 4, 8, 32
 
+#: The dtypes the thin-layer forms are for: XLA:CPU's YNNPACK convolutions and matmuls take
+#: float32 and float64 (not bfloat16 convolutions), and only these were measured.
+_THIN_FORM_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
+
 
 def _column_block(x_shape, w_shape, dtype, cfg: ConvConfig,
                   max_cin: int = COLUMN_FORWARD_MAX_CIN) -> int:
@@ -217,8 +221,7 @@ def _column_block(x_shape, w_shape, dtype, cfg: ConvConfig,
     and 1.4× (weight gradient) slower blocked."""
     kh, kw, cin, cout = w_shape
     if (cfg.groups != 1 or cfg.stride != (1, 1) or cfg.dilation != (1, 1) or kw < 2
-            or cin > max_cin or not 3 <= cout <= 16
-            or jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))):
+            or cin > max_cin or not 3 <= cout <= 16 or jnp.dtype(dtype) not in _THIN_FORM_DTYPES):
         return 1
     w_out = x_shape[2] + sum(cfg.padding[1]) - kw + 1
     block = next(b for b in (2, 4, 8) if b * cout >= 24)
@@ -262,7 +265,8 @@ def _column_blocked_correlate(x, w, cfg: ConvConfig, block: int):
     the channel axis. Output column b·B + q (q < B) needs input columns b·B + p with
     p − q = j ∈ [0, KW), i.e. blocks b … b + KB − 1 with KB = ⌈(B + KW − 1) / B⌉, so
 
-        z_B[n, h, b, (q, k)] = Σ_{i, jb, p, c} a_B[n, h + i, b + jb, (p, c)] · W_B[i, jb, (p, c), (q, k)]
+        z_B[n, h, b, (q, k)] = Σ_{i, jb, p, c} a_B[n, h + i, b + jb, (p, c)]
+                                                · W_B[i, jb, (p, c), (q, k)]
         W_B[i, jb, (p, c), (q, k)] = W[i, jb·B + p − q, c, k]   (0 where jb·B + p − q ∉ [0, KW))
 
     is the same sum over the same taps (plus products with W_B's zeros), and reshaping
@@ -292,7 +296,8 @@ def _column_blocked_weight_grad(x, g, w_shape, cfg: ConvConfig, block: int):
 
     With a_B, δ_B the input and δ in blocks of B columns (:func:`_column_blocked_correlate`),
 
-        ∂L/∂W_B[i, jb, (p, c), (q, k)] = Σ_{n, h, b} a_B[n, h + i, b + jb, (p, c)] · δ_B[n, h, b, (q, k)]
+        ∂L/∂W_B[i, jb, (p, c), (q, k)] = Σ_{n, h, b} a_B[n, h + i, b + jb, (p, c)]
+                                                   · δ_B[n, h, b, (q, k)]
         ∂L/∂W[i, j, c, k] = Σ_{jb, p, q : jb·B + p − q = j} ∂L/∂W_B[i, jb, (p, c), (q, k)]
 
     (the chain rule through W_B = select · W). The first line is the weight gradient of an
@@ -319,7 +324,10 @@ def _column_blocked_weight_grad(x, g, w_shape, cfg: ConvConfig, block: int):
 def _row_input_grad(g, w, x_shape, cfg: ConvConfig):
     """∂L/∂a (stride 1, no dilation, one group) as one matmul of δ's rows with a banded kernel.
 
-    In padded-input coordinates, ∂L/∂a[n, r, x, c] = Σ_{i, j, k} δ[n, r − i, x − j, k] W[i, j, c, k].
+    In padded-input coordinates,
+
+        ∂L/∂a[n, r, x, c] = Σ_{i, j, k} δ[n, r − i, x − j, k] W[i, j, c, k].
+
     Put each δ row in one vector, (x′, k) → x′·C_out + k, and let P[n, r] hold the KH rows
     r − i (zero outside δ). The sum over j is a banded (Toeplitz) matrix in x:
 
@@ -353,12 +361,11 @@ def _use_rows(x_shape, w_shape, cfg: ConvConfig, out_hw, dtype) -> bool:
     larger than δ) and at most 4× the convolution's multiplications. LeNet-5's 6 → 16 layer:
     0.62× at batch 128, 0.74× at 16, a tie at 32; padded forwards (4.2–4.6×) measured up to
     2.3× slower."""
-    kh, kw, cin, cout = w_shape
-    hp, wp = x_shape[1] + sum(cfg.padding[0]), x_shape[2] + sum(cfg.padding[1])
+    _, kw, cin, cout = w_shape
+    h, w = x_shape[1:3]                         # unpadded: the padded size is the input's
     return (cfg.stride == (1, 1) and cfg.dilation == (1, 1) and cfg.groups == 1
             and cfg.padding == ((0, 0), (0, 0)) and kw > 1 and max(cin, cout) <= 16
-            and jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
-            and hp * wp <= 4 * out_hw[0] * kw)
+            and jnp.dtype(dtype) in _THIN_FORM_DTYPES and h * w <= 4 * out_hw[0] * kw)
 
 
 #: Images per chunk in :func:`_tap_weight_grad` (a chunk of x and δ stays in cache).
