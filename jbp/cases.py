@@ -233,6 +233,7 @@ def _pool_case(kind, hw, window, stride=None, padding="VALID", count_include_pad
 
 POOL_CASES = [
     _pool_case("max", (6, 6), 2),
+    _pool_case("max", (4, 9), (2, 3)),                            # tiling, not square
     _pool_case("max", (7, 7), 3, 2),                              # overlapping
     _pool_case("max", (8, 8), 3, 2, 1),                           # overlapping + padding
     _pool_case("max", (7, 9), 3, 1, "SAME"),

@@ -259,7 +259,7 @@ def _blocked_input(x, cfg: ConvConfig, block: int, in_blocks: int):
 
 def _column_blocked_correlate(x, w, cfg: ConvConfig, block: int):
     """z = a ⋆ W (stride 1, no dilation, one group) as a correlation over blocks of ``B``
-    adjacent columns.
+    adjacent columns, computed as one matmul of the blocked input's patch matrix.
 
     Reshaping the padded input (N, H_p, W_p, C) to (N, H_p, W_p / B, B·C) puts B columns in
     the channel axis. Output column b·B + q (q < B) needs input columns b·B + p with
@@ -271,17 +271,35 @@ def _column_blocked_correlate(x, w, cfg: ConvConfig, block: int):
 
     is the same sum over the same taps (plus products with W_B's zeros), and reshaping
     z_B (N, H_out, ⌈W_out / B⌉, B·C_out) back gives z. The input is zero-padded on the right
-    to whole blocks; output columns past W_out are cut off."""
+    to whole blocks; output columns past W_out are cut off.
+
+    The sum is ``P · W_B`` with P the patch matrix of a_B, (N·H_out·⌈W_out / B⌉, KH·KB·B·C_in)
+    (:func:`_patch_matrix`): a plain matmul, 2.3× faster than XLA:CPU's convolution of a_B
+    with W_B on LeNet-5's first layer and 1.9× on ResNet-20's stem (docs/performance.md).
+    Past :data:`COLUMN_FORWARD_PATCH_BYTES` of patch matrix it stays a convolution."""
     kh, kw, cin, cout = w.shape
     n, _, wd, _ = x.shape
     w_out = wd + sum(cfg.padding[1]) - kw + 1
     out_blocks, kb, in_blocks = _column_blocks(w_out, kw, block)
     xb = _blocked_input(x, cfg, block, in_blocks)
+    ho = xb.shape[1] - kh + 1
     wb = jnp.einsum("bpqj,ijck->ibpcqk", _column_select(kb, block, kw, w.dtype), w,
                     precision=lax.Precision.HIGHEST).reshape(kh, kb, block * cin, block * cout)
-    zb = _correlate(xb, wb, _BLOCKED)
-    return zb.reshape(n, zb.shape[1], out_blocks * block, cout)[:, :, :w_out]
+    patch_bytes = n * ho * out_blocks * kh * kb * block * cin * jnp.dtype(x.dtype).itemsize
+    if patch_bytes <= COLUMN_FORWARD_PATCH_BYTES:
+        views = [lax.slice_in_dim(lax.slice_in_dim(xb, i, i + ho, axis=1), jb, jb + out_blocks,
+                                  axis=2) for i in range(kh) for jb in range(kb)]
+        zb = lax.dot_general(_patch_matrix(views), wb.reshape(-1, block * cout),
+                             (((1,), (0,)), ((), ())))
+    else:
+        zb = _correlate(xb, wb, _BLOCKED)
+    return zb.reshape(n, ho, out_blocks * block, cout)[:, :, :w_out]
 
+
+#: Largest patch matrix (bytes) :func:`_column_blocked_correlate` builds; past it the blocked
+#: correlation runs as a convolution. LeNet-5's first layer at batch 128 needs 4 MB, ResNet-20's
+#: stem 9.4 MB.
+COLUMN_FORWARD_PATCH_BYTES = 64 << 20
 
 #: Bytes of patch matrix per step of :func:`_column_blocked_weight_grad`'s loop over the batch.
 COLUMN_PATCH_BYTES = 8 << 20
@@ -322,50 +340,50 @@ def _column_blocked_weight_grad(x, g, w_shape, cfg: ConvConfig, block: int):
 
 
 def _row_input_grad(g, w, x_shape, cfg: ConvConfig):
-    """∂L/∂a (stride 1, no dilation, one group) as one matmul of δ's rows with a banded kernel.
+    """∂L/∂a (stride 1, no dilation, one group) as one matmul of δ's rows with a banded kernel,
+    then a sum of KH row-shifted slices.
 
     In padded-input coordinates,
 
         ∂L/∂a[n, r, x, c] = Σ_{i, j, k} δ[n, r − i, x − j, k] W[i, j, c, k].
 
-    Put each δ row in one vector, (x′, k) → x′·C_out + k, and let P[n, r] hold the KH rows
-    r − i (zero outside δ). The sum over j is a banded (Toeplitz) matrix in x:
+    Put each δ row in one vector, (x′, k) → x′·C_out + k. The sum over j (and k) is a banded
+    (Toeplitz) matrix in x, one per kernel row i:
 
-        ∂L/∂a[n, r, (x, c)] = Σ_{i, (x′, k)} P[n, r, (i, x′, k)] · T[(i, x′, k), (x, c)]
-        T[(i, x′, k), (x, c)] = W[i, x − x′, c, k]   (0 unless 0 <= x − x′ < KW)
+        Y[n, h, (i, x, c)] = Σ_{(x′, k)} δ[n, h, (x′, k)] · T[(x′, k), (i, x, c)]
+        T[(x′, k), (i, x, c)] = W[i, x − x′, c, k]   (0 unless 0 <= x − x′ < KW)
+        ∂L/∂a[n, r, (x, c)]  = Σ_i Y[n, r − i, (i, x, c)]   (0 <= r − i < H_out)
 
-    so the whole input gradient is one (N·H_p, KH·W_out·C_out) × (KH·W_out·C_out, W_p·C_in)
-    matmul, about H_p·W_p / (H_out·KW) times the convolution's multiplications (3.9× on
-    LeNet-5's 6 → 16 layer), and its result is a plain array, where the per-tap placements
-    (:func:`_tap_input_grad`) get fused into their consumer. The padding is cropped off."""
+    The matmul reads δ as it is, (N·H_out, W_out·C_out) × (W_out·C_out, KH·W_p·C_in), about
+    W_p / KW times the convolution's multiplications (2.8× on LeNet-5's 6 → 16 layer); the
+    row sum is one elementwise pass. The padding is cropped off."""
     kh, kw, cin, cout = w.shape
     n, ho, wo, _ = g.shape
     (pt, pb), (pl, pr) = cfg.padding
     hp, wp = x_shape[1] + pt + pb, x_shape[2] + pl + pr
-    # δ rows padded so that row r − i of δ is row r + KH − 1 − i here (hp >= ho always).
-    rows = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (kh - 1, hp - ho, 0), (0, 0, 0),
-                                               (0, 0, 0))).reshape(n, hp + kh - 1, wo * cout)
-    patches = jnp.concatenate([rows[:, kh - 1 - i:kh - 1 - i + hp] for i in range(kh)], axis=2)
     xq, x, j = np.ogrid[:wo, :wp, :kw]
     band = jnp.asarray(x == xq + j, w.dtype)                            # band[x′, x, j]
-    toeplitz = jnp.einsum("qxj,ijck->iqkxc", band, w, precision=lax.Precision.HIGHEST)
-    dxp = lax.dot_general(patches.reshape(n * hp, kh * wo * cout),
-                          toeplitz.reshape(kh * wo * cout, wp * cin), (((1,), (0,)), ((), ())))
+    toeplitz = jnp.einsum("qxj,ijck->qkixc", band, w, precision=lax.Precision.HIGHEST)
+    y = lax.dot_general(g.reshape(n * ho, wo * cout), toeplitz.reshape(wo * cout, -1),
+                        (((1,), (0,)), ((), ()))).reshape(n, ho, kh, wp * cin)
+    zero = jnp.zeros((), y.dtype)
+    dxp = sum(lax.pad(y[:, :, i], zero, ((0, 0, 0), (i, hp - ho - i, 0), (0, 0, 0)))
+              for i in range(kh))                                       # hp = ho + kh − 1
     return dxp.reshape(n, hp, wp, cin)[:, pt:pt + x_shape[1], pl:pl + x_shape[2], :]
 
 
 def _use_rows(x_shape, w_shape, cfg: ConvConfig, out_hw, dtype) -> bool:
-    """Where :func:`_row_input_grad` measured faster on XLA:CPU (scripts/bench_ops.py,
-    docs/performance.md): thin layers (at most 16 channels each side: the convolution runs on
-    Eigen) with an unpadded stride-1 forward (the input gradient then is a "full" correlation,
-    larger than δ) and at most 4× the convolution's multiplications. LeNet-5's 6 → 16 layer:
-    0.62× at batch 128, 0.74× at 16, a tie at 32; padded forwards (4.2–4.6×) measured up to
-    2.3× slower."""
+    """Where :func:`_row_input_grad` measured faster on XLA:CPU (docs/performance.md): thin
+    layers, fewer than 16 input and at most 16 output channels (the convolution runs on Eigen),
+    with an unpadded stride-1 forward (the input gradient then is a "full" correlation, larger
+    than δ) and at most 6× the convolution's multiplications (W_p <= 6·KW). Measured at
+    batch 128: LeNet-5's 6 → 16 layer 0.36× the convolution's time (0.59× at batch 32, 0.48×
+    at 16), 0.58–0.91× on other thin shapes up to W_p = 5.6·KW; with 16 input channels the
+    convolution won (1.07–1.67×), and padded forwards lost with the earlier row-gathering form."""
     _, kw, cin, cout = w_shape
-    h, w = x_shape[1:3]                         # unpadded: the padded size is the input's
     return (cfg.stride == (1, 1) and cfg.dilation == (1, 1) and cfg.groups == 1
-            and cfg.padding == ((0, 0), (0, 0)) and kw > 1 and max(cin, cout) <= 16
-            and jnp.dtype(dtype) in _THIN_FORM_DTYPES and h * w <= 4 * out_hw[0] * kw)
+            and cfg.padding == ((0, 0), (0, 0)) and kw > 1 and cin < 16 and cout <= 16
+            and jnp.dtype(dtype) in _THIN_FORM_DTYPES and x_shape[2] <= 6 * kw)
 
 
 #: Images per chunk in :func:`_tap_weight_grad` (a chunk of x and δ stays in cache).
@@ -444,12 +462,16 @@ def _patch_weight_grad(x, g, w_shape, cfg: ConvConfig):
     return _chunked_weight_grad(x, g, w_shape, cfg, PATCH_CHUNK, _patch_matmul)
 
 
-def _patch_matmul(views, gb):
-    """``Pᵀ δ`` for one chunk: the views side by side are the patch matrix P, rows ordered
-    (n, h, w) like δ's and columns (i, j, c) like W's."""
+def _patch_matrix(views):
+    """The views (each (B, H_out, W_out, C_in), in tap order) side by side: the patch matrix
+    P, (B·H_out·W_out, taps·C_in), rows ordered (n, h, w) like δ's, columns (i, j, c) like W's."""
     patches = jnp.stack(views, axis=3)                          # (B, H_out, W_out, taps, C_in)
-    patches = patches.reshape(gb.shape[0], -1)                  # (B·H_out·W_out, KH·KW·C_in)
-    return lax.dot_general(patches, gb, (((0,), (0,)), ((), ())))
+    return patches.reshape(-1, len(views) * views[0].shape[3])
+
+
+def _patch_matmul(views, gb):
+    """``Pᵀ δ`` for one chunk (:func:`_patch_matrix`)."""
+    return lax.dot_general(_patch_matrix(views), gb, (((0,), (0,)), ((), ())))
 
 
 def _use_patches(x_shape, w_shape, cfg: ConvConfig, out_hw) -> bool:
@@ -561,6 +583,20 @@ def _cpu_weight_grad(x, g, w_shape, cfg: ConvConfig):
     return _weight_grad(x, g, w_shape, cfg)
 
 
+def _channel_sum(g):
+    """∂L/∂b[k] = Σ_{n,h,w} δ[n,h,w,k].
+
+    With fewer than 16 channels the rows of δ are first summed R at a time as one
+    (N·H·W / R, R·C_out) column sum (R·C_out <= 128) and the R partial sums folded: XLA:CPU
+    reduces a 6-wide minor axis slowly (LeNet-5's first layer: 0.18 ms, 0.04 ms folded)."""
+    c = g.shape[-1]
+    rows = g.size // c
+    r = next((r for r in (16, 8, 4, 2) if r * c <= 128 and rows % r == 0), 1)
+    if c >= 16 or r == 1:
+        return jnp.sum(g, axis=(0, 1, 2))
+    return jnp.sum(jnp.sum(g.reshape(rows // r, r * c), axis=0).reshape(r, c), axis=0)
+
+
 def _bwd(cfg: ConvConfig, res, g):
     x, w, b = res
     dx = lax.platform_dependent(
@@ -569,7 +605,7 @@ def _bwd(cfg: ConvConfig, res, g):
     dw = lax.platform_dependent(
         x, g, cpu=lambda x, g: _cpu_weight_grad(x, g, w.shape, cfg),
         default=lambda x, g: _weight_grad(x, g, w.shape, cfg))
-    db = None if b is None else jnp.sum(g, axis=(0, 1, 2))
+    db = None if b is None else _channel_sum(g)
     return cast_like(dx, x), cast_like(dw, w), cast_like(db, b)
 
 

@@ -128,9 +128,25 @@ def _max_fwd(x, cfg: PoolConfig):
     return y, idx
 
 
+def _tiles(cfg: PoolConfig) -> bool:
+    """Whether the windows tile the input exactly: stride = window, no padding, no remainder."""
+    return (cfg.stride == cfg.window and cfg.padding == ((0, 0), (0, 0))
+            and cfg.in_hw == (cfg.out_hw[0] * cfg.window[0], cfg.out_hw[1] * cfg.window[1]))
+
+
 def _max_bwd(cfg: PoolConfig, idx, g):
     zero = jnp.zeros((), g.dtype)
     # ∂L/∂a[p] = Σ_{windows whose first maximum is p} δ[window]
+    if _tiles(cfg):
+        # Each cell lies in exactly one window: no sum. Viewed as (N, H_out, KH, W_out, KW, C),
+        # cell (i, j) of window (h, w) receives δ[h, w] where the window's maximum is tap
+        # i·KW + j: one broadcast compare-and-select, where the general form below pads
+        # and adds KH·KW shifted copies (LeNet-5's 2×2 pools: docs/performance.md).
+        (kh, kw), (n, ho, wo, c) = cfg.window, g.shape
+        taps = np.arange(kh * kw).reshape(1, 1, kh, 1, kw, 1)
+        dx = jnp.where(idx[:, :, None, :, None, :] == jnp.asarray(taps, idx.dtype),
+                       g[:, :, None, :, None, :], zero)
+        return (dx.reshape(n, ho * kh, wo * kw, c),)
     dx = _scatter_taps(lambda t: jnp.where(idx == t, g, zero), cfg, g.dtype)
     return (dx,)   # δ has the output's dtype, which is the input's: dtype is preserved
 

@@ -93,6 +93,31 @@ def test_column_blocked_weight_grad_in_batch_chunks(monkeypatch, images):
     _close(C._column_blocked_weight_grad(x, g, wt.shape, cfg, 4), dw_ref)
 
 
+def test_column_blocked_forward_past_the_patch_limit_is_a_convolution(monkeypatch):
+    """Up to COLUMN_FORWARD_PATCH_BYTES the blocked forward is one matmul of the patch matrix;
+    past it, a convolution of the blocked input with the blocked kernel. Both are the
+    convolution."""
+    x, wt, _, cfg, _, _ = _setup((3, 9, 13, 3, 16, 3, 3, 1, 1, 1))
+    ref = C._correlate(x, wt, cfg)
+    for limit in (1 << 30, 0):
+        monkeypatch.setattr(C, "COLUMN_FORWARD_PATCH_BYTES", limit)
+        jaxpr = str(jax.make_jaxpr(lambda x, w: C._column_blocked_correlate(x, w, cfg, 2))(x, wt))
+        assert ("conv_general_dilated" in jaxpr) == (limit == 0), jaxpr
+        _close(C._column_blocked_correlate(x, wt, cfg, 2), ref)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6), (4, 4, 4, 6), (1, 1, 7, 3), (2, 2, 2, 16),
+                                   (3, 5, 7, 1), (2, 4, 4, 15), (0, 3, 3, 4)])
+def test_channel_sum(shape):
+    """The bias gradient, folded R rows at a time for thin layers (R = 16, 8, 4, 2 or 1 as the
+    row count allows), is the plain sum over N, H, W."""
+    g = jnp.asarray(np.random.default_rng(0).standard_normal(shape))
+    got = C._channel_sum(g)
+    assert got.shape == (shape[-1],) and got.dtype == g.dtype
+    np.testing.assert_allclose(np.asarray(got), np.asarray(g).sum(axis=(0, 1, 2)),
+                               rtol=1e-12, atol=1e-12)
+
+
 def _blocks(shape):
     """(forward B, weight-gradient B) that jbp's dispatch picks for a float64 shape."""
     n, h, w, cin, cout, kh, kw, stride, padding, dilation = shape
@@ -184,8 +209,8 @@ def test_dispatch_rules_pick_the_specialised_paths():
                                   f32) == "generic"                            # small δ
     assert C._cpu_input_grad_form((32, 32, 32, 32), (3, 3, 32, 64), s2_64, (16, 16),
                                   f32) == "phases"
-    # Rows: thin, unpadded stride-1 layers within 4× the convolution's multiplications
-    # (LeNet-5's 6 -> 16 layer: 14·14 <= 4·10·5).
+    # Rows: thin, unpadded stride-1 layers within 6× the convolution's multiplications
+    # (LeNet-5's 6 -> 16 layer: W_p = 14 <= 6·5).
     valid = C.conv_config(jnp.zeros((1, 14, 14, 6)), jnp.zeros((5, 5, 6, 16)), padding="VALID")
     assert C._cpu_input_grad_form((128, 14, 14, 6), (5, 5, 6, 16), valid, (10, 10),
                                   f32) == "rows"
@@ -193,8 +218,12 @@ def test_dispatch_rules_pick_the_specialised_paths():
                                   jnp.bfloat16) == "generic"
     assert C._cpu_input_grad_form((128, 14, 14, 6), (5, 5, 6, 17), valid, (10, 10),
                                   f32) == "generic"                           # 17 channels
-    assert C._cpu_input_grad_form((128, 16, 16, 6), (5, 5, 6, 16), valid, (12, 12),
-                                  f32) == "generic"                           # 16·16 > 4·12·5
+    assert C._cpu_input_grad_form((128, 30, 30, 6), (5, 5, 6, 16), valid, (26, 26),
+                                  f32) == "rows"                              # 30 <= 6·5
+    assert C._cpu_input_grad_form((128, 31, 31, 6), (5, 5, 6, 16), valid, (27, 27),
+                                  f32) == "generic"                           # 31 > 6·5
+    assert C._cpu_input_grad_form((128, 14, 14, 16), (5, 5, 16, 6), valid, (10, 10),
+                                  f32) == "generic"                           # 16 in
     padded = C.conv_config(jnp.zeros((1, 14, 14, 6)), jnp.zeros((5, 5, 6, 16)), padding=2)
     assert C._cpu_input_grad_form((128, 14, 14, 6), (5, 5, 6, 16), padded, (14, 14),
                                   f32) == "generic"

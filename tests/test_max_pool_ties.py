@@ -51,3 +51,29 @@ def test_tie_rule_matches_jax_first_maximum():
     ours = _grad(x, g, window=3, stride=2)
     _, vjp = jax.vjp(lambda x: jbp.autodiff.max_pool(x, 3, 2), x)
     np.testing.assert_allclose(ours, np.asarray(vjp(g)[0]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("window, hw", [(2, (6, 8)), ((2, 3), (4, 9)), (1, (3, 4)),
+                                        ((3, 1), (6, 2))])
+def test_tiling_windows_take_the_reshape_backward_with_the_same_answer(window, hw):
+    """Windows that tile the input (stride = window, no padding, no remainder) route δ by one
+    compare-and-select on a (N, H_out, KH, W_out, KW, C) view; the general per-tap scatter
+    must give the same array, ties included."""
+    from jbp import pooling as P
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.integers(0, 3, (2, *hw, 3)).astype(np.float32))   # many ties
+    cfg = P.pool_config(x, window, None, "VALID")
+    assert P._tiles(cfg)
+    y, idx = P._max_fwd(x, cfg)
+    g = jnp.asarray(rng.standard_normal(y.shape).astype(np.float32))
+    general = P._scatter_taps(lambda t: jnp.where(idx == t, g, 0.0), cfg, g.dtype)
+    np.testing.assert_array_equal(np.asarray(P._max_bwd(cfg, idx, g)[0]), np.asarray(general))
+    np.testing.assert_array_equal(_grad(x, g, window=window), np.asarray(general))
+
+
+def test_windows_that_do_not_tile_keep_the_scatter_backward():
+    from jbp import pooling as P
+    x = jnp.zeros((1, 7, 7, 1))
+    assert not P._tiles(P.pool_config(x, 2, None, "VALID"))        # a row and column left over
+    assert not P._tiles(P.pool_config(x, 3, 2, "VALID"))           # overlapping
+    assert not P._tiles(P.pool_config(jnp.zeros((1, 6, 6, 1)), 2, None, 1))   # padded
