@@ -76,8 +76,7 @@ def _formulations(x, w, cfg):
     if (cfg.stride == (1, 1) and cfg.dilation == (1, 1) and cfg.groups == 1 and w.shape[1] > 1
             and w.shape[2] <= 32):
         # Column blocks: the block jbp would pick, else 2 (to show what blocking costs).
-        block = max(conv_lib._column_block(x.shape, w.shape, x.dtype, cfg),
-                    conv_lib._weight_grad_column_block(x.shape, w.shape, x.dtype, cfg), 2)
+        block = max(conv_lib._forward_column_block(x.shape, w.shape, x.dtype, cfg), 2)
         out[f"forward columns{block}"] = ("forward", lambda x, w, g: (
             conv_lib._column_blocked_correlate(x, w, cfg, block)))
         out[f"dW columns{block}"] = ("weight", lambda x, w, g: (
@@ -95,7 +94,7 @@ def _chosen(x, w, cfg, kind):
         if form == "columns":
             form += str(conv_lib._weight_grad_column_block(x.shape, w.shape, x.dtype, cfg))
         return "dW " + form
-    block = conv_lib._column_block(x.shape, w.shape, x.dtype, cfg)
+    block = conv_lib._forward_column_block(x.shape, w.shape, x.dtype, cfg)
     return f"forward columns{block}" if block > 1 else "forward"
 
 

@@ -124,7 +124,7 @@ def _blocks(shape):
     x_shape, w_shape = (n, h, w, cin), (kh, kw, cin, cout)
     cfg = C.conv_config(jnp.zeros(x_shape), jnp.zeros(w_shape), stride=stride,
                         padding=padding, dilation=dilation)
-    return (C._column_block(x_shape, w_shape, jnp.float64, cfg),
+    return (C._forward_column_block(x_shape, w_shape, jnp.float64, cfg),
             C._weight_grad_column_block(x_shape, w_shape, jnp.float64, cfg))
 
 
@@ -254,6 +254,12 @@ def test_dispatch_rules_pick_the_specialised_paths():
     assert C._column_block((1, 8, 7, 1), (3, 3, 1, 6), f32, one) == 1
     lenet2 = C.conv_config(jnp.zeros((1, 14, 14, 6)), jnp.zeros((5, 5, 6, 16)), padding="VALID")
     assert C._column_block((128, 14, 14, 6), (5, 5, 6, 16), f32, lenet2) == 1   # forward
+    # ... but from batch 32 the weight gradient builds the blocked patch matrix anyway, and the
+    # forward shares it.
+    assert C._forward_column_block((128, 14, 14, 6), (5, 5, 6, 16), f32, lenet2) == 2
+    assert C._forward_column_block((16, 14, 14, 6), (5, 5, 6, 16), f32, lenet2) == 1
+    assert C._forward_column_block((128, 14, 14, 9), (5, 5, 9, 16), f32, lenet2) == 1
+    assert C._forward_column_block((16, 28, 28, 1), (5, 5, 1, 6), f32, same) == 4
     assert C._cpu_weight_grad_form((128, 14, 14, 6), (5, 5, 6, 16), lenet2, (10, 10),
                                    f32) == "columns"
     assert C._cpu_weight_grad_form((16, 14, 14, 6), (5, 5, 6, 16), lenet2, (10, 10),
@@ -270,8 +276,8 @@ def test_dispatch_rules_pick_the_specialised_paths():
         out_hw = jax.eval_shape(lambda: C._forward(x, w, None, cfg)).shape[1:3]
         forms.add("dW " + C._cpu_weight_grad_form(x.shape, w.shape, cfg, out_hw, x.dtype))
         forms.add("dx " + C._cpu_input_grad_form(x.shape, w.shape, cfg, out_hw, x.dtype))
-        forms.add("z " + ("columns" if C._column_block(x.shape, w.shape, x.dtype, cfg) > 1
-                          else "generic"))
+        block = C._forward_column_block(x.shape, w.shape, x.dtype, cfg)
+        forms.add("z " + ("columns" if block > 1 else "generic"))
     assert forms == {"dW pointwise", "dW columns", "dW taps", "dW patches", "dW generic",
                      "dx rows", "dx pointwise", "dx phases", "dx generic", "z columns",
                      "z generic"}, forms
