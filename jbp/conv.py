@@ -120,6 +120,41 @@ def _weight_grad(x, g, w_shape, cfg: ConvConfig):
 # dispatch them to; on other backends (cuDNN, TPU) the generic convolutions are used
 # (`lax.platform_dependent`).
 
+#: The batch-chunked weight gradient is used from this batch size on (:func:`_weight_grad_chunk`).
+BATCH_CHUNK_MIN_BATCH = 64
+
+
+def _weight_grad_chunk(x_shape, w_shape, dtype) -> int:
+    """Images per chunk for :func:`_batch_chunked_weight_grad`, 0 for "do not chunk".
+
+    From batch 64: 16 images when C_out <= 16 (the chunk's weight-gradient convolution then
+    has at most 16 channels on both sides and runs on Eigen, which here beats YNNPACK; 4-image
+    chunks measured slower than none), else 4. Measured at batch 128 (docs/performance.md):
+    ResNet-20's 32×32×16 layers 0.71× the one-convolution form, 8×8×64 0.63× the patch form,
+    the train step 0.85×; at batch 32 a tie, and ResNet-18 at batch 16 1.11× slower.
+    float32/float64 only (what was measured)."""
+    if x_shape[0] < BATCH_CHUNK_MIN_BATCH or jnp.dtype(dtype) not in _MEASURED_DTYPES:
+        return 0
+    return 16 if w_shape[3] <= 16 else 4
+
+
+def _batch_chunked_weight_grad(x, g, w_shape, cfg: ConvConfig, chunk: int):
+    """∂L/∂W = Σ_chunks δ_chunk ⋆ a_chunk: the sum over n split into chunks of ``chunk`` images,
+    each chunk's sum one XLA convolution (:func:`_weight_grad`), the chunks unrolled.
+
+    The weight-gradient convolution contracts over the batch, so XLA:CPU first transposes the
+    whole input to put N innermost and then runs one large convolution; per chunk, the
+    transpose and the convolution work on a few hundred KB that stay in cache, and the
+    independent chunks run side by side on XLA's thunk executor. Unrolled on purpose: the same
+    chunks inside ``lax.map`` (a while loop) ran 50–100× slower."""
+    n = x.shape[0]
+    total = None
+    for start in range(0, n, chunk):
+        part = _weight_grad(x[start:start + chunk], g[start:start + chunk], w_shape, cfg)
+        total = part if total is None else total + part
+    return total
+
+
 def _is_pointwise(w_shape, cfg: ConvConfig) -> bool:
     """1×1 kernel, no padding, one group: every output pixel is a matmul of one input pixel."""
     return (tuple(w_shape[:2]) == (1, 1) and cfg.groups == 1
@@ -199,9 +234,9 @@ def _phase_input_grad(g, w, x_shape, cfg: ConvConfig):
 #: latter (see :func:`_column_block`).
 COLUMN_FORWARD_MAX_CIN, COLUMN_WEIGHT_GRAD_MAX_CIN, COLUMN_WEIGHT_GRAD_MIN_BATCH = 4, 8, 32
 
-#: The dtypes the thin-layer forms are for: XLA:CPU's YNNPACK convolutions and matmuls take
-#: float32 and float64 (not bfloat16 convolutions), and only these were measured.
-_THIN_FORM_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
+#: The dtypes the thin-layer and batch-chunk forms are for: XLA:CPU's YNNPACK convolutions and
+#: matmuls take float32 and float64 (not bfloat16 convolutions), and only these were measured.
+_MEASURED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
 
 
 def _column_block(x_shape, w_shape, dtype, cfg: ConvConfig,
@@ -221,7 +256,7 @@ def _column_block(x_shape, w_shape, dtype, cfg: ConvConfig,
     and 1.4× (weight gradient) slower blocked."""
     kh, kw, cin, cout = w_shape
     if (cfg.groups != 1 or cfg.stride != (1, 1) or cfg.dilation != (1, 1) or kw < 2
-            or cin > max_cin or not 3 <= cout <= 16 or jnp.dtype(dtype) not in _THIN_FORM_DTYPES):
+            or cin > max_cin or not 3 <= cout <= 16 or jnp.dtype(dtype) not in _MEASURED_DTYPES):
         return 1
     w_out = x_shape[2] + sum(cfg.padding[1]) - kw + 1
     block = next(b for b in (2, 4, 8) if b * cout >= 24)
@@ -393,7 +428,7 @@ def _use_rows(x_shape, w_shape, cfg: ConvConfig, out_hw, dtype) -> bool:
     _, kw, cin, cout = w_shape
     return (cfg.stride == (1, 1) and cfg.dilation == (1, 1) and cfg.groups == 1
             and cfg.padding == ((0, 0), (0, 0)) and kw > 1 and cin < 16 and cout <= 16
-            and jnp.dtype(dtype) in _THIN_FORM_DTYPES and x_shape[2] <= 6 * kw)
+            and jnp.dtype(dtype) in _MEASURED_DTYPES and x_shape[2] <= 6 * kw)
 
 
 #: Images per chunk in :func:`_tap_weight_grad` (a chunk of x and δ stays in cache).
@@ -556,11 +591,14 @@ def _cpu_input_grad_form(x_shape, w_shape, cfg: ConvConfig, out_hw, dtype) -> st
 
 def _cpu_weight_grad_form(x_shape, w_shape, cfg: ConvConfig, out_hw, dtype) -> str:
     """Which formulation the CPU backward uses for ∂L/∂W: pointwise, columns (thin layers,
-    :func:`_weight_grad_column_block`), taps, patches or generic."""
+    :func:`_weight_grad_column_block`), chunks (batch >= 64, :func:`_weight_grad_chunk`), taps,
+    patches or generic."""
     if _is_pointwise(w_shape, cfg):
         return "pointwise"
     if _weight_grad_column_block(x_shape, w_shape, dtype, cfg) > 1:
         return "columns"
+    if _weight_grad_chunk(x_shape, w_shape, dtype):
+        return "chunks"
     if _use_taps(x_shape, w_shape, cfg, out_hw):
         return "taps"
     if _use_patches(x_shape, w_shape, cfg, out_hw):
@@ -586,6 +624,9 @@ def _cpu_weight_grad(x, g, w_shape, cfg: ConvConfig):
     if form == "columns":
         return _column_blocked_weight_grad(
             x, g, w_shape, cfg, _weight_grad_column_block(x.shape, w_shape, x.dtype, cfg))
+    if form == "chunks":
+        return _batch_chunked_weight_grad(x, g, w_shape, cfg,
+                                          _weight_grad_chunk(x.shape, w_shape, x.dtype))
     if form == "taps":
         return _tap_weight_grad(x, g, w_shape, cfg)
     if form == "patches":

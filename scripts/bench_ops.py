@@ -69,6 +69,12 @@ def _formulations(x, w, cfg):
         if cfg.stride == (1, 1) and cfg.dilation == (1, 1) and w.shape[2] <= 16:
             out["dx rows"] = ("input", lambda x, w, g: conv_lib._row_input_grad(
                 g, w, x.shape, cfg))
+        # Batch chunks: the chunk jbp would pick, else 16 or 4 images (to show what it costs).
+        chunk = (conv_lib._weight_grad_chunk(x.shape, w.shape, x.dtype)
+                 or (16 if w.shape[3] <= 16 else 4))
+        if x.shape[0] >= 2 * chunk:
+            out[f"dW chunks{chunk}"] = ("weight", lambda x, w, g: (
+                conv_lib._batch_chunked_weight_grad(x, g, w.shape, cfg, chunk)))
         out["dW taps"] = ("weight", lambda x, w, g: conv_lib._tap_weight_grad(
             x, g, w.shape, cfg))
         out["dW patches"] = ("weight", lambda x, w, g: conv_lib._patch_weight_grad(
@@ -93,6 +99,8 @@ def _chosen(x, w, cfg, kind):
         form = conv_lib._cpu_weight_grad_form(x.shape, w.shape, cfg, z_hw, x.dtype)
         if form == "columns":
             form += str(conv_lib._weight_grad_column_block(x.shape, w.shape, x.dtype, cfg))
+        if form == "chunks":
+            form += str(conv_lib._weight_grad_chunk(x.shape, w.shape, x.dtype))
         return "dW " + form
     block = conv_lib._forward_column_block(x.shape, w.shape, x.dtype, cfg)
     return f"forward columns{block}" if block > 1 else "forward"

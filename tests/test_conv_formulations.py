@@ -72,6 +72,14 @@ def test_chunked_weight_grads(shape, form):
     _close(getattr(C, form)(x, g, wt.shape, cfg), dw_ref)
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_batch_chunked_weight_grad(shape, chunk):
+    """Chunks that divide the batch, and ones that leave a smaller last chunk."""
+    x, wt, g, cfg, _, dw_ref = _setup(shape)
+    _close(C._batch_chunked_weight_grad(x, g, wt.shape, cfg, chunk), dw_ref)
+
+
 @pytest.mark.parametrize("block", [2, 4, 8])
 @pytest.mark.parametrize("shape", COLUMN_SHAPES, ids=str)
 def test_column_blocked_forms(shape, block):
@@ -266,6 +274,21 @@ def test_dispatch_rules_pick_the_specialised_paths():
                                    f32) == "generic"
     assert C._cpu_weight_grad_form((128, 14, 14, 6), (5, 5, 6, 16), lenet2, (10, 10),
                                    jnp.bfloat16) == "generic"
+    # Batch chunks from batch 64: 16 images with <= 16 output channels, else 4; not for
+    # 1×1 kernels or thin layers, which keep their own forms.
+    assert C._cpu_weight_grad_form((128, 32, 32, 16), (3, 3, 16, 16), one, (32, 32),
+                                   f32) == "chunks"
+    assert C._weight_grad_chunk((128, 32, 32, 16), (3, 3, 16, 16), f32) == 16
+    assert C._weight_grad_chunk((64, 8, 8, 64), (3, 3, 64, 64), f32) == 4
+    assert C._weight_grad_chunk((63, 8, 8, 64), (3, 3, 64, 64), f32) == 0
+    assert C._cpu_weight_grad_form((63, 8, 8, 64), (3, 3, 64, 4), cfg, (8, 8),
+                                   f32) == "patches"
+    assert C._cpu_weight_grad_form((128, 14, 14, 6), (5, 5, 6, 16), lenet2, (10, 10),
+                                   f32) == "columns"
+    pw = C.conv_config(jnp.zeros((1, 8, 8, 16)), jnp.zeros((1, 1, 16, 32)), stride=2,
+                       padding="VALID")
+    assert C._cpu_weight_grad_form((128, 8, 8, 16), (1, 1, 16, 32), pw, (4, 4),
+                                   f32) == "pointwise"
     # The grid's conv cases (jbp/cases.py) reach every form of both gradients and the
     # column-blocked forward.
     forms = set()
@@ -278,7 +301,8 @@ def test_dispatch_rules_pick_the_specialised_paths():
         forms.add("dx " + C._cpu_input_grad_form(x.shape, w.shape, cfg, out_hw, x.dtype))
         block = C._forward_column_block(x.shape, w.shape, x.dtype, cfg)
         forms.add("z " + ("columns" if block > 1 else "generic"))
-    assert forms == {"dW pointwise", "dW columns", "dW taps", "dW patches", "dW generic",
+    assert forms == {"dW pointwise", "dW columns", "dW chunks", "dW taps", "dW patches",
+                     "dW generic",
                      "dx rows", "dx pointwise", "dx phases", "dx generic", "z columns",
                      "z generic"}, forms
     assert C._is_pointwise((1, 1, 3, 4), C.conv_config(jnp.zeros((1, 10, 7, 3)),
