@@ -120,8 +120,9 @@ def _weight_grad(x, g, w_shape, cfg: ConvConfig):
 # dispatch them to; on other backends (cuDNN, TPU) the generic convolutions are used
 # (`lax.platform_dependent`).
 
-#: The batch-chunked weight gradient is used from this batch size on (:func:`_weight_grad_chunk`).
-BATCH_CHUNK_MIN_BATCH = 64
+#: The batch-chunked weight gradient is used from this batch size on (:func:`_weight_grad_chunk`),
+#: with at most this many chunks (each is its own convolution in the compiled step).
+BATCH_CHUNK_MIN_BATCH, BATCH_CHUNK_MAX_CHUNKS = 64, 32
 
 
 def _weight_grad_chunk(x_shape, w_shape, dtype) -> int:
@@ -135,7 +136,9 @@ def _weight_grad_chunk(x_shape, w_shape, dtype) -> int:
     float32/float64 only (what was measured)."""
     if x_shape[0] < BATCH_CHUNK_MIN_BATCH or jnp.dtype(dtype) not in _MEASURED_DTYPES:
         return 0
-    return 16 if w_shape[3] <= 16 else 4
+    # Larger chunks past 32 of them (batch > 128 with 4-image chunks): compile time grows with
+    # the number of chunks, which the unrolled loop makes separate operations.
+    return max(16 if w_shape[3] <= 16 else 4, -(-x_shape[0] // BATCH_CHUNK_MAX_CHUNKS))
 
 
 def _batch_chunked_weight_grad(x, g, w_shape, cfg: ConvConfig, chunk: int):

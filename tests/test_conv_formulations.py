@@ -281,6 +281,7 @@ def test_dispatch_rules_pick_the_specialised_paths():
     assert C._weight_grad_chunk((128, 32, 32, 16), (3, 3, 16, 16), f32) == 16
     assert C._weight_grad_chunk((64, 8, 8, 64), (3, 3, 64, 64), f32) == 4
     assert C._weight_grad_chunk((63, 8, 8, 64), (3, 3, 64, 64), f32) == 0
+    assert C._weight_grad_chunk((1000, 8, 8, 64), (3, 3, 64, 64), f32) == 32  # <= 32 chunks
     assert C._cpu_weight_grad_form((63, 8, 8, 64), (3, 3, 64, 4), cfg, (8, 8),
                                    f32) == "patches"
     assert C._cpu_weight_grad_form((128, 14, 14, 6), (5, 5, 6, 16), lenet2, (10, 10),
