@@ -153,3 +153,13 @@ def test_compare_cli(tmp_path):
     assert result["step0_ok"] and len(result["step0"]) == 10
     assert all(row["max_rel"] <= 1e-4 for row in result["step0"])
     assert len(result["loss_manual"]) == 5
+
+
+def test_compare_cli_exits_1_past_the_step0_tolerance(tmp_path):
+    """LeNet-5's float32 step-0 gradients differ by ~1e-7 (the weight gradients sum in another
+    order): a tolerance below that must fail the check, and say so."""
+    proc = _script("compare.py", "--config", "configs/lenet_mnist.toml", "--steps", "1",
+                   "--set", "data.train_limit=640", "--rtol", "1e-12", "--out", str(tmp_path))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAIL" in proc.stdout
+    assert not json.load(open(tmp_path / "compare.json"))["step0_ok"]
