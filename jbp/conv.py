@@ -275,8 +275,9 @@ def _weight_grad_column_block(x_shape, w_shape, dtype, cfg: ConvConfig) -> int:
 
 def _forward_column_block(x_shape, w_shape, dtype, cfg: ConvConfig) -> int:
     """B for the column-blocked forward: C_in <= 4 always; up to the weight gradient's C_in <= 8
-    where that builds the same patch matrix of the blocked input (batch >= 32). XLA computes
-    the two identical patch matrices once, so the forward costs one more matmul: LeNet-5's
+    where that builds the same patch matrix of the blocked input (batch >= 32). When the weight
+    gradient builds it in one piece (up to :data:`COLUMN_PATCH_BYTES`; LeNet-5: 4.6 MB), XLA
+    computes the two identical patch matrices once and the forward costs one matmul: LeNet-5's
     6 → 16 layer alone ties with the convolution (1.06×), and the train step is 7–9% faster
     (same-process A/B, docs/performance.md)."""
     block = _column_block(x_shape, w_shape, dtype, cfg)
