@@ -336,8 +336,9 @@ def _column_blocked_correlate(x, w, cfg: ConvConfig, block: int):
                     precision=lax.Precision.HIGHEST).reshape(kh, kb, block * cin, block * cout)
     patch_bytes = n * ho * out_blocks * kh * kb * block * cin * jnp.dtype(x.dtype).itemsize
     if patch_bytes <= COLUMN_FORWARD_PATCH_BYTES:
-        views = [lax.slice_in_dim(lax.slice_in_dim(xb, i, i + ho, axis=1), jb, jb + out_blocks,
-                                  axis=2) for i in range(kh) for jb in range(kb)]
+        # The same views, hence the same patch matrix, as _column_blocked_weight_grad's: XLA
+        # builds it once when both run in one step.
+        views = _tap_views(xb, (kh, kb), (ho, out_blocks), _BLOCKED)
         zb = lax.dot_general(_patch_matrix(views), wb.reshape(-1, block * cout),
                              (((1,), (0,)), ((), ())))
     else:
@@ -456,6 +457,17 @@ def _tap_weight_grad(x, g, w_shape, cfg: ConvConfig):
     return _chunked_weight_grad(x, g, w_shape, cfg, TAP_CHUNK, tap_matmuls)
 
 
+def _tap_views(xp, taps_hw, out_hw, cfg: ConvConfig):
+    """The KH·KW shifted, strided views ``a[n, h·s+i·d, w·s+j·d, :]`` of the padded input, each
+    (N, H_out, W_out, C_in), in (i, j) order."""
+    (kh, kw), (ho, wo) = taps_hw, out_hw
+    (sh, sw), (dh, dw_) = cfg.stride, cfg.dilation
+    n, _, _, cin = xp.shape
+    return [lax.slice(xp, (0, i * dh, j * dw_, 0),
+                      (n, i * dh + (ho - 1) * sh + 1, j * dw_ + (wo - 1) * sw + 1, cin),
+                      (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
+
+
 def _chunked_weight_grad(x, g, w_shape, cfg: ConvConfig, target: int, per_chunk):
     """Σ over batch chunks of ``per_chunk(views, δ_chunk)``, (KH·KW·C_in, C_out).
 
@@ -466,16 +478,12 @@ def _chunked_weight_grad(x, g, w_shape, cfg: ConvConfig, target: int, per_chunk)
     is one call). Shared by the per-tap, patch-matrix and column-blocked forms."""
     kh, kw, cin, cout = w_shape
     n, ho, wo, _ = g.shape
-    (sh, sw), (dh, dw_) = cfg.stride, cfg.dilation
     (pt, pb), (pl, pr) = _weight_grad_pads(x, g, w_shape, cfg)
     xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
 
     def contribution(xb, gb):
-        b = xb.shape[0]
-        views = [lax.slice(xb, (0, i * dh, j * dw_, 0),
-                           (b, i * dh + (ho - 1) * sh + 1, j * dw_ + (wo - 1) * sw + 1, cin),
-                           (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
-        return per_chunk(views, gb.reshape(b * ho * wo, cout))
+        views = _tap_views(xb, (kh, kw), (ho, wo), cfg)
+        return per_chunk(views, gb.reshape(xb.shape[0] * ho * wo, cout))
 
     b = max(1, min(n, target))
     if b == n:
