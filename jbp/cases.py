@@ -123,7 +123,8 @@ CONV_CASES = [
     _conv_case((8, 8), 64, 4, 3, bias=False, n=32),               # C_in 64, 8x8: patch-matrix dW
     _conv_case((7, 9), 64, 3, 3, stride=2, n=33),                 # patches, stride 2, odd, N=33
     _conv_case((17, 15), 16, 4, 3, stride=2, n=32, bias=False),   # stride 2: patches
-    _conv_case((5, 6), 2, 3, 3, n=66),                            # batch chunks of 16, +2
+    _conv_case((5, 6), 2, 3, 3, n=66),                            # split taps
+    _conv_case((5, 6), 2, 3, (2, 3), n=66),                       # batch chunks of 16, +2
     _conv_case((4, 5), 3, 17, 3, stride=2, n=64, bias=False),     # chunks of 4
     # Thin layers: the forward over blocks of columns (jbp.conv, _column_block), and from
     # batch 32 the weight gradient too; widths that leave a partial last block.

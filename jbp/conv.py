@@ -473,9 +473,9 @@ def _chunked_weight_grad(x, g, w_shape, cfg: ConvConfig, target: int, per_chunk)
 
     ``views`` are the KH·KW shifted, strided input views ``a[n, h·s+i·d, w·s+j·d, :]`` of one
     chunk of B images, each (B, H_out, W_out, C_in), in (i, j) order; δ_chunk is
-    (B·H_out·W_out, C_out). Chunks of ``target`` images run in a ``lax.scan`` and the
-    N mod ``target`` images left over in one more call (a batch of at most ``target`` images
-    is one call). Shared by the per-tap, patch-matrix and column-blocked forms."""
+    (B·H_out·W_out, C_out). The input is padded once, then summed in chunks of ``target``
+    images (:func:`_sum_over_batch_chunks`). Shared by the per-tap, patch-matrix and
+    column-blocked forms."""
     kh, kw, cin, cout = w_shape
     n, ho, wo, _ = g.shape
     (pt, pb), (pl, pr) = _weight_grad_pads(x, g, w_shape, cfg)
@@ -485,20 +485,101 @@ def _chunked_weight_grad(x, g, w_shape, cfg: ConvConfig, target: int, per_chunk)
         views = _tap_views(xb, (kh, kw), (ho, wo), cfg)
         return per_chunk(views, gb.reshape(xb.shape[0] * ho * wo, cout))
 
+    total = _sum_over_batch_chunks(contribution, xp, g, target, (kh * kw * cin, cout))
+    return total.reshape(kh, kw, cin, cout)
+
+
+def _sum_over_batch_chunks(contribution, x, g, target: int, shape):
+    """Σ over chunks of the batch of ``contribution(x_chunk, δ_chunk)`` (each of ``shape``).
+
+    Chunks of ``target`` images run in a ``lax.scan`` and the N mod ``target`` images left over
+    in one more call; a batch of at most ``target`` images is one call."""
+    n = x.shape[0]
     b = max(1, min(n, target))
     if b == n:
-        return contribution(xp, g).reshape(kh, kw, cin, cout)
+        return contribution(x, g)
     full = n - n % b
 
     def step(acc, inputs):
         return acc + contribution(*inputs), None
 
-    acc = jnp.zeros((kh * kw * cin, cout), jnp.result_type(x.dtype, g.dtype))
-    acc, _ = lax.scan(step, acc, (xp[:full].reshape(full // b, b, *xp.shape[1:]),
+    acc = jnp.zeros(shape, jnp.result_type(x.dtype, g.dtype))
+    acc, _ = lax.scan(step, acc, (x[:full].reshape(full // b, b, *x.shape[1:]),
                                   g[:full].reshape(full // b, b, *g.shape[1:])))
     if full < n:
-        acc = acc + contribution(xp[full:], g[full:])
-    return acc.reshape(kh, kw, cin, cout)
+        acc = acc + contribution(x[full:], g[full:])
+    return acc
+
+
+#: Bytes of the input-side matrix A per chunk of :func:`_split_tap_weight_grad`: measured
+#: best at 8 images of ResNet-20's 32×32×16 layers (1.7 MB) and 16–32 of 16×16×16 ones.
+SPLIT_CHUNK_BYTES = 2 << 20
+
+
+def _split_tap_weight_grad(x, g, w_shape, cfg: ConvConfig, chunk: int):
+    """∂L/∂W (stride 1, one group) with the kernel's columns on the input's side of one matmul
+    and its rows on δ's side, per chunk of ``chunk`` images.
+
+    With a_p the padded input (H_p = H_out + (KH − 1)·d_h rows, stride 1) and r over its rows,
+
+        A[n, r, w, (j, c)] = a_p[n, r, w + j·d_w, c]          the KW column shifts of a_p
+        D[n, r, w, (i, k)] = δ[n, r − i·d_h, w, k]            the KH row shifts of δ
+                                                               (0 where r − i·d_h ∉ [0, H_out))
+        Σ_{n, r, w} A[n, r, w, (j, c)] · D[n, r, w, (i, k)]
+            = Σ_{n, h, w} a_p[n, h + i·d_h, w + j·d_w, c] · δ[n, h, w, k]     (h = r − i·d_h)
+            = ∂L/∂W[i, j, c, k]
+
+    so ∂L/∂W is ``Aᵀ D``, (KW·C_in, KH·C_out), one matmul per chunk: KW + KH copies of the
+    data instead of the KH·KW of a patch matrix, and no transposed input, which the
+    convolution form builds (N innermost) before it runs. Each chunk is padded and shifted
+    inside the ``lax.scan`` (:func:`_sum_over_batch_chunks`), where its A and D stay in cache;
+    padding the whole input first measured 1.5× slower. Where it wins: 3×3 kernels with at most
+    16 channels on one side from batch 64 (:func:`_use_split_taps`)."""
+    assert cfg.stride == (1, 1) and cfg.groups == 1, cfg
+    kh, kw, cin, cout = w_shape
+    _, ho, wo, _ = g.shape
+    (pt, pb), (pl, pr) = cfg.padding
+    (dh, dw_) = cfg.dilation
+    reach = (kh - 1) * dh
+    zero = jnp.zeros((), x.dtype)
+
+    def contribution(xb, gb):
+        xp = lax.pad(xb, zero, ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+        hp = xp.shape[1]                                             # H_out + reach: stride 1
+        a = jnp.concatenate([lax.slice_in_dim(xp, j * dw_, j * dw_ + wo, axis=2)
+                             for j in range(kw)], axis=3)              # (B, H_p, W_out, KW·C_in)
+        gp = lax.pad(gb, zero, ((0, 0, 0), (reach, reach, 0), (0, 0, 0), (0, 0, 0)))
+        d = jnp.concatenate([lax.slice_in_dim(gp, reach - i * dh, reach - i * dh + hp, axis=1)
+                             for i in range(kh)], axis=3)              # (B, H_p, W_out, KH·C_out)
+        return lax.dot_general(a.reshape(-1, kw * cin), d.reshape(-1, kh * cout),
+                               (((0,), (0,)), ((), ())))
+
+    total = _sum_over_batch_chunks(contribution, x, g, chunk, (kw * cin, kh * cout))
+    return total.reshape(kw, cin, kh, cout).transpose(2, 0, 1, 3)
+
+
+def _split_taps_chunk(x_shape, w_shape, dtype, cfg: ConvConfig) -> int:
+    """Images per chunk for :func:`_split_tap_weight_grad`: the largest power of two whose A
+    fits in :data:`SPLIT_CHUNK_BYTES`."""
+    _, kw, cin, _ = w_shape
+    (pt, pb), (pl, pr) = cfg.padding
+    hp = x_shape[1] + pt + pb
+    wo = x_shape[2] + pl + pr - (kw - 1) * cfg.dilation[1]
+    per_image = max(1, hp * wo * kw * cin * jnp.dtype(dtype).itemsize)
+    return 1 << max(0, (SPLIT_CHUNK_BYTES // per_image).bit_length() - 1)
+
+
+def _use_split_taps(x_shape, w_shape, cfg: ConvConfig, dtype) -> bool:
+    """Where the split-tap weight gradient measured faster on XLA:CPU (scripts/bench_ops.py,
+    docs/performance.md): 3×3 kernels, stride 1, no dilation, one group, at most 16 channels on
+    one side, batch >= 64, float32/float64. Against the batch chunks at batch 128: ResNet-20's
+    32×32×16 layers 0.68×, 32×32 16 → 8 0.58×, 16 → 32 0.89×, 32 → 16 0.66×, 16×16×16 0.86×;
+    ResNet-20's 16×16×32 layers 1.6× slower (the chunked convolutions there run on YNNPACK),
+    5×5 kernels 1.13× slower; at batch 32 the one convolution 0.88× of it."""
+    kh, kw, cin, cout = w_shape
+    return ((kh, kw) == (3, 3) and cfg.stride == (1, 1) and cfg.dilation == (1, 1)
+            and cfg.groups == 1 and min(cin, cout) <= 16 and x_shape[0] >= BATCH_CHUNK_MIN_BATCH
+            and jnp.dtype(dtype) in _MEASURED_DTYPES)
 
 
 #: Images per step of the patch-matrix loop (``_patch_weight_grad``): measured best at 2 on
@@ -603,12 +684,14 @@ def _cpu_input_grad_form(x_shape, w_shape, cfg: ConvConfig, out_hw, dtype) -> st
 
 def _cpu_weight_grad_form(x_shape, w_shape, cfg: ConvConfig, out_hw, dtype) -> str:
     """Which formulation the CPU backward uses for ∂L/∂W: pointwise, columns (thin layers,
-    :func:`_weight_grad_column_block`), chunks (batch >= 64, :func:`_weight_grad_chunk`), taps,
-    patches or generic."""
+    :func:`_weight_grad_column_block`), split taps (:func:`_use_split_taps`), chunks (batch
+    >= 64, :func:`_weight_grad_chunk`), taps, patches or generic."""
     if _is_pointwise(w_shape, cfg):
         return "pointwise"
     if _weight_grad_column_block(x_shape, w_shape, dtype, cfg) > 1:
         return "columns"
+    if _use_split_taps(x_shape, w_shape, cfg, dtype):
+        return "split"
     if _weight_grad_chunk(x_shape, w_shape, dtype):
         return "chunks"
     if _use_taps(x_shape, w_shape, cfg, out_hw):
@@ -636,6 +719,9 @@ def _cpu_weight_grad(x, g, w_shape, cfg: ConvConfig):
     if form == "columns":
         return _column_blocked_weight_grad(
             x, g, w_shape, cfg, _weight_grad_column_block(x.shape, w_shape, x.dtype, cfg))
+    if form == "split":
+        return _split_tap_weight_grad(x, g, w_shape, cfg,
+                                      _split_taps_chunk(x.shape, w_shape, x.dtype, cfg))
     if form == "chunks":
         return _batch_chunked_weight_grad(x, g, w_shape, cfg,
                                           _weight_grad_chunk(x.shape, w_shape, x.dtype))

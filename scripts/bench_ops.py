@@ -16,6 +16,8 @@ after warm-up, the medians of:
     weight grad    generic: conv with N as the contraction axis | taps: one matmul per kernel
                    tap over batch chunks | patches: one patch-matrix (im2col) matmul per
                    batch chunk | columns: the patch matrix of the column-blocked input |
+                   split: the input's column shifts against δ's row shifts, one matmul per
+                   batch chunk (stride 1) | chunksB: one convolution per B images |
                    pointwise (1×1): one matmul
 
 and checks each against the generic result. jbp.conv's CPU dispatch (``_cpu_input_grad``,
@@ -75,6 +77,10 @@ def _formulations(x, w, cfg):
         if x.shape[0] >= 2 * chunk:
             out[f"dW chunks{chunk}"] = ("weight", lambda x, w, g: (
                 conv_lib._batch_chunked_weight_grad(x, g, w.shape, cfg, chunk)))
+        if cfg.stride == (1, 1):
+            split = conv_lib._split_taps_chunk(x.shape, w.shape, x.dtype, cfg)
+            out["dW split"] = ("weight", lambda x, w, g: conv_lib._split_tap_weight_grad(
+                x, g, w.shape, cfg, split))
         out["dW taps"] = ("weight", lambda x, w, g: conv_lib._tap_weight_grad(
             x, g, w.shape, cfg))
         out["dW patches"] = ("weight", lambda x, w, g: conv_lib._patch_weight_grad(

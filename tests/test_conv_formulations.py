@@ -80,6 +80,15 @@ def test_batch_chunked_weight_grad(shape, chunk):
     _close(C._batch_chunked_weight_grad(x, g, wt.shape, cfg, chunk), dw_ref)
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 3, 64])
+@pytest.mark.parametrize("shape", [s for s in SHAPES + COLUMN_SHAPES if s[7] == 1], ids=str)
+def test_split_tap_weight_grad(shape, chunk):
+    """Stride 1 (the only stride it takes): asymmetric padding, dilation, kernels wider than
+    the input or one row tall; chunks that divide the batch, leave a remainder, or hold it."""
+    x, wt, g, cfg, _, dw_ref = _setup(shape)
+    _close(C._split_tap_weight_grad(x, g, wt.shape, cfg, chunk), dw_ref)
+
+
 @pytest.mark.parametrize("block", [2, 4, 8])
 @pytest.mark.parametrize("shape", COLUMN_SHAPES, ids=str)
 def test_column_blocked_forms(shape, block):
@@ -274,9 +283,26 @@ def test_dispatch_rules_pick_the_specialised_paths():
                                    f32) == "generic"
     assert C._cpu_weight_grad_form((128, 14, 14, 6), (5, 5, 6, 16), lenet2, (10, 10),
                                    jnp.bfloat16) == "generic"
-    # Batch chunks from batch 64: 16 images with <= 16 output channels, else 4; not for
-    # 1×1 kernels or thin layers, which keep their own forms.
+    # Split taps from batch 64: 3×3, stride 1, at most 16 channels on one side; chunks of
+    # the largest power of two of images whose input-side matrix fits in 2 MiB.
     assert C._cpu_weight_grad_form((128, 32, 32, 16), (3, 3, 16, 16), one, (32, 32),
+                                   f32) == "split"
+    assert C._split_taps_chunk((128, 32, 32, 16), (3, 3, 16, 16), f32, one) == 8  # 204 KiB
+    assert C._split_taps_chunk((128, 16, 16, 16), (3, 3, 16, 16), f32, one) == 32  # 54 KiB
+    assert C._split_taps_chunk((128, 512, 512, 16), (3, 3, 16, 16), f32, one) == 1
+    for x_shape, w_shape in (((128, 32, 32, 16), (3, 3, 16, 32)), ((128, 32, 32, 32),
+                                                                     (3, 3, 32, 16))):
+        assert C._cpu_weight_grad_form(x_shape, w_shape, one, (32, 32), f32) == "split"
+    s2 = C.conv_config(jnp.zeros((1, 32, 32, 16)), jnp.zeros((3, 3, 16, 16)), stride=2)
+    for x_shape, w_shape, c, hw, dtype in (
+            ((63, 32, 32, 16), (3, 3, 16, 16), one, (32, 32), f32),          # batch < 64
+            ((128, 16, 16, 32), (3, 3, 32, 32), one, (16, 16), f32),         # > 16 both sides
+            ((128, 32, 32, 16), (3, 3, 16, 16), s2, (16, 16), f32),          # stride 2
+            ((128, 32, 32, 16), (3, 3, 16, 16), one, (32, 32), jnp.bfloat16)):
+        assert C._cpu_weight_grad_form(x_shape, w_shape, c, hw, dtype) != "split"
+    # Batch chunks from batch 64 elsewhere: 16 images with <= 16 output channels, else 4; not
+    # for 1×1 kernels or thin layers, which keep their own forms.
+    assert C._cpu_weight_grad_form((128, 32, 32, 16), (3, 3, 16, 16), s2, (16, 16),
                                    f32) == "chunks"
     assert C._weight_grad_chunk((128, 32, 32, 16), (3, 3, 16, 16), f32) == 16
     assert C._weight_grad_chunk((64, 8, 8, 64), (3, 3, 64, 64), f32) == 4
@@ -302,7 +328,8 @@ def test_dispatch_rules_pick_the_specialised_paths():
         forms.add("dx " + C._cpu_input_grad_form(x.shape, w.shape, cfg, out_hw, x.dtype))
         block = C._forward_column_block(x.shape, w.shape, x.dtype, cfg)
         forms.add("z " + ("columns" if block > 1 else "generic"))
-    assert forms == {"dW pointwise", "dW columns", "dW chunks", "dW taps", "dW patches",
+    assert forms == {"dW pointwise", "dW columns", "dW split", "dW chunks", "dW taps",
+                     "dW patches",
                      "dW generic",
                      "dx rows", "dx pointwise", "dx phases", "dx generic", "z columns",
                      "z generic"}, forms
