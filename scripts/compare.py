@@ -11,8 +11,9 @@
 Exits 1 if any step-0 leaf differs by more than --rtol (max rel error; default 1e-3 in float32,
 1e-9 with --x64). The float32 default is set by what float32 itself gets wrong: on ResNet-20's
 first MNIST batch both gradients are 1.5e-3 to 9e-3 (per leaf) away from the float64 gradient,
-and the two differ by 1.2e-4 at most (its first-stage weight gradients, which jbp sums in
-16-image chunks and XLA's derivative in one convolution: docs/performance.md). A wrong rule
+and the two differ by 1.1e-4 at most (its first-stage weight gradients, which jbp sums as one
+matmul of shifted copies per chunk of 8 images and XLA's derivative as one convolution:
+docs/performance.md). A wrong rule
 differs by far more; --x64 (below) compares the rules themselves.
 
 --x64 runs both in float64: the rules are then compared at ~1e-12 instead of float32 rounding,
