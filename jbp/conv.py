@@ -558,14 +558,12 @@ def _split_tap_weight_grad(x, g, w_shape, cfg: ConvConfig, chunk: int):
     return total.reshape(kw, cin, kh, cout).transpose(2, 0, 1, 3)
 
 
-def _split_taps_chunk(x_shape, w_shape, dtype, cfg: ConvConfig) -> int:
-    """Images per chunk for :func:`_split_tap_weight_grad`: the largest power of two whose A
-    fits in :data:`SPLIT_CHUNK_BYTES`."""
-    _, kw, cin, _ = w_shape
-    (pt, pb), (pl, pr) = cfg.padding
-    hp = x_shape[1] + pt + pb
-    wo = x_shape[2] + pl + pr - (kw - 1) * cfg.dilation[1]
-    per_image = max(1, hp * wo * kw * cin * jnp.dtype(dtype).itemsize)
+def _split_taps_chunk(w_shape, out_hw, dtype, cfg: ConvConfig) -> int:
+    """Images per chunk for :func:`_split_tap_weight_grad`: the largest power of two whose A,
+    (H_out + (KH − 1)·d_h) × W_out × KW·C_in per image, fits in :data:`SPLIT_CHUNK_BYTES`."""
+    kh, kw, cin, _ = w_shape
+    hp = out_hw[0] + (kh - 1) * cfg.dilation[0]
+    per_image = max(1, hp * out_hw[1] * kw * cin * jnp.dtype(dtype).itemsize)
     return 1 << max(0, (SPLIT_CHUNK_BYTES // per_image).bit_length() - 1)
 
 
@@ -721,7 +719,7 @@ def _cpu_weight_grad(x, g, w_shape, cfg: ConvConfig):
             x, g, w_shape, cfg, _weight_grad_column_block(x.shape, w_shape, x.dtype, cfg))
     if form == "split":
         return _split_tap_weight_grad(x, g, w_shape, cfg,
-                                      _split_taps_chunk(x.shape, w_shape, x.dtype, cfg))
+                                      _split_taps_chunk(w_shape, g.shape[1:3], x.dtype, cfg))
     if form == "chunks":
         return _batch_chunked_weight_grad(x, g, w_shape, cfg,
                                           _weight_grad_chunk(x.shape, w_shape, x.dtype))

@@ -78,9 +78,9 @@ def _formulations(x, w, cfg):
             out[f"dW chunks{chunk}"] = ("weight", lambda x, w, g: (
                 conv_lib._batch_chunked_weight_grad(x, g, w.shape, cfg, chunk)))
         if cfg.stride == (1, 1):
-            split = conv_lib._split_taps_chunk(x.shape, w.shape, x.dtype, cfg)
             out["dW split"] = ("weight", lambda x, w, g: conv_lib._split_tap_weight_grad(
-                x, g, w.shape, cfg, split))
+                x, g, w.shape, cfg, conv_lib._split_taps_chunk(w.shape, g.shape[1:3], x.dtype,
+                                                               cfg)))
         out["dW taps"] = ("weight", lambda x, w, g: conv_lib._tap_weight_grad(
             x, g, w.shape, cfg))
         out["dW patches"] = ("weight", lambda x, w, g: conv_lib._patch_weight_grad(

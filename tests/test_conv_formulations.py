@@ -287,9 +287,9 @@ def test_dispatch_rules_pick_the_specialised_paths():
     # the largest power of two of images whose input-side matrix fits in 2 MiB.
     assert C._cpu_weight_grad_form((128, 32, 32, 16), (3, 3, 16, 16), one, (32, 32),
                                    f32) == "split"
-    assert C._split_taps_chunk((128, 32, 32, 16), (3, 3, 16, 16), f32, one) == 8  # 204 KiB
-    assert C._split_taps_chunk((128, 16, 16, 16), (3, 3, 16, 16), f32, one) == 32  # 54 KiB
-    assert C._split_taps_chunk((128, 512, 512, 16), (3, 3, 16, 16), f32, one) == 1
+    assert C._split_taps_chunk((3, 3, 16, 16), (32, 32), f32, one) == 8  # 204 KiB
+    assert C._split_taps_chunk((3, 3, 16, 16), (16, 16), f32, one) == 32  # 54 KiB
+    assert C._split_taps_chunk((3, 3, 16, 16), (512, 512), f32, one) == 1
     for x_shape, w_shape in (((128, 32, 32, 16), (3, 3, 16, 32)), ((128, 32, 32, 32),
                                                                      (3, 3, 32, 16))):
         assert C._cpu_weight_grad_form(x_shape, w_shape, one, (32, 32), f32) == "split"
