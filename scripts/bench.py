@@ -16,8 +16,10 @@ SGD + momentum 0.9 (optax; torch.optim.SGD for PyTorch):
 A JAX step is one jit-compiled call (forward, backward, optimizer update; donated state). Steps
 are timed in alternating rounds after warm-up: each round gives every variant one untimed step
 (it absorbs the previous variant's spinning threads) and ``--block`` timed ones, and the
-variant order rotates every round. The table shows
-medians with min-max and the ratio to jbp manual. Before timing, the step-0 losses of all
+variant order rotates every round. The table shows medians with min-max, the ratio of those
+medians to jbp manual's, and the paired ratio: the median over rounds of each round's ratio to
+manual in the same round (with its range), which cancels the machine's slow phases
+(``paired_ratios``). Before timing, the step-0 losses of all
 variants must agree (they start from identical numbers), or the run stops.
 
 Columns: compile time and ``compiled.memory_analysis()`` temp bytes (JAX variants); GFLOP/s
@@ -238,21 +240,26 @@ def main(argv=None):
             # after each op, and on a 2-core machine the step right after a torch step ran on
             # about half the CPU (LeNet-5 manual: 7.2 ms alone, 7-16 ms bimodal after torch).
             times = {v: [] for v in variants}
+            round_medians = {v: [] for v in variants}
             rounds = -(-args.steps // args.block)
             for r in range(rounds):
                 order = variants[r % len(variants):] + variants[:r % len(variants)]
                 for v in order:
                     runners[v]()
+                    block = []
                     for _ in range(min(args.block, args.steps - len(times[v]))):
                         t0 = time.perf_counter()
                         runners[v]()
-                        times[v].append(1e3 * (time.perf_counter() - t0))
+                        block.append(1e3 * (time.perf_counter() - t0))
+                    times[v] += block
+                    round_medians[v].append(float(np.median(block)))
                 log(f"[{cfg_name}] round {r + 1}/{rounds}: " + ", ".join(
                     f"{v} {np.median(times[v]):.1f} ms" for v in variants))
 
         manual_ms = float(np.median(times["manual"]))
         for v in variants:
             med = float(np.median(times[v]))
+            paired = paired_ratios(round_medians[v], round_medians["manual"])
             gflops = flops / med / 1e6
             rows.append({
                 "model": model_name, "batch": batch, "variant": v,
@@ -260,6 +267,8 @@ def main(argv=None):
                 "step_ms_median": med, "step_ms_min": float(np.min(times[v])),
                 "step_ms_max": float(np.max(times[v])), "steps": args.steps,
                 "ratio_to_manual": med / manual_ms,
+                "ratio_to_manual_paired": float(np.median(paired)),
+                "ratio_paired_min": min(paired), "ratio_paired_max": max(paired),
                 "compile_s": info[v]["compile_s"], "temp_bytes": info[v]["temp_bytes"],
                 "gflops": gflops, "peak_fraction": gflops / peak_gflops,
                 "images_per_s": batch / med * 1e3, "loss0": loss0[v],
@@ -270,6 +279,18 @@ def main(argv=None):
     print(table(rows))
     if args.json:
         print(f"\nwrote {len(rows)} rows to {args.json}")
+
+
+def paired_ratios(variant_rounds, manual_rounds):
+    """Per-round ratios: each round's median step of a variant over manual's in the same round.
+
+    The two blocks of a round run seconds apart, so a slow phase of the machine (this VM's
+    step times drift by 10-20% over a minute) hits both and cancels in their ratio; the ratio
+    of whole-run medians does not cancel it when the phases fall unevenly on the variants. The
+    table reports the median of these ratios and their range beside the ratio of medians."""
+    if len(variant_rounds) != len(manual_rounds):
+        raise ValueError(f"{len(variant_rounds)} rounds against {len(manual_rounds)} for manual")
+    return [v / m for v, m in zip(variant_rounds, manual_rounds)]
 
 
 def _torch_runner(torch, device, bench_models, model_name, params, state, x_np, y_np):
@@ -307,16 +328,17 @@ def _header(jax, torch, device, peak, args):
 
 def table(rows) -> str:
     """Markdown table of benchmark rows."""
-    head = ("| model | batch | variant | step ms median | min–max | × manual | compile s "
-            "| temp MiB | GFLOP/s | % peak | img/s |")
-    out = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    head = ("| model | batch | variant | step ms median | min–max | × manual | paired × (range) "
+            "| compile s | temp MiB | GFLOP/s | % peak | img/s |")
+    out = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         compile_s = "" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
         temp = "" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:.1f}"
         out.append(
             f"| {r['model']} | {r['batch']} | {r['variant']} | {r['step_ms_median']:.2f} "
             f"| {r['step_ms_min']:.1f}–{r['step_ms_max']:.1f} | {r['ratio_to_manual']:.2f} "
-            f"| {compile_s} | {temp} | {r['gflops']:.1f} | {100 * r['peak_fraction']:.1f} "
+            f"| {r['ratio_to_manual_paired']:.3f} ({r['ratio_paired_min']:.2f}–"
+            f"{r['ratio_paired_max']:.2f}) | {compile_s} | {temp} | {r['gflops']:.1f} | {100 * r['peak_fraction']:.1f} "
             f"| {r['images_per_s']:.0f} |")
     return "\n".join(out)
 

@@ -88,6 +88,9 @@ def test_bench_runs_and_writes_the_json_rows(tmp_path):
             assert key in r
         assert r["model"] == "lenet5" and r["batch"] == 128
         assert r["step_ms_min"] <= r["step_ms_median"] <= r["step_ms_max"]
+        assert r["ratio_paired_min"] <= r["ratio_to_manual_paired"] <= r["ratio_paired_max"]
+        if r["variant"] == "manual":
+            assert r["ratio_to_manual_paired"] == 1.0
         assert (r["temp_bytes"] is None) == (r["variant"] == "torch")
     # Step-0 losses agree across variants (the script exits non-zero otherwise).
     losses = [r["loss0"] for r in rows]
@@ -99,3 +102,15 @@ def test_bench_rejects_unknown_config():
     proc = subprocess.run([sys.executable, os.path.join(SCRIPTS, "bench.py"), "--configs",
                            "vgg16"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown" in proc.stderr
+
+
+def test_paired_ratios_by_hand():
+    bench = _load("bench")
+    # Rounds 2-3 ran 30% slower for both variants; round 5's variant block alone was slow.
+    manual = [100.0, 130.0, 130.0, 100.0, 100.0]
+    variant = [70.0, 91.0, 91.0, 70.0, 75.0]
+    ratios = bench.paired_ratios(variant, manual)
+    np.testing.assert_allclose(ratios, [0.7, 0.7, 0.7, 0.7, 0.75])
+    assert float(np.median(ratios)) == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="rounds"):
+        bench.paired_ratios(variant[:3], manual)
