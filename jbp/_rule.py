@@ -11,6 +11,12 @@ A jbp layer is three plain functions written side by side in its module:
 ``nondiff_argnums``) and returns a callable that also carries the undecorated ``forward`` for the
 autodiff twin.
 
+One exception, stated where it is made: a rule may compute the same maths by another
+formulation in its own forward (``primal``, which ``fwd`` then uses too) when JAX differentiates
+that formulation worse than ``forward``: conv2d's split forward for small wide layers on CPU
+(``jbp.conv._rule_forward``). The two then agree to rounding, not bit for bit, and the grid
+(``tests/test_grid.py``) checks both.
+
 Under ``jax.checkpoint`` the forward still runs once: every ``fwd`` here is plain ``jnp``/``lax``,
 so when checkpointing discards the residuals of the primal pass, JAX's partial evaluation and XLA
 dead-code elimination drop their computation (``tests/test_transforms.py`` counts the compiled
@@ -51,11 +57,11 @@ class ManualRule:
     """
 
     def __init__(self, name: str, forward: Callable, fwd: Callable, bwd: Callable,
-                 num_args: int, num_static: int = 1):
+                 num_args: int, num_static: int = 1, primal: Callable = None):
         self.name = name
         self.forward = forward
         static = tuple(range(num_args - num_static, num_args))
-        self._vjp = jax.custom_vjp(forward, nondiff_argnums=static)
+        self._vjp = jax.custom_vjp(primal or forward, nondiff_argnums=static)
         self._vjp.defvjp(fwd, bwd, optimize_remat=OPTIMIZE_REMAT)
 
     # Note: inside jax.jit the rule is staged out first, so jax.jvp(jax.jit(f)) fails later, in
@@ -74,9 +80,10 @@ class ManualRule:
 
 
 def manual_rule(name: str, forward: Callable, fwd: Callable, bwd: Callable, *,
-                num_args: int, num_static: int = 1) -> ManualRule:
-    """Build a :class:`ManualRule`; ``num_args`` counts every positional argument."""
-    return ManualRule(name, forward, fwd, bwd, num_args, num_static)
+                num_args: int, num_static: int = 1, primal: Callable = None) -> ManualRule:
+    """Build a :class:`ManualRule`; ``num_args`` counts every positional argument. ``primal``
+    (default ``forward``) is what the rule computes when not differentiated (module docstring)."""
+    return ManualRule(name, forward, fwd, bwd, num_args, num_static, primal)
 
 
 def cast_like(grad, primal):

@@ -126,6 +126,7 @@ CONV_CASES = [
     _conv_case((5, 6), 2, 3, 3, n=66),                            # split taps
     _conv_case((5, 6), 2, 3, (2, 3), n=66),                       # batch chunks of 16, +2
     _conv_case((4, 5), 3, 17, 3, stride=2, n=64, bias=False),     # chunks of 4
+    _conv_case((3, 2), 64, 64, 3, n=64, bias=False),              # split forward (manual)
     # Thin layers: the forward over blocks of columns (jbp.conv, _column_block), and from
     # batch 32 the weight gradient too; widths that leave a partial last block.
     _conv_case((6, 17), 1, 6, 5),                                 # 4 columns per block

@@ -56,10 +56,24 @@ def _forward(x, w, b, cfg: ConvConfig):
     return z if b is None else z + b
 
 
+def _rule_forward(x, w, b, cfg: ConvConfig):
+    """The manual rule's forward: ``_forward``, except for small wide layers on XLA:CPU, which
+    take the split form (:func:`_split_tap_correlate`, :func:`_use_split_forward`): the same
+    sum in another order, equal to rounding. Not in ``_forward`` itself: differentiated by JAX
+    (``jbp.autodiff``) it made the autodiff step slower (docs/performance.md), so the
+    autodiff twin keeps XLA's convolution."""
+    if not _use_split_forward(x.shape, w.shape, cfg, x.dtype):
+        return _forward(x, w, b, cfg)
+    chunk = _split_taps_chunk(w.shape, _out_hw(x.shape, w.shape, cfg), x.dtype, cfg)
+    z = lax.platform_dependent(x, w, cpu=lambda x, w: _split_tap_correlate(x, w, cfg, chunk),
+                               default=lambda x, w: _correlate(x, w, cfg))
+    return z if b is None else z + b
+
+
 def _fwd(x, w, b, cfg: ConvConfig):
     # Residuals: the input a (N·H·W·C_in elements) and the kernel W; the bias only for its
     # dtype/None-ness (C_out elements). Bytes saved = (x.size + w.size + b.size) · itemsize.
-    return _forward(x, w, b, cfg), (x, w, b)
+    return _rule_forward(x, w, b, cfg), (x, w, b)
 
 
 def _leftover(size: int, out: int, k_eff: int, stride: int, pad: Tuple[int, int]) -> int:
@@ -558,6 +572,63 @@ def _split_tap_weight_grad(x, g, w_shape, cfg: ConvConfig, chunk: int):
     return total.reshape(kw, cin, kh, cout).transpose(2, 0, 1, 3)
 
 
+def _split_tap_correlate(x, w, cfg: ConvConfig, chunk: int):
+    """z = a ⋆ W (stride 1, one group) as one matmul per chunk of ``chunk`` images, then a sum
+    of KH row-shifted slices: the split of :func:`_split_tap_weight_grad` for the forward.
+
+    With A the KW column shifts of the padded input as there, A[n, r, w, (j, c)] =
+    a_p[n, r, w + j·d_w, c], and W' the kernel with its rows beside its output channels,
+    W'[(j, c), (i, k)] = W[i, j, c, k],
+
+        B = A · W'                                 (N·H_p·W_out, KH·C_out)
+        z[n, h, w, k] = Σ_i B[n, h + i·d_h, w, (i, k)]
+                      = Σ_{i, j, c} a_p[n, h + i·d_h, w + j·d_w, c] · W[i, j, c, k]
+
+    KW copies of the input and KH row-shifted reads of B instead of XLA's convolution.
+    The chunks are unrolled (independent, so XLA's thunk executor runs them side by side;
+    inside a ``lax.map`` the step measured 1.5% slower). Where it wins:
+    :func:`_use_split_forward`."""
+    assert cfg.stride == (1, 1) and cfg.groups == 1, cfg
+    kh, kw, cin, cout = w.shape
+    (pt, pb), (pl, pr) = cfg.padding
+    (dh, dw_) = cfg.dilation
+    ho, wo = _out_hw(x.shape, w.shape, cfg)
+    w_split = w.transpose(1, 2, 0, 3).reshape(kw * cin, kh * cout)
+    zero = jnp.zeros((), x.dtype)
+
+    def correlate_chunk(xb):
+        xp = lax.pad(xb, zero, ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+        a = jnp.concatenate([lax.slice_in_dim(xp, j * dw_, j * dw_ + wo, axis=2)
+                             for j in range(kw)], axis=3)              # (B, H_p, W_out, KW·C_in)
+        bm = lax.dot_general(a, w_split, (((3,), (0,)), ((), ())))    # (B, H_p, W_out, KH·C_out)
+        return sum(bm[:, i * dh:i * dh + ho, :, i * cout:(i + 1) * cout] for i in range(kh))
+
+    n = x.shape[0]
+    return jnp.concatenate([correlate_chunk(x[s:s + chunk]) for s in range(0, n, chunk)])
+
+
+def _out_hw(x_shape, w_shape, cfg: ConvConfig) -> Tuple[int, int]:
+    """(H_out, W_out) of a stride-1 correlation."""
+    return tuple(x_shape[1 + a] + sum(cfg.padding[a]) - (w_shape[a] - 1) * cfg.dilation[a]
+                 for a in (0, 1))
+
+
+def _use_split_forward(x_shape, w_shape, cfg: ConvConfig, dtype) -> bool:
+    """Where the split forward measured faster on XLA:CPU (docs/performance.md): 3×3 kernels,
+    stride 1, no dilation, one group, at least 64 channels on both sides over at most 8×8
+    output pixels, batch >= 64, float32/float64. Alone at batch 128 it is 0.77× XLA's
+    convolution on ResNet-20's 8×8×64 layers, a tie on 16×16×32 and 1.26× slower on 32×32×16;
+    in the ResNet-20 b128 train step 0.97× (five same-process A/Bs) on the 8×8×64 layers and
+    a tie with the 16×16×32 ones added."""
+    kh, kw, cin, cout = w_shape
+    if not ((kh, kw) == (3, 3) and cfg.stride == (1, 1) and cfg.dilation == (1, 1)
+            and cfg.groups == 1 and min(cin, cout) >= 64 and x_shape[0] >= BATCH_CHUNK_MIN_BATCH
+            and jnp.dtype(dtype) in _MEASURED_DTYPES):
+        return False
+    ho, wo = _out_hw(x_shape, w_shape, cfg)
+    return ho * wo <= 64
+
+
 def _split_taps_chunk(w_shape, out_hw, dtype, cfg: ConvConfig) -> int:
     """Images per chunk for :func:`_split_tap_weight_grad`: the largest power of two whose A,
     (H_out + (KH − 1)·d_h) × W_out × KW·C_in per image, fits in :data:`SPLIT_CHUNK_BYTES`."""
@@ -756,7 +827,7 @@ def _bwd(cfg: ConvConfig, res, g):
     return cast_like(dx, x), cast_like(dw, w), cast_like(db, b)
 
 
-_conv2d_rule = manual_rule("conv2d", _forward, _fwd, _bwd, num_args=4)
+_conv2d_rule = manual_rule("conv2d", _forward, _fwd, _bwd, num_args=4, primal=_rule_forward)
 
 
 def conv_config(x, w, b=None, *, stride=1, padding="SAME", dilation=1, groups=1) -> ConvConfig:

@@ -9,7 +9,9 @@ For every distinct convolution (input shape, kernel, stride, padding) it times, 
 after warm-up, the medians of:
 
     forward        generic: lax.conv_general_dilated | columns: the same correlation over
-                   blocks of B columns (B·C_in -> B·C_out channels; thin layers)
+                   blocks of B columns (B·C_in -> B·C_out channels; thin layers) | split:
+                   the input's column shifts times the kernel, then a sum of row-shifted
+                   slices, per batch chunk (stride 1; the manual rule's forward only)
     input grad     generic: conv of the stride-dilated δ with the rotated kernel (what XLA's
                    autodiff emits) | phases: one stride-1 conv per stride phase | rows: one
                    matmul of δ's rows with a banded kernel (thin layers) | pointwise (1×1)
@@ -21,7 +23,7 @@ after warm-up, the medians of:
                    pointwise (1×1): one matmul
 
 and checks each against the generic result. jbp.conv's CPU dispatch (``_cpu_input_grad``,
-``_cpu_weight_grad``) and its forward's column blocks (``_column_block``) were chosen
+``_cpu_weight_grad``) and its forwards (``_column_block``, ``_use_split_forward``) were chosen
 from this table; docs/performance.md records the numbers.
 The "chosen" column says which formulation jbp uses for that shape on this backend.
 """
@@ -78,6 +80,8 @@ def _formulations(x, w, cfg):
             out[f"dW chunks{chunk}"] = ("weight", lambda x, w, g: (
                 conv_lib._batch_chunked_weight_grad(x, g, w.shape, cfg, chunk)))
         if cfg.stride == (1, 1):
+            out["forward split"] = ("forward", lambda x, w, g: conv_lib._split_tap_correlate(
+                x, w, cfg, conv_lib._split_taps_chunk(w.shape, g.shape[1:3], x.dtype, cfg)))
             out["dW split"] = ("weight", lambda x, w, g: conv_lib._split_tap_weight_grad(
                 x, g, w.shape, cfg, conv_lib._split_taps_chunk(w.shape, g.shape[1:3], x.dtype,
                                                                cfg)))
@@ -109,7 +113,10 @@ def _chosen(x, w, cfg, kind):
             form += str(conv_lib._weight_grad_chunk(x.shape, w.shape, x.dtype))
         return "dW " + form
     block = conv_lib._forward_column_block(x.shape, w.shape, x.dtype, cfg)
-    return f"forward columns{block}" if block > 1 else "forward"
+    if block > 1:
+        return f"forward columns{block}"
+    return "forward split" if conv_lib._use_split_forward(x.shape, w.shape, cfg,
+                                                         x.dtype) else "forward"
 
 
 def main(argv=None):

@@ -89,6 +89,34 @@ def test_split_tap_weight_grad(shape, chunk):
     _close(C._split_tap_weight_grad(x, g, wt.shape, cfg, chunk), dw_ref)
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 3, 64])
+@pytest.mark.parametrize("shape", [s for s in SHAPES + COLUMN_SHAPES if s[7] == 1], ids=str)
+def test_split_tap_correlate(shape, chunk):
+    """The split forward on the same stride-1 shapes: chunks that divide the batch, leave a
+    smaller last chunk, or hold it all."""
+    x, wt, _, cfg, _, _ = _setup(shape)
+    _close(C._split_tap_correlate(x, wt, cfg, chunk), C._correlate(x, wt, cfg))
+
+
+def test_manual_forward_takes_the_split_on_cpu():
+    """Under differentiation the manual rule's forward of a small wide layer is the split form
+    on CPU (matmuls, no forward convolution), and its value is XLA's convolution's."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("CPU-only check")
+    import jbp
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((64, 4, 4, 64)))
+    w = jnp.asarray(rng.standard_normal((3, 3, 64, 64)))
+    cfg = C.conv_config(x, w, padding=1)
+    assert C._use_split_forward(x.shape, w.shape, cfg, x.dtype)
+    z, _ = jax.vjp(lambda x, w: jbp.conv2d(x, w, padding=1), x, w)
+    _close(z, C._correlate(x, w, cfg))
+    x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
+    hlo = jax.jit(lambda x, w: jax.vjp(lambda x, w: jbp.conv2d(x, w, padding=1), x, w)[0]
+                  ).lower(x32, w32).compile().as_text()
+    assert "convolution(" not in hlo and ("dot(" in hlo or "dot_general" in hlo), hlo
+
+
 @pytest.mark.parametrize("block", [2, 4, 8])
 @pytest.mark.parametrize("shape", COLUMN_SHAPES, ids=str)
 def test_column_blocked_forms(shape, block):
@@ -300,6 +328,20 @@ def test_dispatch_rules_pick_the_specialised_paths():
             ((128, 32, 32, 16), (3, 3, 16, 16), s2, (16, 16), f32),          # stride 2
             ((128, 32, 32, 16), (3, 3, 16, 16), one, (32, 32), jnp.bfloat16)):
         assert C._cpu_weight_grad_form(x_shape, w_shape, c, hw, dtype) != "split"
+    # The split forward (manual rule only): 3×3 stride 1, >= 64 channels on both sides over at
+    # most 8×8 output pixels, batch >= 64, float32/float64.
+    assert C._use_split_forward((128, 8, 8, 64), (3, 3, 64, 64), one, f32)
+    assert C._use_split_forward((64, 8, 8, 64), (3, 3, 64, 128), one, jnp.float64)
+    assert C._split_taps_chunk((3, 3, 64, 64), (8, 8), f32, one) == 32   # 60 KiB an image
+    s2_64 = C.conv_config(jnp.zeros((1, 8, 8, 64)), jnp.zeros((3, 3, 64, 64)), stride=2)
+    for x_shape, w_shape, c, dtype in (
+            ((63, 8, 8, 64), (3, 3, 64, 64), one, f32),                   # batch < 64
+            ((128, 16, 16, 64), (3, 3, 64, 64), one, f32),                # 16×16 pixels
+            ((128, 8, 8, 32), (3, 3, 32, 64), one, f32),                  # C_in < 64
+            ((128, 8, 8, 64), (3, 3, 64, 63), one, f32),                  # C_out < 64
+            ((128, 8, 8, 64), (3, 3, 64, 64), s2_64, f32),                # stride 2
+            ((128, 8, 8, 64), (3, 3, 64, 64), one, jnp.bfloat16)):
+        assert not C._use_split_forward(x_shape, w_shape, c, dtype)
     # Batch chunks from batch 64 elsewhere: 16 images with <= 16 output channels, else 4; not
     # for 1×1 kernels or thin layers, which keep their own forms.
     assert C._cpu_weight_grad_form((128, 32, 32, 16), (3, 3, 16, 16), s2, (16, 16),
@@ -317,7 +359,7 @@ def test_dispatch_rules_pick_the_specialised_paths():
     assert C._cpu_weight_grad_form((128, 8, 8, 16), (1, 1, 16, 32), pw, (4, 4),
                                    f32) == "pointwise"
     # The grid's conv cases (jbp/cases.py) reach every form of both gradients and the
-    # column-blocked forward.
+    # column-blocked and split forwards.
     forms = set()
     for case in CONV_CASES:
         kw = {k: v for k, v in case.call.keywords.items() if k != "bias"}
@@ -327,12 +369,13 @@ def test_dispatch_rules_pick_the_specialised_paths():
         forms.add("dW " + C._cpu_weight_grad_form(x.shape, w.shape, cfg, out_hw, x.dtype))
         forms.add("dx " + C._cpu_input_grad_form(x.shape, w.shape, cfg, out_hw, x.dtype))
         block = C._forward_column_block(x.shape, w.shape, x.dtype, cfg)
-        forms.add("z " + ("columns" if block > 1 else "generic"))
+        split = C._use_split_forward(x.shape, w.shape, cfg, x.dtype)
+        forms.add("z " + ("columns" if block > 1 else "split" if split else "generic"))
     assert forms == {"dW pointwise", "dW columns", "dW split", "dW chunks", "dW taps",
                      "dW patches",
                      "dW generic",
                      "dx rows", "dx pointwise", "dx phases", "dx generic", "z columns",
-                     "z generic"}, forms
+                     "z split", "z generic"}, forms
     assert C._is_pointwise((1, 1, 3, 4), C.conv_config(jnp.zeros((1, 10, 7, 3)),
                                                         jnp.zeros((1, 1, 3, 4)), stride=3,
                                                         padding="VALID"))

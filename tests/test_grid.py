@@ -2,7 +2,8 @@
 
 - manual == jax.grad of the jbp.autodiff twin, float32 (tight) and float64 (~1e-10);
 - manual == central finite differences in float64 (full Jacobian or random directions);
-- the primal computed by the rule's fwd equals the plain call and the autodiff forward;
+- the primal computed by the rule's fwd equals the plain call and the autodiff forward (to
+  float64 rounding where the rule has its own forward: conv2d's split form on CPU);
 - gradient dtype == input dtype (float32, float64, bfloat16);
 - under jax.jit the gradients are the eager gradients.
 """
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 import jbp
-from jbp import gradcheck
+from jbp import conv, gradcheck
 from jbp.cases import CASES
 
 IDS = [c.id for c in CASES]
@@ -38,16 +39,30 @@ def test_manual_matches_finite_differences(case):
     assert result.ok, str(result)
 
 
+def _rule_has_its_own_forward(case, args) -> bool:
+    """conv2d's rule computes small wide layers by the split form on CPU (jbp.conv._rule_forward):
+    the same sum in another order, so equal to the autodiff forward only to rounding."""
+    if case.layer != "conv2d" or jax.default_backend() != "cpu":
+        return False
+    kw = {k: v for k, v in case.call.keywords.items() if k != "bias"}
+    cfg = conv.conv_config(args[0], args[1], **kw)
+    return conv._use_split_forward(args[0].shape, args[1].shape, cfg, args[0].dtype)
+
+
 def test_primal_of_fwd_equals_plain_call(case):
     args = case.args(jnp.float64)
     manual = case.fn(jbp)
     primal_from_fwd, _ = jax.vjp(manual, *args)      # runs the rule's fwd
     plain = manual(*args)                             # runs the custom_vjp primal
     reference = case.fn(jbp.autodiff)(*args)          # the shared forward, no rule at all
+    own_forward = _rule_has_its_own_forward(case, args)
     for a, b, c in zip(jax.tree.leaves(primal_from_fwd), jax.tree.leaves(plain),
                        jax.tree.leaves(reference)):
         np.testing.assert_array_equal(a, b)
-        np.testing.assert_array_equal(a, c)
+        if own_forward:      # float64 rounding of a reordered sum of 576 products
+            np.testing.assert_allclose(a, c, rtol=0, atol=1e-13 * float(np.max(np.abs(c))))
+        else:
+            np.testing.assert_array_equal(a, c)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.bfloat16],
