@@ -275,7 +275,7 @@ def _column_block(x_shape, w_shape, dtype, cfg: ConvConfig,
     if (cfg.groups != 1 or cfg.stride != (1, 1) or cfg.dilation != (1, 1) or kw < 2
             or cin > max_cin or not 3 <= cout <= 16 or jnp.dtype(dtype) not in _MEASURED_DTYPES):
         return 1
-    w_out = x_shape[2] + sum(cfg.padding[1]) - kw + 1
+    w_out = _out_hw(x_shape, w_shape, cfg)[1]
     block = next(b for b in (2, 4, 8) if b * cout >= 24)
     return block if 2 * block <= w_out else 1
 
@@ -341,8 +341,8 @@ def _column_blocked_correlate(x, w, cfg: ConvConfig, block: int):
     with W_B on LeNet-5's first layer and 1.9× on ResNet-20's stem (docs/performance.md).
     Past :data:`COLUMN_FORWARD_PATCH_BYTES` of patch matrix it stays a convolution."""
     kh, kw, cin, cout = w.shape
-    n, _, wd, _ = x.shape
-    w_out = wd + sum(cfg.padding[1]) - kw + 1
+    n = x.shape[0]
+    w_out = _out_hw(x.shape, w.shape, cfg)[1]
     out_blocks, kb, in_blocks = _column_blocks(w_out, kw, block)
     xb = _blocked_input(x, cfg, block, in_blocks)
     ho = xb.shape[1] - kh + 1

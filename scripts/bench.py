@@ -338,8 +338,8 @@ def table(rows) -> str:
             f"| {r['model']} | {r['batch']} | {r['variant']} | {r['step_ms_median']:.2f} "
             f"| {r['step_ms_min']:.1f}–{r['step_ms_max']:.1f} | {r['ratio_to_manual']:.2f} "
             f"| {r['ratio_to_manual_paired']:.3f} ({r['ratio_paired_min']:.2f}–"
-            f"{r['ratio_paired_max']:.2f}) | {compile_s} | {temp} | {r['gflops']:.1f} | {100 * r['peak_fraction']:.1f} "
-            f"| {r['images_per_s']:.0f} |")
+            f"{r['ratio_paired_max']:.2f}) | {compile_s} | {temp} | {r['gflops']:.1f} "
+            f"| {100 * r['peak_fraction']:.1f} | {r['images_per_s']:.0f} |")
     return "\n".join(out)
 
 
