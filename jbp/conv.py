@@ -64,7 +64,7 @@ def _rule_forward(x, w, b, cfg: ConvConfig):
     autodiff twin keeps XLA's convolution."""
     if not _use_split_forward(x.shape, w.shape, cfg, x.dtype):
         return _forward(x, w, b, cfg)
-    chunk = _split_taps_chunk(w.shape, _out_hw(x.shape, w.shape, cfg), x.dtype, cfg)
+    chunk = _split_forward_chunk(x.shape, w.shape, x.dtype, cfg)
     z = lax.platform_dependent(x, w, cpu=lambda x, w: _split_tap_correlate(x, w, cfg, chunk),
                                default=lambda x, w: _correlate(x, w, cfg))
     return z if b is None else z + b
@@ -627,6 +627,14 @@ def _use_split_forward(x_shape, w_shape, cfg: ConvConfig, dtype) -> bool:
         return False
     ho, wo = _out_hw(x_shape, w_shape, cfg)
     return ho * wo <= 64
+
+
+def _split_forward_chunk(x_shape, w_shape, dtype, cfg: ConvConfig) -> int:
+    """Images per (unrolled) chunk of the split forward: :func:`_split_taps_chunk`'s, made
+    larger where the batch would need more than :data:`BATCH_CHUNK_MAX_CHUNKS` chunks (each
+    chunk is its own matmul in the compiled step, and compile time grows with their number)."""
+    chunk = _split_taps_chunk(w_shape, _out_hw(x_shape, w_shape, cfg), dtype, cfg)
+    return max(chunk, -(-x_shape[0] // BATCH_CHUNK_MAX_CHUNKS))
 
 
 def _split_taps_chunk(w_shape, out_hw, dtype, cfg: ConvConfig) -> int:

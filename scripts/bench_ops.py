@@ -81,7 +81,7 @@ def _formulations(x, w, cfg):
                 conv_lib._batch_chunked_weight_grad(x, g, w.shape, cfg, chunk)))
         if cfg.stride == (1, 1):
             out["forward split"] = ("forward", lambda x, w, g: conv_lib._split_tap_correlate(
-                x, w, cfg, conv_lib._split_taps_chunk(w.shape, g.shape[1:3], x.dtype, cfg)))
+                x, w, cfg, conv_lib._split_forward_chunk(x.shape, w.shape, x.dtype, cfg)))
             out["dW split"] = ("weight", lambda x, w, g: conv_lib._split_tap_weight_grad(
                 x, g, w.shape, cfg, conv_lib._split_taps_chunk(w.shape, g.shape[1:3], x.dtype,
                                                                cfg)))

@@ -333,6 +333,8 @@ def test_dispatch_rules_pick_the_specialised_paths():
     assert C._use_split_forward((128, 8, 8, 64), (3, 3, 64, 64), one, f32)
     assert C._use_split_forward((64, 8, 8, 64), (3, 3, 64, 128), one, jnp.float64)
     assert C._split_taps_chunk((3, 3, 64, 64), (8, 8), f32, one) == 32   # 60 KiB an image
+    assert C._split_forward_chunk((128, 8, 8, 64), (3, 3, 64, 64), f32, one) == 32
+    assert C._split_forward_chunk((4096, 8, 8, 64), (3, 3, 64, 64), f32, one) == 128  # <= 32
     s2_64 = C.conv_config(jnp.zeros((1, 8, 8, 64)), jnp.zeros((3, 3, 64, 64)), stride=2)
     for x_shape, w_shape, c, dtype in (
             ((63, 8, 8, 64), (3, 3, 64, 64), one, f32),                   # batch < 64
