@@ -530,6 +530,16 @@ def _sum_over_batch_chunks(contribution, x, g, target: int, shape):
 SPLIT_CHUNK_BYTES = 2 << 20
 
 
+def _split_input_columns(xb, cfg: ConvConfig, kw: int, wo: int):
+    """A[n, r, w, (j, c)] = a_p[n, r, w + j·d_w, c]: the padded input's KW column shifts side by
+    side, (B, H_p, W_out, KW·C_in). The input side of both split forms (stride 1)."""
+    (pt, pb), (pl, pr) = cfg.padding
+    dw_ = cfg.dilation[1]
+    xp = lax.pad(xb, jnp.zeros((), xb.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+    return jnp.concatenate([lax.slice_in_dim(xp, j * dw_, j * dw_ + wo, axis=2)
+                            for j in range(kw)], axis=3)
+
+
 def _split_tap_weight_grad(x, g, w_shape, cfg: ConvConfig, chunk: int):
     """∂L/∂W (stride 1, one group) with the kernel's columns on the input's side of one matmul
     and its rows on δ's side, per chunk of ``chunk`` images.
@@ -552,16 +562,13 @@ def _split_tap_weight_grad(x, g, w_shape, cfg: ConvConfig, chunk: int):
     assert cfg.stride == (1, 1) and cfg.groups == 1, cfg
     kh, kw, cin, cout = w_shape
     _, ho, wo, _ = g.shape
-    (pt, pb), (pl, pr) = cfg.padding
-    (dh, dw_) = cfg.dilation
+    dh = cfg.dilation[0]
     reach = (kh - 1) * dh
     zero = jnp.zeros((), x.dtype)
 
     def contribution(xb, gb):
-        xp = lax.pad(xb, zero, ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
-        hp = xp.shape[1]                                             # H_out + reach: stride 1
-        a = jnp.concatenate([lax.slice_in_dim(xp, j * dw_, j * dw_ + wo, axis=2)
-                             for j in range(kw)], axis=3)              # (B, H_p, W_out, KW·C_in)
+        a = _split_input_columns(xb, cfg, kw, wo)                    # (B, H_p, W_out, KW·C_in)
+        hp = a.shape[1]                                              # H_out + reach: stride 1
         gp = lax.pad(gb, zero, ((0, 0, 0), (reach, reach, 0), (0, 0, 0), (0, 0, 0)))
         d = jnp.concatenate([lax.slice_in_dim(gp, reach - i * dh, reach - i * dh + hp, axis=1)
                              for i in range(kh)], axis=3)              # (B, H_p, W_out, KH·C_out)
@@ -590,16 +597,12 @@ def _split_tap_correlate(x, w, cfg: ConvConfig, chunk: int):
     :func:`_use_split_forward`."""
     assert cfg.stride == (1, 1) and cfg.groups == 1, cfg
     kh, kw, cin, cout = w.shape
-    (pt, pb), (pl, pr) = cfg.padding
-    (dh, dw_) = cfg.dilation
+    dh = cfg.dilation[0]
     ho, wo = _out_hw(x.shape, w.shape, cfg)
     w_split = w.transpose(1, 2, 0, 3).reshape(kw * cin, kh * cout)
-    zero = jnp.zeros((), x.dtype)
 
     def correlate_chunk(xb):
-        xp = lax.pad(xb, zero, ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
-        a = jnp.concatenate([lax.slice_in_dim(xp, j * dw_, j * dw_ + wo, axis=2)
-                             for j in range(kw)], axis=3)              # (B, H_p, W_out, KW·C_in)
+        a = _split_input_columns(xb, cfg, kw, wo)                    # (B, H_p, W_out, KW·C_in)
         bm = lax.dot_general(a, w_split, (((3,), (0,)), ((), ())))    # (B, H_p, W_out, KH·C_out)
         return sum(bm[:, i * dh:i * dh + ho, :, i * cout:(i + 1) * cout] for i in range(kh))
 
@@ -616,14 +619,12 @@ def _out_hw(x_shape, w_shape, cfg: ConvConfig) -> Tuple[int, int]:
 def _use_split_forward(x_shape, w_shape, cfg: ConvConfig, dtype) -> bool:
     """Where the split forward measured faster on XLA:CPU (docs/performance.md): 3×3 kernels,
     stride 1, no dilation, one group, at least 64 channels on both sides over at most 8×8
-    output pixels, batch >= 64, float32/float64. Alone at batch 128 it is 0.77× XLA's
-    convolution on ResNet-20's 8×8×64 layers, a tie on 16×16×32 and 1.26× slower on 32×32×16;
+    output pixels, batch >= 64, float32/float64. Alone at batch 128 it is 0.77–0.95× XLA's
+    convolution on ResNet-20's 8×8×64 layers, a tie to 1.26× slower on 16×16×32 and 1.26×
+    slower on 32×32×16;
     in the ResNet-20 b128 train step 0.97× (five same-process A/Bs) on the 8×8×64 layers and
     a tie with the 16×16×32 ones added."""
-    kh, kw, cin, cout = w_shape
-    if not ((kh, kw) == (3, 3) and cfg.stride == (1, 1) and cfg.dilation == (1, 1)
-            and cfg.groups == 1 and min(cin, cout) >= 64 and x_shape[0] >= BATCH_CHUNK_MIN_BATCH
-            and jnp.dtype(dtype) in _MEASURED_DTYPES):
+    if not (_split_measured(x_shape, w_shape, cfg, dtype) and min(w_shape[2:]) >= 64):
         return False
     ho, wo = _out_hw(x_shape, w_shape, cfg)
     return ho * wo <= 64
@@ -638,7 +639,8 @@ def _split_forward_chunk(x_shape, w_shape, dtype, cfg: ConvConfig) -> int:
 
 
 def _split_taps_chunk(w_shape, out_hw, dtype, cfg: ConvConfig) -> int:
-    """Images per chunk for :func:`_split_tap_weight_grad`: the largest power of two whose A,
+    """Images per chunk for :func:`_split_tap_weight_grad` (and, through
+    :func:`_split_forward_chunk`, the split forward): the largest power of two whose A,
     (H_out + (KH − 1)·d_h) × W_out × KW·C_in per image, fits in :data:`SPLIT_CHUNK_BYTES`."""
     kh, kw, cin, _ = w_shape
     hp = out_hw[0] + (kh - 1) * cfg.dilation[0]
@@ -653,9 +655,14 @@ def _use_split_taps(x_shape, w_shape, cfg: ConvConfig, dtype) -> bool:
     32×32×16 layers 0.68×, 32×32 16 → 8 0.58×, 16 → 32 0.89×, 32 → 16 0.66×, 16×16×16 0.86×;
     ResNet-20's 16×16×32 layers 1.6× slower (the chunked convolutions there run on YNNPACK),
     5×5 kernels 1.13× slower; at batch 32 the one convolution 0.88× of it."""
-    kh, kw, cin, cout = w_shape
-    return ((kh, kw) == (3, 3) and cfg.stride == (1, 1) and cfg.dilation == (1, 1)
-            and cfg.groups == 1 and min(cin, cout) <= 16 and x_shape[0] >= BATCH_CHUNK_MIN_BATCH
+    return _split_measured(x_shape, w_shape, cfg, dtype) and min(w_shape[2:]) <= 16
+
+
+def _split_measured(x_shape, w_shape, cfg: ConvConfig, dtype) -> bool:
+    """What both split forms were measured on: 3×3 kernels, stride 1, no dilation, one group,
+    batch >= 64, float32/float64."""
+    return (tuple(w_shape[:2]) == (3, 3) and cfg.stride == (1, 1) and cfg.dilation == (1, 1)
+            and cfg.groups == 1 and x_shape[0] >= BATCH_CHUNK_MIN_BATCH
             and jnp.dtype(dtype) in _MEASURED_DTYPES)
 
 
