@@ -12,13 +12,16 @@ from jbp.dropout import dropout
 from jbp.linear import dense, flatten
 from jbp.losses import mse, sigmoid_binary_cross_entropy, softmax_cross_entropy
 from jbp.normalization import batch_norm
-from jbp.pooling import avg_pool, global_avg_pool, max_pool
+from jbp.adaptive_pooling import adaptive_avg_pool, global_avg_pool
+from jbp.padding import pad
+from jbp.pooling import avg_pool, max_pool, max_unpool
 
 from jbp import autodiff, manual  # noqa: E402  (namespaces built from the modules above)
 
 LAYERS = (
     "conv2d", "dense", "flatten", "relu", "leaky_relu", "sigmoid", "tanh", "softmax",
-    "log_softmax", "max_pool", "avg_pool", "global_avg_pool", "batch_norm", "dropout",
+    "log_softmax", "max_pool", "avg_pool", "global_avg_pool", "adaptive_avg_pool",
+    "max_unpool", "pad", "batch_norm", "dropout",
     "softmax_cross_entropy", "mse", "sigmoid_binary_cross_entropy",
 )
 

@@ -28,10 +28,12 @@ def _check(x):
 
 
 def _axis(x, axis) -> int:
-    if not isinstance(axis, int) or not -x.ndim <= axis < max(x.ndim, 1):
-        raise ValueError(f"axis: expected an int in [-{x.ndim}, {x.ndim}) for x of shape "
+    """``axis`` in [0, ndim); a 0-d ``x`` takes axis 0 or -1 (PyTorch's dim=0 / -1)."""
+    ndim = max(x.ndim, 1)
+    if not isinstance(axis, int) or isinstance(axis, bool) or not -ndim <= axis < ndim:
+        raise ValueError(f"axis: expected an int in [-{ndim}, {ndim}) for x of shape "
                          f"{tuple(x.shape)}, got {axis!r}")
-    return axis % x.ndim
+    return axis % ndim
 
 
 # --- ReLU ------------------------------------------------------------------------------------
@@ -214,6 +216,16 @@ _log_softmax_rule = manual_rule("log_softmax", _log_softmax_forward, _log_softma
                                 _log_softmax_bwd, num_args=2)
 
 
+def _along_axis(rule, x, axis):
+    """The rule along ``axis``; a 0-d ``x`` as one entry along its own axis (softmax 1, log 0),
+    and an empty axis or array returned as it is (nothing to normalise), as PyTorch does."""
+    if x.ndim == 0:
+        return rule(x[None], 0)[0]
+    if x.size == 0:
+        return x
+    return rule(x, axis)
+
+
 def _softmax_api(rule):
     def softmax(x: jax.Array, axis: int = -1) -> jax.Array:
         """Softmax ``ŷ_k = e^{z_k} / Σ_j e^{z_j}`` along ``axis``, any shape.
@@ -222,7 +234,7 @@ def _softmax_api(rule):
         For a loss, prefer :func:`jbp.softmax_cross_entropy` on the logits (fused and stable).
         """
         _check(x)
-        return rule(x, _axis(x, axis))
+        return _along_axis(rule, x, _axis(x, axis))
 
     return softmax
 
@@ -235,7 +247,7 @@ def _log_softmax_api(rule):
         Residuals: the output (``x.size · itemsize`` bytes).
         """
         _check(x)
-        return rule(x, _axis(x, axis))
+        return _along_axis(rule, x, _axis(x, axis))
 
     return log_softmax
 

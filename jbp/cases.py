@@ -377,8 +377,103 @@ LOSS_CASES = [
 ]
 
 
+# --- PyTorch's options: ceil mode, dilated max pooling, adaptive pooling, unpooling, padding ----
+# modes, dense over leading axes, 0-d softmax. Each checked against PyTorch's own option.
+
+def _torch_pool(name, **kw):
+    def fn(x):
+        _, F = _torch()
+        return _nhwc(getattr(F, name)(_nchw(x), **kw))
+    return fn
+
+
+def _option_pool_case(layer, hw, torch_name, torch_kw, **kw):
+    config = f"{hw[0]}x{hw[1]} " + " ".join(f"{k}={v}" for k, v in kw.items())
+    return Case(layer, config, ((2, *hw, 3),), ("x",),
+                lambda ns: lambda x: getattr(ns, layer)(x, **kw),
+                _torch_pool(torch_name, **torch_kw), tags=("pool",))
+
+
+def _padded_conv_torch(x, w, b, *, mode, padding, stride):
+    torch, F = _torch()
+    conv = torch.nn.Conv2d(w.shape[2], w.shape[3], tuple(w.shape[:2]), stride=stride,
+                           padding=padding, padding_mode=mode, bias=True).double()
+    return _nhwc(conv._conv_forward(_nchw(x), w.permute(3, 2, 0, 1), b))
+
+
+def _padding_conv_case(mode, hw, k, padding, stride=1):
+    shapes = ((2, *hw, 3), (k, k, 3, 4), (4,))
+    config = f"{hw[0]}x{hw[1]} k{k} pad={padding} s={stride} {mode}"
+    return Case("conv2d", config, shapes, ("x", "w", "b"),
+                lambda ns: lambda x, w, b: ns.conv2d(x, w, b, stride=stride, padding=padding,
+                                                     padding_mode=mode),
+                functools.partial(_padded_conv_torch, mode=mode, padding=padding,
+                                  stride=stride), tags=("conv",))
+
+
+def _pad_case(mode, hw, pads):
+    (t, b), (l, r) = pads
+
+    def torch_fn(x):
+        _, F = _torch()
+        return _nhwc(F.pad(_nchw(x), (l, r, t, b), mode=mode))
+
+    return Case("pad", f"{hw[0]}x{hw[1]} {pads} {mode}", ((2, *hw, 3),), ("x",),
+                lambda ns: lambda x: ns.pad(x, pads, mode), torch_fn)
+
+
+def _unpool_case(hw, window, stride=None):
+    """max_unpool of a fixed pooling: the indices come from a fixed input and are closed over."""
+    src = np.random.default_rng(7).standard_normal((2, *hw, 3))
+    _, idx = _pooling.max_pool(jnp.asarray(src), window, stride, return_indices=True)
+    idx_np = np.asarray(idx)
+    shape = (2, *idx_np.shape[1:3], 3)
+
+    def torch_fn(x):
+        torch, F = _torch()
+        ti = torch.tensor(idx_np.transpose(0, 3, 1, 2), dtype=torch.int64)
+        return _nhwc(F.max_unpool2d(_nchw(x), ti, window, stride, output_size=hw))
+
+    return Case("max_unpool", f"{hw[0]}x{hw[1]} k={window} s={stride}", (shape,), ("x",),
+                lambda ns: lambda x: ns.max_unpool(x, jnp.asarray(idx_np), window, stride,
+                                                   output_size=hw),
+                torch_fn, tags=("pool",))
+
+
+OPTION_CASES = [
+    _option_pool_case("max_pool", (7, 8), "max_pool2d", dict(kernel_size=3, stride=2,
+                      ceil_mode=True), window=3, stride=2, ceil_mode=True),
+    _option_pool_case("max_pool", (9, 9), "max_pool2d", dict(kernel_size=3, stride=1,
+                      dilation=2), window=3, stride=1, dilation=2),
+    _option_pool_case("max_pool", (8, 7), "max_pool2d", dict(kernel_size=2, stride=2, padding=1,
+                      dilation=(2, 1), ceil_mode=True), window=2, stride=2, padding=1,
+                      dilation=(2, 1), ceil_mode=True),
+    _option_pool_case("avg_pool", (7, 8), "avg_pool2d", dict(kernel_size=3, stride=2,
+                      ceil_mode=True), window=3, stride=2, ceil_mode=True),
+    _option_pool_case("avg_pool", (6, 7), "avg_pool2d", dict(kernel_size=3, stride=2, padding=1,
+                      ceil_mode=True, count_include_pad=False), window=3, stride=2, padding=1,
+                      ceil_mode=True, count_include_pad=False),
+    _option_pool_case("adaptive_avg_pool", (9, 10), "adaptive_avg_pool2d",
+                      dict(output_size=(7, 7)), output_size=(7, 7)),
+    _option_pool_case("adaptive_avg_pool", (5, 4), "adaptive_avg_pool2d",
+                      dict(output_size=(3, 6)), output_size=(3, 6)),
+    _unpool_case((6, 6), 2),
+    _unpool_case((7, 9), (2, 3)),                  # a remainder row: output_size (7, 9)
+    _pad_case("reflect", (5, 6), ((2, 1), (3, 0))),
+    _pad_case("replicate", (4, 5), ((3, 1), (0, 6))),
+    _pad_case("circular", (5, 4), ((1, 5), (4, 2))),
+    _padding_conv_case("reflect", (6, 7), 3, 1),
+    _padding_conv_case("replicate", (7, 6), 5, 2, stride=2),
+    _padding_conv_case("circular", (6, 6), 3, 1),
+    Case("dense", "(2,3,5)->4", ((2, 3, 5), (5, 4), (4,)), ("x", "w", "b"),
+         lambda ns: ns.dense, lambda x, w, b: _torch()[1].linear(x, w.T, b)),
+    Case("softmax", "0-d", ((),), ("x",), lambda ns: ns.softmax,
+         lambda x: x.softmax(dim=0)),
+]
+
+
 CASES: Sequence[Case] = (CONV_CASES + DENSE_CASES + ACTIVATION_CASES + POOL_CASES + NORM_CASES
-                         + DROPOUT_CASES + LOSS_CASES)
+                         + DROPOUT_CASES + LOSS_CASES + OPTION_CASES)
 
 
 def torch_vjp(case: Case, args, cotangent):

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jbp import _checks, _conv_kernels
+from jbp import padding as _padding
 from jbp._rule import cast_like, manual_rule
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -206,9 +207,10 @@ def conv_config(x, w, b=None, *, stride=1, padding="SAME", dilation=1, groups=1)
     return ConvConfig(stride, pads, dilation, groups)
 
 
-def _conv2d_api(rule):
+def _conv2d_api(rule, pad):
     def conv2d(x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None, *,
-               stride=1, padding="SAME", dilation=1, groups=1) -> jax.Array:
+               stride=1, padding="SAME", dilation=1, groups=1,
+               padding_mode: str = "zeros") -> jax.Array:
         """2-D convolution: ``z = a ⋆ W + b``.
 
         Args:
@@ -219,6 +221,9 @@ def _conv2d_api(rule):
           padding: ``"SAME"`` (output ``ceil(H / sh)``), ``"VALID"``, an int, or
             ``((top, bottom), (left, right))``.
           groups: feature groups; ``groups == C_in`` is a depthwise convolution.
+          padding_mode: ``"zeros"``, or ``"reflect"``, ``"replicate"``, ``"circular"``: the
+            input is first padded by :func:`jbp.padding.pad` (whose backward folds the padded
+            gradient back) and then convolved unpadded, as PyTorch's ``Conv2d`` does.
 
         Returns:
           ``z`` of shape ``(N, H_out, W_out, C_out)``.
@@ -226,14 +231,20 @@ def _conv2d_api(rule):
         Backward (hand-written in ``jbp.conv``): ``∂L/∂W = δ ⋆ a``, ``∂L/∂b = Σ_{n,h,w} δ``, and
         ``∂L/∂a`` = full convolution of the stride-dilated ``δ`` with ``W`` rotated 180° and
         channels swapped. Residuals: ``x``, ``w`` and ``b`` (``(x.size + w.size + C_out) ·
-        itemsize`` bytes; ``b`` only for its dtype).
+        itemsize`` bytes; ``b`` only for its dtype; the padded ``x`` with a padding mode).
         """
         cfg = conv_config(x, w, b, stride=stride, padding=padding, dilation=dilation,
                           groups=groups)
+        if padding_mode != "zeros":
+            if padding_mode not in _padding.MODES:
+                raise ValueError(f"padding_mode: expected 'zeros' or one of {_padding.MODES}, "
+                                 f"got {padding_mode!r}")
+            x = pad(x, cfg.padding, padding_mode)
+            cfg = cfg._replace(padding=((0, 0), (0, 0)))
         return rule(x, w, b, cfg)
 
     return conv2d
 
 
-conv2d = _conv2d_api(_conv2d_rule)
-autodiff_conv2d = _conv2d_api(_conv2d_rule.forward)
+conv2d = _conv2d_api(_conv2d_rule, _padding.pad)
+autodiff_conv2d = _conv2d_api(_conv2d_rule.forward, _padding.autodiff_pad)

@@ -41,13 +41,15 @@ _dense_rule = manual_rule("dense", _dense_forward, _dense_fwd, _dense_bwd, num_a
 
 
 def _check_dense(x, w, b):
-    _checks.require_rank("x", x, 2, "(N, in); flatten images first with jbp.flatten")
+    _checks.require_array("x", x)
+    if x.ndim < 1:
+        raise ValueError(f"x: expected shape (..., in) with at least one axis, got a scalar")
     _checks.require_float("x", x)
     _checks.require_rank("w", w, 2, "(in, out)")
-    if w.shape[0] != x.shape[1]:
+    if w.shape[0] != x.shape[-1]:
         raise ValueError(
-            f"w: expected shape ({x.shape[1]}, out) to match x features in={x.shape[1]}, "
-            f"got {tuple(w.shape)}")
+            f"w: expected shape ({x.shape[-1]}, out) to match x features in={x.shape[-1]} "
+            f"(x.shape={tuple(x.shape)}), got {tuple(w.shape)}")
     if w.dtype != x.dtype:
         raise TypeError(f"w: dtype {w.dtype} differs from x dtype {x.dtype}; cast one of them")
     if b is not None:
@@ -63,18 +65,23 @@ def _dense_api(rule):
         """Fully connected layer ``z = a W + b``.
 
         Args:
-          x: ``a``, shape ``(N, in)``.
-          w: ``W``, shape ``(in, out)``.
+          x: ``a``, shape ``(..., in)``: any leading axes (PyTorch's ``F.linear``), which the
+            rule sees flattened into one batch axis N; images: flatten them with
+            :func:`jbp.flatten` first.
+          w: ``W``, shape ``(in, out)`` (PyTorch's weight transposed).
           b: optional bias, shape ``(out,)``.
 
         Returns:
-          ``z``, shape ``(N, out)``.
+          ``z``, shape ``(..., out)``.
 
         Backward (``jbp.linear``): ``∂L/∂W = aᵀ δ``, ``∂L/∂b = Σ_n δ_n``, ``∂L/∂a = δ Wᵀ``.
         Residuals: ``a``, ``W`` and ``b`` (``(N·in + in·out + out) · itemsize`` bytes).
         """
         _check_dense(x, w, b)
-        return rule(x, w, b, None)
+        if x.ndim == 2:
+            return rule(x, w, b, None)
+        z = rule(x.reshape(-1, x.shape[-1]), w, b, None)     # N = the product of leading axes
+        return z.reshape(*x.shape[:-1], w.shape[1])
 
     return dense
 

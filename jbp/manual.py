@@ -6,4 +6,6 @@ from jbp.dropout import dropout  # noqa: F401
 from jbp.linear import dense, flatten  # noqa: F401
 from jbp.losses import mse, sigmoid_binary_cross_entropy, softmax_cross_entropy  # noqa: F401
 from jbp.normalization import batch_norm  # noqa: F401
-from jbp.pooling import avg_pool, global_avg_pool, max_pool  # noqa: F401
+from jbp.adaptive_pooling import adaptive_avg_pool, global_avg_pool  # noqa: F401
+from jbp.padding import pad  # noqa: F401
+from jbp.pooling import avg_pool, max_pool, max_unpool  # noqa: F401
