@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jbp import conv as C
-from jbp.cases import CONV_CASES
+from jbp.testing.grid import CONV_CASES
 
 # (N, H, W, C_in, C_out, KH, KW, stride, padding, dilation)
 SHAPES = [
