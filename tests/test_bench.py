@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,6 +47,7 @@ def test_lax_reference_matches_jbp(name, shape):
     (l1, (_, s1)), g1 = jax.value_and_grad(ours, has_aux=True)(params, state, x, y)
     (l2, (_, s2)), g2 = jax.value_and_grad(ref, has_aux=True)(params, state, x, y)
     np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    chex.assert_trees_all_equal_shapes_and_dtypes((g1, s1), (g2, s2))   # zip would stop short
     for a, b in zip(jax.tree.leaves((g1, s1)), jax.tree.leaves((g2, s2))):
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5 * float(jnp.max(jnp.abs(b))) + 1e-7)
 
