@@ -1,10 +1,12 @@
 """The checking machinery itself must be able to fail: a wrong rule is caught by each check."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jbp
 from jbp import gradcheck
 from jbp._rule import manual_rule
 
@@ -44,17 +46,23 @@ def test_finite_differences_catch_wrong_rule(mode):
     assert gradcheck.versus_finite_differences(right, (X,), mode=mode).ok
 
 
-def test_numerical_jacobian_matches_hand_calculation():
-    """F(x, w) = (x² · w0, x0·w1): ∂F/∂x = diag(2x·w0) and ∂F1/∂x0 = w1, by hand."""
-    x, w = jnp.array([0.5, -1.5, 2.0]), jnp.array([3.0, -2.0])
-    jx, jw = gradcheck.numerical_jacobian(lambda x, w: jnp.concatenate([x ** 2 * w[0],
-                                                                          x[:1] * w[1]]), (x, w))
+def _hand_jacobian(x):
+    """F(x, w) = (x² · w0, x0·w1) at w = (3, −2): ∂F/∂x = diag(2x·w0) and ∂F1/∂x0 = w1;
+    ∂F/∂w0 = x², ∂F1/∂w1 = x0, by hand."""
     want_x = np.zeros((4, 3))
     want_x[[0, 1, 2], [0, 1, 2]] = 2 * np.asarray(x) * 3.0
     want_x[3, 0] = -2.0
     want_w = np.zeros((4, 2))
     want_w[:3, 0] = np.asarray(x) ** 2
     want_w[3, 1] = 0.5
+    return want_x, want_w
+
+
+def test_numerical_jacobian_matches_hand_calculation():
+    x, w = jnp.array([0.5, -1.5, 2.0]), jnp.array([3.0, -2.0])
+    jx, jw = gradcheck.numerical_jacobian(lambda x, w: jnp.concatenate([x ** 2 * w[0],
+                                                                          x[:1] * w[1]]), (x, w))
+    want_x, want_w = _hand_jacobian(x)
     np.testing.assert_allclose(jx, want_x, atol=1e-8)
     np.testing.assert_allclose(jw, want_w, atol=1e-8)
     result = gradcheck.versus_finite_differences(lambda x: x ** 2, (x,), mode="full")
@@ -80,12 +88,9 @@ def test_error_measures_by_hand():
 
 # --- pytree arguments ---------------------------------------------------------------------------
 
-import chex  # noqa: E402
-
-import jbp  # noqa: E402
-
 _RNG = np.random.default_rng(5)
-PARAMS = {"w1": jnp.asarray(_RNG.standard_normal((4, 5))), "b1": jnp.asarray(_RNG.standard_normal(5)),
+PARAMS = {"w1": jnp.asarray(_RNG.standard_normal((4, 5))),
+          "b1": jnp.asarray(_RNG.standard_normal(5)),
           "head": {"w2": jnp.asarray(_RNG.standard_normal((5, 3)))}}
 XS = jnp.asarray(_RNG.standard_normal((2, 4)))
 
@@ -143,12 +148,7 @@ def test_numerical_jacobian_of_a_dict_by_hand():
     jac = gradcheck.numerical_jacobian(
         lambda p: jnp.concatenate([p["x"] ** 2 * p["w"][0], p["x"][:1] * p["w"][1]]),
         {"x": x, "w": w})
-    want_x = np.zeros((4, 3))
-    want_x[[0, 1, 2], [0, 1, 2]] = 2 * np.asarray(x) * 3.0
-    want_x[3, 0] = -2.0
-    want_w = np.zeros((4, 2))
-    want_w[:3, 0] = np.asarray(x) ** 2
-    want_w[3, 1] = 0.5
+    want_x, want_w = _hand_jacobian(x)
     chex.assert_trees_all_close(jac, {"x": want_x, "w": want_w}, atol=1e-8)
 
 

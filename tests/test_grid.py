@@ -1,4 +1,5 @@
-"""Every case of the gradient-check grid (jbp.testing.grid.CASES), checked against independent references.
+"""Every case of the gradient-check grid (jbp.testing.grid.CASES), checked against independent
+references.
 
 - manual == jax.grad of the jbp.autodiff twin, float32 (tight) and float64 (~1e-10);
 - manual == central finite differences in float64 (full Jacobian or random directions);
