@@ -185,7 +185,7 @@ def random_cotangent(out, seed: int = 0):
                                      for x in leaves])
 
 
-def versus_autodiff(manual_fn: Callable, autodiff_fn: Callable, args: Sequence, *,
+def versus_autodiff(manual_fn: Callable, autodiff_fn: Callable, args, *,
                     names: Optional[Sequence[str]] = None, label: str = "manual",
                     rtol: Optional[float] = None, atol: Optional[float] = None,
                     seed: int = 0) -> GradCheck:
