@@ -15,6 +15,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence, Tuple
 
+from jbp.data import DATASETS
+from jbp.models import GRAD_MODES, MODELS
+from jbp.train import OPTIMIZERS, SCHEDULES
+
 
 class ConfigError(ValueError):
     """A config file or override is malformed: names the key and the file."""
@@ -76,12 +80,13 @@ class Config:
 
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig}
+# The allowed values, from the modules that act on them (one list each, nothing to drift).
 _CHOICES = {
-    ("data", "dataset"): ("mnist", "mnist_idx", "cifar10", "npz"),
-    ("model", "name"): ("seed_cnn", "lenet5", "resnet20", "resnet18"),
-    ("optim", "optimizer"): ("sgd", "momentum", "nesterov", "adam", "adamw"),
-    ("optim", "schedule"): ("constant", "cosine", "step"),
-    ("train", "grad"): ("manual", "autodiff"),
+    ("data", "dataset"): DATASETS,
+    ("model", "name"): MODELS,
+    ("optim", "optimizer"): OPTIMIZERS,
+    ("optim", "schedule"): SCHEDULES,
+    ("train", "grad"): GRAD_MODES,
 }
 
 

@@ -10,7 +10,7 @@ SGD + momentum 0.9 (optax; torch.optim.SGD for PyTorch):
 
     manual         jbp layers, hand-written backward rules      (jbp.manual)
     autodiff       jbp layers' forward, differentiated by JAX   (jbp.autodiff)
-    lax_reference  the network in plain lax/jnp + jax.grad      (scripts/bench_models.py)
+    lax_reference  the network in plain lax/jnp + jax.grad      (jbp.testing.reference_models)
     torch          PyTorch eager, channels-last                 (if torch is installed)
 
 A JAX step is one jit-compiled call (forward, backward, optimizer update; donated state). Steps
@@ -115,8 +115,9 @@ def main(argv=None):
     import numpy as np
     import optax
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import bench_models  # noqa: PLC0415
+    # Runnable from a checkout without installing: python scripts/bench.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from jbp.testing import reference_models  # noqa: PLC0415
     from jbp.models import get_model
     from jbp.train import make_loss
 
@@ -166,7 +167,7 @@ def main(argv=None):
 
     def jax_step(variant, model_name, apply):
         if variant == "lax_reference":
-            loss_fn = make_loss(bench_models.lax_apply(model_name), bench_models.lax_loss,
+            loss_fn = make_loss(reference_models.lax_apply(model_name), reference_models.lax_loss,
                                 grad="autodiff")
         else:
             loss_fn = make_loss(apply, "softmax_cross_entropy", grad=variant)
@@ -197,12 +198,13 @@ def main(argv=None):
         y_np = rng.integers(0, classes, batch).astype(np.int32)
         with jax.default_device(device):
             params, state = model.init(jax.random.PRNGKey(0), shape, classes)
-            flops = 3 * bench_models.forward_flops(model_name, params, state, jnp.asarray(x_np))
+            flops = 3 * reference_models.forward_flops(model_name, params, state,
+                                                       jnp.asarray(x_np))
             x, y = jax.device_put(x_np, device), jax.device_put(y_np, device)
             runners, info = {}, {}
             for v in variants:
                 if v == "torch":
-                    runners[v], info[v] = _torch_runner(torch, torch_device, bench_models,
+                    runners[v], info[v] = _torch_runner(torch, torch_device, reference_models,
                                                         model_name, params, state, x_np, y_np)
                     continue
                 step = jax_step(v, model_name, model.apply)
@@ -293,9 +295,9 @@ def paired_ratios(variant_rounds, manual_rounds):
     return [v / m for v, m in zip(variant_rounds, manual_rounds)]
 
 
-def _torch_runner(torch, device, bench_models, model_name, params, state, x_np, y_np):
+def _torch_runner(torch, device, reference_models, model_name, params, state, x_np, y_np):
     import torch.nn.functional as F  # noqa: PLC0415
-    module = bench_models.torch_model(model_name, params, state).to(device)
+    module = reference_models.torch_model(model_name, params, state).to(device)
     module = module.to(memory_format=torch.channels_last).train()
     opt = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
     xt = torch.from_numpy(x_np).permute(0, 3, 1, 2).contiguous(

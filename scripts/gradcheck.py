@@ -1,6 +1,6 @@
 """Check every hand-written backward rule in jbp, three ways, over the whole configuration grid.
 
-For each case of ``jbp.cases.CASES`` (a layer and one configuration) this prints one row:
+For each case of ``jbp.testing.grid.CASES`` (a layer and one configuration) this prints one row:
 
 - vs autodiff: the manual VJP against ``jax.vjp`` of ``jbp.autodiff`` (same forward, JAX's
   backward), in float32 and float64, under the same random cotangent;
@@ -35,7 +35,8 @@ import numpy as np  # noqa: E402
 
 import jbp  # noqa: E402
 from jbp import gradcheck  # noqa: E402
-from jbp.cases import CASES, torch_vjp  # noqa: E402
+from jbp.testing.grid import CASES  # noqa: E402
+from jbp.testing.torch_reference import torch_vjp  # noqa: E402
 
 
 def torch_available() -> bool:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jbp
-from jbp.cases import CASES
+from jbp.testing.grid import CASES
 
 
 @pytest.mark.parametrize("name", jbp.LAYERS)

@@ -10,25 +10,25 @@ import os
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jbp.models import get_model
+from jbp.testing import reference_models
 from jbp.train import make_loss
 
 SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "scripts")
 
 
 def _load(name):
+    """A script as a module (scripts/ is not a package): for bench.py's pure helpers."""
     spec = importlib.util.spec_from_file_location(name, os.path.join(SCRIPTS, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-bench_models = _load("bench_models")
 
 
 def _setup(name, shape, n=4, classes=10):
@@ -43,10 +43,11 @@ def _setup(name, shape, n=4, classes=10):
 def test_lax_reference_matches_jbp(name, shape):
     params, state, x, y = _setup(name, shape)
     ours = make_loss(get_model(name).apply, grad="manual")
-    ref = make_loss(bench_models.lax_apply(name), bench_models.lax_loss, grad="autodiff")
+    ref = make_loss(reference_models.lax_apply(name), reference_models.lax_loss, grad="autodiff")
     (l1, (_, s1)), g1 = jax.value_and_grad(ours, has_aux=True)(params, state, x, y)
     (l2, (_, s2)), g2 = jax.value_and_grad(ref, has_aux=True)(params, state, x, y)
     np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    chex.assert_trees_all_equal_shapes_and_dtypes((g1, s1), (g2, s2))   # zip would stop short
     for a, b in zip(jax.tree.leaves((g1, s1)), jax.tree.leaves((g2, s2))):
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5 * float(jnp.max(jnp.abs(b))) + 1e-7)
 
@@ -56,7 +57,7 @@ def test_torch_model_matches_jbp(name, shape):
     torch = pytest.importorskip("torch")
     params, state, x, y = _setup(name, shape)
     logits, _ = get_model(name).apply(params, state, x, train=True)
-    module = bench_models.torch_model(name, params, state).train()
+    module = reference_models.torch_model(name, params, state).train()
     xt = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous(
         memory_format=torch.channels_last)
     out = module(xt).detach().numpy()
@@ -69,7 +70,7 @@ def test_forward_flops_by_hand():
     conv1 = 2 * n * 28 * 28 * 6 * (5 * 5 * 1)
     conv2 = 2 * n * 10 * 10 * 16 * (5 * 5 * 6)
     fc = 2 * n * (400 * 120 + 120 * 84 + 84 * 10)
-    assert bench_models.forward_flops("lenet5", params, state, x) == conv1 + conv2 + fc
+    assert reference_models.forward_flops("lenet5", params, state, x) == conv1 + conv2 + fc
 
 
 def test_bench_runs_and_writes_the_json_rows(tmp_path):

@@ -80,3 +80,25 @@ def test_overrides():
 def test_missing_file():
     with pytest.raises(config.ConfigError, match=r"nope.toml: config file not found"):
         config.load("nope.toml")
+
+
+def test_every_choice_the_config_accepts_runs():
+    """The config's allowed values are the ones the code acts on: each builds its optimiser,
+    schedule, model or layer namespace, and each dataset name reaches its loader."""
+    from jbp import data, models, train
+
+    for optimizer in config._CHOICES[("optim", "optimizer")]:
+        for schedule in config._CHOICES[("optim", "schedule")]:
+            cfg = config.from_dict({"optim": {"optimizer": optimizer, "schedule": schedule}})
+            train.optimizer_from_config(cfg.optim, total_steps=10)
+    for name in config._CHOICES[("model", "name")]:
+        assert models.get_model(config.from_dict({"model": {"name": name}}).model.name).name == name
+    for grad in config._CHOICES[("train", "grad")]:
+        models.layers(config.from_dict({"train": {"grad": grad}}).train.grad)
+    for dataset in config._CHOICES[("data", "dataset")]:
+        cfg = config.from_dict({"data": {"dataset": dataset, "path": "/nonexistent/x"}}).data
+        with pytest.raises(data.DataError) as err:
+            data.load_dataset(cfg)
+        assert "unknown dataset" not in str(err.value)
+    with pytest.raises(config.ConfigError, match="expected one of"):
+        config.from_dict({"optim": {"optimizer": "lion"}})

@@ -2,7 +2,7 @@
 XLA's convolution (``jbp.conv.correlate``) and JAX's derivative of it (jax.vjp), on shapes chosen
 to hit their edge cases: odd sizes, asymmetric padding, strides larger than the kernel,
 dilation, batch sizes that do not divide the tap chunk. The public ``conv2d`` on these paths is
-also covered by the gradcheck grid (jbp/cases.py) and the PyTorch oracle."""
+also covered by the gradcheck grid (jbp/testing/grid.py) and the PyTorch oracle."""
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +12,7 @@ import zlib
 
 from jbp import conv as C
 from jbp._conv_kernels import FORMS, block_forms as B, choose, is_pointwise, tap_forms as T, tuning
-from jbp.cases import CONV_CASES
+from jbp.testing.grid import CONV_CASES
 
 # (N, H, W, C_in, C_out, KH, KW, stride, padding, dilation)
 SHAPES = [
@@ -350,11 +350,11 @@ def test_autodiff_forward_skips_rule_only_forms():
 
 
 def test_grid_reaches_every_form():
-    """The grid's conv cases (jbp/cases.py) reach every form of the table, and the generic
+    """The grid's conv cases (jbp/testing/grid.py) reach every form of the table, and the generic
     convolution of each equation."""
     reached = set()
     for case in CONV_CASES:
-        kw = {k: v for k, v in case.call.keywords.items() if k != "bias"}
+        kw = {k: v for k, v in case.kwargs.items() if k != "padding_mode"}
         x, w = jnp.zeros(case.shapes[0]), jnp.zeros(case.shapes[1])
         cfg = C.conv_config(x, w, **kw)
         for equation in FORMS:

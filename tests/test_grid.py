@@ -1,4 +1,5 @@
-"""Every case of the gradient-check grid (jbp.cases.CASES), checked against independent references.
+"""Every case of the gradient-check grid (jbp.testing.grid.CASES), checked against independent
+references.
 
 - manual == jax.grad of the jbp.autodiff twin, float32 (tight) and float64 (~1e-10);
 - manual == central finite differences in float64 (full Jacobian or random directions);
@@ -15,7 +16,7 @@ import pytest
 
 import jbp
 from jbp import _conv_kernels, conv, gradcheck
-from jbp.cases import CASES
+from jbp.testing.grid import CASES
 
 IDS = [c.id for c in CASES]
 
@@ -39,13 +40,29 @@ def test_manual_matches_finite_differences(case):
     assert result.ok, str(result)
 
 
+# Layers the grid calls as ``layer(*args, **case.kwargs)``; the rest close over fixed inputs
+# (batch norm's running statistics, dropout's key, integer labels, max_unpool's indices).
+_DIRECT = [c for c in CASES if not (c.layer in ("batch_norm", "dropout", "max_unpool")
+                                     or c.names == ("logits",))]
+
+
+@pytest.mark.parametrize("direct", _DIRECT, ids=[c.id for c in _DIRECT])
+def test_kwargs_are_the_layer_call(direct):
+    """``Case.kwargs`` is the configuration the case really runs: calling the public layer with
+    it gives the case's own function's output, bit for bit."""
+    args = direct.args(jnp.float64)
+    want = direct.fn(jbp)(*args)
+    got = getattr(jbp, direct.layer)(*args, **direct.kwargs)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def _rule_has_its_own_forward(case, args) -> bool:
     """conv2d's rule computes small wide layers by a ``rule_only`` form of the table on CPU
     (jbp._conv_kernels): the same sum in another order, so equal to the autodiff forward only
     to rounding."""
     if case.layer != "conv2d" or jax.default_backend() != "cpu":
         return False
-    kw = {k: v for k, v in case.call.keywords.items() if k != "bias"}
+    kw = {k: v for k, v in case.kwargs.items() if k != "padding_mode"}
     cfg = conv.conv_config(args[0], args[1], **kw)
     chosen = _conv_kernels.choose("forward", args[0].shape, args[1].shape, cfg, args[0].dtype)
     return chosen is not None and chosen[0].rule_only

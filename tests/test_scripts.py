@@ -32,7 +32,7 @@ def test_unknown_layer_is_a_clear_error():
 @pytest.mark.slow
 def test_whole_grid_passes():
     """The main job end to end: every case of the grid, every reference, exit status 0."""
-    from jbp.cases import CASES
+    from jbp.testing.grid import CASES
     proc = _run()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"{len(CASES)} passed, 0 failed" in proc.stdout

@@ -9,7 +9,7 @@ import pytest
 
 import jbp
 from jbp import conv, gradcheck
-from jbp.cases import CASES
+from jbp.testing.grid import CASES
 
 
 def _first_per_layer():

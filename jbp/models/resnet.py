@@ -18,7 +18,7 @@ wherever the shape changes.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence, Tuple
+from typing import NamedTuple, Tuple
 
 import jax
 
@@ -59,15 +59,10 @@ def _block(nn, p, s, x, stride, train):
     return nn.relu(h + shortcut), new
 
 
-def _strides(widths: Sequence[int], blocks: int):
-    """Stride of each block: 2 entering every stage but the first, else 1."""
-    return [2 if (j == 0 and i > 0) else 1 for i in range(len(widths)) for j in range(blocks)]
-
-
-def _init_stages(key, cin, widths: Sequence[int], blocks: int):
+def _init_stages(key, cin, spec: Spec):
     params, state = [], []
+    widths, blocks, strides = spec.widths, spec.blocks, spec.block_strides
     keys = jax.random.split(key, len(widths) * blocks)
-    strides = _strides(widths, blocks)
     for i, cout in enumerate(widths):
         for j in range(blocks):
             stride = strides[i * blocks + j]
@@ -100,6 +95,12 @@ class Spec(NamedTuple):
     blocks: int             # basic blocks per stage
     min_size: int           # smallest input height/width accepted
 
+    @property
+    def block_strides(self) -> Tuple[int, ...]:
+        """Stride of each basic block, in order: 2 entering every stage but the first, else 1."""
+        return tuple(2 if (j == 0 and i > 0) else 1
+                     for i in range(len(self.widths)) for j in range(self.blocks))
+
 
 RESNET20 = Spec("resnet20", 3, 1, 1, False, (16, 32, 64), 3, 4)
 RESNET18 = Spec("resnet18", 7, 2, 3, True, (64, 128, 256, 512), 2, 32)
@@ -116,7 +117,7 @@ def _init(spec: Spec, key, input_shape, num_classes):
     k = spec.stem_kernel
     params["stem"] = _init_lib.conv(k_stem, k, k, c, width, bias=False)
     params["stem_bn"], state["stem_bn"] = _init_lib.batch_norm(width)
-    params["blocks"], state["blocks"] = _init_stages(k_stages, width, spec.widths, spec.blocks)
+    params["blocks"], state["blocks"] = _init_stages(k_stages, width, spec)
     params["fc"] = _init_lib.dense(k_fc, spec.widths[-1], num_classes, gain=1.0)
     return params, state
 
@@ -131,7 +132,7 @@ def _apply(spec: Spec, params, state, x, train, grad):
     if spec.stem_pool:
         h = nn.max_pool(h, 3, stride=2, padding=1)
     h, new["blocks"] = _apply_stages(nn, params["blocks"], state["blocks"], h,
-                                     _strides(spec.widths, spec.blocks), train)
+                                     spec.block_strides, train)
     h = nn.global_avg_pool(h)
     return nn.dense(h, params["fc"]["w"], params["fc"]["b"]), new
 

@@ -1,24 +1,25 @@
 """The gradient-check grid: every layer over a spread of configurations.
 
-One list, :data:`CASES`, drives both ``scripts/gradcheck.py`` and the parametrized tests. A
+One list, :data:`CASES`, drives ``scripts/gradcheck.py`` and the parametrised tests alike. A
 :class:`Case` knows how to build its differentiable inputs, how to call the layer from a namespace
-(``jbp`` or ``jbp.autodiff``), and, where PyTorch has the same operation, how to compute it with
-``torch.nn.functional`` on NHWC tensors (layouts converted inside). Non-differentiable inputs
-(integer labels, running statistics, PRNG keys) are fixed per case and closed over.
+(``jbp`` or ``jbp.autodiff``), its keyword configuration (:attr:`Case.kwargs`), and, where PyTorch
+has the same operation, how to compute it with ``torch.nn.functional`` on NHWC tensors
+(:mod:`jbp.testing.torch_reference`). Non-differentiable inputs (integer labels, running
+statistics, PRNG keys) are fixed per case and closed over.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jbp import conv as _conv
 from jbp import pooling as _pooling
+from jbp.testing import torch_reference as _ref
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class Case:
     """One layer configuration to check.
 
     ``call(ns)`` returns ``f(*args)`` built from namespace ``ns`` (``jbp`` or ``jbp.autodiff``);
+    ``kwargs`` is the layer's keyword configuration that ``f`` passes on (conv2d's ``stride``,
+    ``padding``, ``dilation``, ``groups``; a pool's ``window``...; ``{}`` where there is none);
     ``torch(*tensors)`` computes the same map with PyTorch on NHWC float64 tensors, or is None.
     """
 
@@ -37,6 +40,7 @@ class Case:
     torch: Optional[Callable] = None
     make: Optional[Callable] = None          # (rng, shapes) -> list of numpy arrays
     tags: Tuple[str, ...] = field(default=())
+    kwargs: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @property
     def id(self) -> str:
@@ -52,34 +56,12 @@ class Case:
         return self.call(ns)
 
 
-def _torch():
-    import torch  # noqa: PLC0415 (optional dependency)
-    return torch, torch.nn.functional
-
-
-def _nchw(x):
-    return x.permute(0, 3, 1, 2)
-
-
-def _nhwc(x):
-    return x.permute(0, 2, 3, 1)
-
-
 # --- conv2d -----------------------------------------------------------------------------------
 
 def _conv_call(ns, *, bias, **kw):
     if bias:
         return lambda x, w, b: ns.conv2d(x, w, b, **kw)
     return lambda x, w: ns.conv2d(x, w, **kw)
-
-
-def _conv_torch(x, w, b=None, *, kw):
-    _, F = _torch()
-    cfg = _conv.conv_config(jnp.zeros(tuple(x.shape)), jnp.zeros(tuple(w.shape)), **kw)
-    (t, bo), (l, r) = cfg.padding
-    xp = F.pad(_nchw(x), (l, r, t, bo))
-    return _nhwc(F.conv2d(xp, w.permute(3, 2, 0, 1), b, stride=cfg.stride,
-                          dilation=cfg.dilation, groups=cfg.groups))
 
 
 def _conv_case(hw, cin, cout, k, *, bias=True, n=2, **kw):
@@ -91,7 +73,7 @@ def _conv_case(hw, cin, cout, k, *, bias=True, n=2, **kw):
                       + [f"{key}={val}" for key, val in kw.items()] + ([] if bias else ["no-bias"]))
     return Case("conv2d", config, shapes, names,
                 functools.partial(_conv_call, bias=bias, **kw),
-                functools.partial(_conv_torch, kw=kw), tags=("conv",))
+                functools.partial(_ref.conv2d, kw=kw), tags=("conv",), kwargs=dict(kw))
 
 
 CONV_CASES = [
@@ -138,20 +120,14 @@ CONV_CASES = [
 
 # --- dense and flatten ------------------------------------------------------------------------
 
-def _dense_torch(x, w, b=None):
-    out = x @ w
-    return out if b is None else out + b
-
-
 DENSE_CASES = [
     Case("dense", "4x5->3", ((4, 5), (5, 3), (3,)), ("x", "w", "b"),
-         lambda ns: lambda x, w, b: ns.dense(x, w, b), _dense_torch),
+         lambda ns: lambda x, w, b: ns.dense(x, w, b), _ref.dense),
     Case("dense", "1x7->10 no-bias", ((1, 7), (7, 10)), ("x", "w"),
-         lambda ns: lambda x, w: ns.dense(x, w), _dense_torch),
+         lambda ns: lambda x, w: ns.dense(x, w), _ref.dense),
     Case("dense", "3x16->1", ((3, 16), (16, 1), (1,)), ("x", "w", "b"),
-         lambda ns: lambda x, w, b: ns.dense(x, w, b), _dense_torch),
-    Case("flatten", "2x3x4x5", ((2, 3, 4, 5),), ("x",),
-         lambda ns: ns.flatten, lambda x: x.reshape(x.shape[0], -1)),
+         lambda ns: lambda x, w, b: ns.dense(x, w, b), _ref.dense),
+    Case("flatten", "2x3x4x5", ((2, 3, 4, 5),), ("x",), lambda ns: ns.flatten, _ref.flatten),
 ]
 
 
@@ -163,24 +139,13 @@ def _away_from_kinks(rng, shapes):
     return [np.where(np.abs(x) < 1e-3, 1e-3 * np.sign(x) + 1e-3 * (x == 0), x)]
 
 
-def _activation_torch(name, **kw):
-    def run(x):
-        torch, F = _torch()
-        fns = {"relu": F.relu, "leaky_relu": F.leaky_relu, "sigmoid": torch.sigmoid,
-               "tanh": torch.tanh, "softmax": F.softmax, "log_softmax": F.log_softmax}
-        if name in ("softmax", "log_softmax"):
-            return fns[name](x, dim=kw.get("axis", -1))
-        return fns[name](x, **kw)
-    return run
-
-
 def _activation_case(name, shape=(2, 5, 4, 3), **kw):
     def call(ns):
         return lambda x: getattr(ns, name)(x, **kw)
     torch_kw = {"negative_slope": kw["negative_slope"]} if "negative_slope" in kw else kw
     config = "x".join(map(str, shape)) + "".join(f" {k}={v}" for k, v in kw.items())
-    return Case(name, config, (shape,), ("x",), call, _activation_torch(name, **torch_kw),
-                make=_away_from_kinks)
+    return Case(name, config, (shape,), ("x",), call, _ref.activation(name, **torch_kw),
+                make=_away_from_kinks, kwargs=dict(kw))
 
 
 ACTIVATION_CASES = [
@@ -199,20 +164,6 @@ ACTIVATION_CASES = [
 
 # --- pooling ----------------------------------------------------------------------------------
 
-def _pool_torch(x, *, kind, window, stride, padding, count_include_pad=True):
-    _, F = _torch()
-    cfg = _pooling.pool_config(jnp.zeros(tuple(x.shape)), window, stride, padding)
-    (t, b), (l, r) = cfg.padding
-    xc = _nchw(x)
-    if kind == "max":
-        out = F.max_pool2d(F.pad(xc, (l, r, t, b), value=-float("inf")), cfg.window, cfg.stride)
-    elif count_include_pad:
-        out = F.avg_pool2d(F.pad(xc, (l, r, t, b)), cfg.window, cfg.stride)
-    else:   # symmetric padding only (PyTorch's native padding)
-        out = F.avg_pool2d(xc, cfg.window, cfg.stride, padding=(t, l), count_include_pad=False)
-    return _nhwc(out)
-
-
 def _pool_case(kind, hw, window, stride=None, padding="VALID", count_include_pad=True, c=3):
     kw = dict(window=window, stride=stride, padding=padding)
     if kind == "avg":
@@ -227,12 +178,13 @@ def _pool_case(kind, hw, window, stride=None, padding="VALID", count_include_pad
     (t, b), (l, r) = cfg.padding
     torch_ok = kind == "max" or count_include_pad or (
         t == b and l == r and 2 * t <= cfg.window[0] and 2 * l <= cfg.window[1])
-    torch_fn = functools.partial(_pool_torch, kind=kind, **kw) if torch_ok else None
+    torch_fn = functools.partial(_ref.pool, kind=kind, **kw) if torch_ok else None
     config = f"{hw[0]}x{hw[1]} " + " ".join(f"{short[k]}={v}" for k, v in kw.items()
                                             if v is not None and k in short)
     if kind == "avg":
         config += " incl-pad" if count_include_pad else " excl-pad"
-    return Case(name, config, ((2, *hw, c),), ("x",), call, torch_fn, tags=("pool",))
+    return Case(name, config, ((2, *hw, c),), ("x",), call, torch_fn, tags=("pool",),
+                kwargs=dict(kw))
 
 
 POOL_CASES = [
@@ -253,9 +205,9 @@ POOL_CASES = [
     _pool_case("avg", (7, 9), (2, 3), (1, 2), ((1, 0), (0, 2)), count_include_pad=False),
     _pool_case("avg", (9, 7), 3, 2, "SAME"),
     Case("global_avg_pool", "6x6", ((2, 6, 6, 4),), ("x",), lambda ns: ns.global_avg_pool,
-         lambda x: x.mean(dim=(1, 2))),
+         _ref.global_avg_pool),
     Case("global_avg_pool", "7x5", ((3, 7, 5, 2),), ("x",), lambda ns: ns.global_avg_pool,
-         lambda x: x.mean(dim=(1, 2))),
+         _ref.global_avg_pool),
 ]
 
 
@@ -276,21 +228,14 @@ def _bn_call(ns, *, train, c):
     return f
 
 
-def _bn_torch(x, gamma, beta, *, train, c):
-    torch, F = _torch()
-    mean, var = _running_stats(c)
-    images = x.ndim == 4
-    out = F.batch_norm(_nchw(x) if images else x, torch.tensor(mean), torch.tensor(var),
-                       gamma, beta, training=train, momentum=0.1, eps=1e-5)
-    return _nhwc(out) if images else out
-
-
 def _bn_case(shape, train):
     c = shape[-1]
+    mean, var = _running_stats(c)
     return Case("batch_norm", "x".join(map(str, shape)) + (" train" if train else " eval"),
                 (shape, (c,), (c,)), ("x", "gamma", "beta"),
                 functools.partial(_bn_call, train=train, c=c),
-                functools.partial(_bn_torch, train=train, c=c))
+                functools.partial(_ref.batch_norm, train=train, mean=mean, var=var),
+                kwargs={"train": train})
 
 
 NORM_CASES = [_bn_case((2, 5, 4, 3), True), _bn_case((2, 5, 4, 3), False),
@@ -306,7 +251,8 @@ def _dropout_call(ns, *, rate):
 
 DROPOUT_CASES = [
     Case("dropout", f"2x5x4x3 rate={r}", ((2, 5, 4, 3),), ("x",),
-         functools.partial(_dropout_call, rate=r)) for r in (0.1, 0.5)
+         functools.partial(_dropout_call, rate=r), kwargs={"rate": r, "train": True})
+    for r in (0.1, 0.5)
 ]
 
 
@@ -325,119 +271,81 @@ def _ce_int_call(ns, *, smoothing):
     return lambda z: ns.softmax_cross_entropy(z, jnp.asarray(_LABELS), label_smoothing=smoothing)
 
 
-def _ce_int_torch(z, *, smoothing):
-    torch, F = _torch()
-    return F.cross_entropy(z, torch.tensor(_LABELS), label_smoothing=smoothing)
-
-
 def _ce_soft_call(ns, *, smoothing):
     return lambda z, y: ns.softmax_cross_entropy(z, y, label_smoothing=smoothing)
-
-
-def _ce_soft_torch(z, y, *, smoothing):
-    _, F = _torch()
-    return F.cross_entropy(z, y, label_smoothing=smoothing)
 
 
 def _targets01(rng, shapes):
     return [rng.standard_normal(shapes[0]) * 2, rng.uniform(0, 1, shapes[1])]
 
 
-def _loss_torch(name):
-    def run(a, b):
-        _, F = _torch()
-        return {"mse": F.mse_loss,
-                "sigmoid_binary_cross_entropy": F.binary_cross_entropy_with_logits}[name](a, b)
-    return run
+def _ce_case(config, smoothing, soft):
+    shapes, names = (((4, 6), (4, 6)), ("logits", "labels")) if soft else (((4, 6),), ("logits",))
+    if soft:
+        call = functools.partial(_ce_soft_call, smoothing=smoothing)
+        torch_fn = functools.partial(_ref.cross_entropy_soft, smoothing=smoothing)
+    else:
+        call = functools.partial(_ce_int_call, smoothing=smoothing)
+        torch_fn = functools.partial(_ref.cross_entropy_int, labels=_LABELS, smoothing=smoothing)
+    return Case("softmax_cross_entropy", config, shapes, names, call, torch_fn,
+                make=_soft_labels if soft else None, kwargs={"label_smoothing": smoothing})
 
 
 LOSS_CASES = [
-    Case("softmax_cross_entropy", "4x6 int labels", ((4, 6),), ("logits",),
-         functools.partial(_ce_int_call, smoothing=0.0),
-         functools.partial(_ce_int_torch, smoothing=0.0)),
-    Case("softmax_cross_entropy", "4x6 int labels smoothing=0.1", ((4, 6),), ("logits",),
-         functools.partial(_ce_int_call, smoothing=0.1),
-         functools.partial(_ce_int_torch, smoothing=0.1)),
-    Case("softmax_cross_entropy", "4x6 soft labels", ((4, 6), (4, 6)), ("logits", "labels"),
-         functools.partial(_ce_soft_call, smoothing=0.0),
-         functools.partial(_ce_soft_torch, smoothing=0.0), make=_soft_labels),
-    Case("softmax_cross_entropy", "4x6 soft labels smoothing=0.2", ((4, 6), (4, 6)),
-         ("logits", "labels"), functools.partial(_ce_soft_call, smoothing=0.2),
-         functools.partial(_ce_soft_torch, smoothing=0.2), make=_soft_labels),
-    Case("mse", "3x5", ((3, 5), (3, 5)), ("pred", "target"), lambda ns: ns.mse,
-         _loss_torch("mse")),
+    _ce_case("4x6 int labels", 0.0, soft=False),
+    _ce_case("4x6 int labels smoothing=0.1", 0.1, soft=False),
+    _ce_case("4x6 soft labels", 0.0, soft=True),
+    _ce_case("4x6 soft labels smoothing=0.2", 0.2, soft=True),
+    Case("mse", "3x5", ((3, 5), (3, 5)), ("pred", "target"), lambda ns: ns.mse, _ref.loss("mse")),
     Case("mse", "2x4x3x2", ((2, 4, 3, 2), (2, 4, 3, 2)), ("pred", "target"), lambda ns: ns.mse,
-         _loss_torch("mse")),
+         _ref.loss("mse")),
     Case("sigmoid_binary_cross_entropy", "4x3", ((4, 3), (4, 3)), ("logits", "targets"),
          lambda ns: ns.sigmoid_binary_cross_entropy,
-         _loss_torch("sigmoid_binary_cross_entropy"), make=_targets01),
+         _ref.loss("sigmoid_binary_cross_entropy"), make=_targets01),
     Case("sigmoid_binary_cross_entropy", "8", ((8,), (8,)), ("logits", "targets"),
          lambda ns: ns.sigmoid_binary_cross_entropy,
-         _loss_torch("sigmoid_binary_cross_entropy"), make=_targets01),
+         _ref.loss("sigmoid_binary_cross_entropy"), make=_targets01),
 ]
 
 
 # --- PyTorch's options: ceil mode, dilated max pooling, adaptive pooling, unpooling, padding ----
 # modes, dense over leading axes, 0-d softmax. Each checked against PyTorch's own option.
 
-def _torch_pool(name, **kw):
-    def fn(x):
-        _, F = _torch()
-        return _nhwc(getattr(F, name)(_nchw(x), **kw))
-    return fn
-
-
 def _option_pool_case(layer, hw, torch_name, torch_kw, **kw):
     config = f"{hw[0]}x{hw[1]} " + " ".join(f"{k}={v}" for k, v in kw.items())
     return Case(layer, config, ((2, *hw, 3),), ("x",),
                 lambda ns: lambda x: getattr(ns, layer)(x, **kw),
-                _torch_pool(torch_name, **torch_kw), tags=("pool",))
-
-
-def _padded_conv_torch(x, w, b, *, mode, padding, stride):
-    torch, F = _torch()
-    conv = torch.nn.Conv2d(w.shape[2], w.shape[3], tuple(w.shape[:2]), stride=stride,
-                           padding=padding, padding_mode=mode, bias=True).double()
-    return _nhwc(conv._conv_forward(_nchw(x), w.permute(3, 2, 0, 1), b))
+                functools.partial(_ref.native, torch_name, **torch_kw), tags=("pool",),
+                kwargs=dict(kw))
 
 
 def _padding_conv_case(mode, hw, k, padding, stride=1):
     shapes = ((2, *hw, 3), (k, k, 3, 4), (4,))
-    config = f"{hw[0]}x{hw[1]} k{k} pad={padding} s={stride} {mode}"
-    return Case("conv2d", config, shapes, ("x", "w", "b"),
-                lambda ns: lambda x, w, b: ns.conv2d(x, w, b, stride=stride, padding=padding,
-                                                     padding_mode=mode),
-                functools.partial(_padded_conv_torch, mode=mode, padding=padding,
-                                  stride=stride), tags=("conv",))
+    kw = dict(stride=stride, padding=padding, padding_mode=mode)
+    return Case("conv2d", f"{hw[0]}x{hw[1]} k{k} pad={padding} s={stride} {mode}", shapes,
+                ("x", "w", "b"), lambda ns: lambda x, w, b: ns.conv2d(x, w, b, **kw),
+                functools.partial(_ref.conv2d_padding_mode, **kw), tags=("conv",),
+                kwargs=kw)
 
 
 def _pad_case(mode, hw, pads):
-    (t, b), (l, r) = pads
-
-    def torch_fn(x):
-        _, F = _torch()
-        return _nhwc(F.pad(_nchw(x), (l, r, t, b), mode=mode))
-
     return Case("pad", f"{hw[0]}x{hw[1]} {pads} {mode}", ((2, *hw, 3),), ("x",),
-                lambda ns: lambda x: ns.pad(x, pads, mode), torch_fn)
+                lambda ns: lambda x: ns.pad(x, pads, mode),
+                functools.partial(_ref.pad, padding=pads, mode=mode),
+                kwargs=dict(padding=pads, mode=mode))
 
 
 def _unpool_case(hw, window, stride=None):
     """max_unpool of a fixed pooling: the indices come from a fixed input and are closed over."""
     src = np.random.default_rng(7).standard_normal((2, *hw, 3))
     _, idx = _pooling.max_pool(jnp.asarray(src), window, stride, return_indices=True)
-    idx_np = np.asarray(idx)
-    shape = (2, *idx_np.shape[1:3], 3)
-
-    def torch_fn(x):
-        torch, F = _torch()
-        ti = torch.tensor(idx_np.transpose(0, 3, 1, 2), dtype=torch.int64)
-        return _nhwc(F.max_unpool2d(_nchw(x), ti, window, stride, output_size=hw))
-
-    return Case("max_unpool", f"{hw[0]}x{hw[1]} k={window} s={stride}", (shape,), ("x",),
-                lambda ns: lambda x: ns.max_unpool(x, jnp.asarray(idx_np), window, stride,
-                                                   output_size=hw),
-                torch_fn, tags=("pool",))
+    idx = np.asarray(idx)
+    kw = dict(window=window, stride=stride, output_size=hw)
+    return Case("max_unpool", f"{hw[0]}x{hw[1]} k={window} s={stride}",
+                ((2, *idx.shape[1:3], 3),), ("x",),
+                lambda ns: lambda x: ns.max_unpool(x, jnp.asarray(idx), **kw),
+                functools.partial(_ref.max_unpool, indices=idx, **kw), tags=("pool",),
+                kwargs=kw)
 
 
 OPTION_CASES = [
@@ -466,21 +374,10 @@ OPTION_CASES = [
     _padding_conv_case("replicate", (7, 6), 5, 2, stride=2),
     _padding_conv_case("circular", (6, 6), 3, 1),
     Case("dense", "(2,3,5)->4", ((2, 3, 5), (5, 4), (4,)), ("x", "w", "b"),
-         lambda ns: ns.dense, lambda x, w, b: _torch()[1].linear(x, w.T, b)),
+         lambda ns: ns.dense, _ref.linear),
     Case("softmax", "0-d", ((),), ("x",), lambda ns: ns.softmax,
          lambda x: x.softmax(dim=0)),
 ]
 
-
 CASES: Sequence[Case] = (CONV_CASES + DENSE_CASES + ACTIVATION_CASES + POOL_CASES + NORM_CASES
                          + DROPOUT_CASES + LOSS_CASES + OPTION_CASES)
-
-
-def torch_vjp(case: Case, args, cotangent):
-    """Forward and gradients by PyTorch autograd in float64: ``(out, grads)`` as numpy arrays."""
-    torch, _ = _torch()
-    tensors = [torch.tensor(np.asarray(a, np.float64), requires_grad=True) for a in args]
-    out = case.torch(*tensors)
-    out.backward(torch.tensor(np.asarray(cotangent, np.float64)))
-    return out.detach().numpy(), [t.grad.numpy() if t.grad is not None else np.zeros(t.shape)
-                                  for t in tensors]

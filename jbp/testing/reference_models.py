@@ -1,4 +1,5 @@
-"""The benchmark's two outside references, built on jbp's own parameter pytrees.
+"""Whole models written without jbp's layers, on jbp's own parameter pytrees: the benchmark's
+two outside references.
 
 - ``lax_apply(name)``: the same network written as a JAX user without jbp would write it
   (``lax.conv_general_dilated``, ``lax.reduce_window`` max pooling, batch norm from ``jnp.mean``,
@@ -8,7 +9,8 @@
   weights copied from ``params``, so all four variants start from identical numbers.
 
 scripts/bench.py checks that every variant computes the same step-0 loss before it times them;
-tests/test_bench.py checks the models against jbp's forward.
+tests/test_bench.py checks the models against jbp's forward and gradients. Block strides come
+from the model's public spec (``resnet.RESNET20.block_strides``), not from its internals.
 """
 
 from __future__ import annotations
@@ -68,8 +70,7 @@ def _resnet(spec):
         if spec.stem_pool:
             h = _max_pool(h, 3, 2, 1)
         blocks = []
-        for p, s, stride in zip(params["blocks"], state["blocks"],
-                                resnet._strides(spec.widths, spec.blocks)):
+        for p, s, stride in zip(params["blocks"], state["blocks"], spec.block_strides):
             nb = {}
             y = _conv(h, p["conv1"]["w"], stride=stride, padding=1)
             y, nb["bn1"] = _bn(y, p["bn1"], s["bn1"])
@@ -193,8 +194,7 @@ def torch_model(name, params, state):
               bn(params["stem_bn"], state["stem_bn"]), nn.ReLU()]
     if spec.stem_pool:
         layers.append(nn.MaxPool2d(3, 2, 1))
-    for p, s, stride in zip(params["blocks"], state["blocks"],
-                            resnet._strides(spec.widths, spec.blocks)):
+    for p, s, stride in zip(params["blocks"], state["blocks"], spec.block_strides):
         layers.append(Block(p, s, stride))
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), linear(params["fc"])]
     return nn.Sequential(*layers)

@@ -1,0 +1,156 @@
+"""The grid's PyTorch references: each layer of :mod:`jbp.testing.grid` in ``torch.nn.functional``.
+
+Every function takes float64 torch tensors in jbp's layouts (NHWC images, HWIO kernels) and
+converts to PyTorch's NCHW / OIHW inside, so a :class:`~jbp.testing.grid.Case` can call it on the
+same arrays it gives jbp. Padding is resolved by jbp's own config (``conv_config``,
+``pool_config``) and applied with ``F.pad``, so ``"SAME"``'s asymmetric padding matches.
+:func:`torch_vjp` runs one of them under autograd. torch is imported only when one runs.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from jbp import conv as _conv
+from jbp import pooling as _pooling
+
+
+def _torch():
+    import torch  # noqa: PLC0415 (optional dependency)
+    return torch, torch.nn.functional
+
+
+def _nchw(x):
+    return x.permute(0, 3, 1, 2)
+
+
+def _nhwc(x):
+    return x.permute(0, 2, 3, 1)
+
+
+def conv2d(x, w, b=None, *, kw):
+    """``jbp.conv2d(x, w, b, **kw)``: NHWC ``x``, HWIO ``w`` -> NHWC."""
+    _, F = _torch()
+    cfg = _conv.conv_config(jnp.zeros(tuple(x.shape)), jnp.zeros(tuple(w.shape)), **kw)
+    (t, bo), (l, r) = cfg.padding
+    xp = F.pad(_nchw(x), (l, r, t, bo))
+    return _nhwc(F.conv2d(xp, w.permute(3, 2, 0, 1), b, stride=cfg.stride,
+                          dilation=cfg.dilation, groups=cfg.groups))
+
+
+def dense(x, w, b=None):
+    out = x @ w
+    return out if b is None else out + b
+
+
+def flatten(x):
+    return x.reshape(x.shape[0], -1)
+
+
+def activation(name, **kw):
+    """The activation ``name`` (``relu``, ``leaky_relu`` with ``negative_slope``, ``sigmoid``,
+    ``tanh``, ``softmax``/``log_softmax`` with ``axis``) as a function of one tensor."""
+    def run(x):
+        torch, F = _torch()
+        fns = {"relu": F.relu, "leaky_relu": F.leaky_relu, "sigmoid": torch.sigmoid,
+               "tanh": torch.tanh, "softmax": F.softmax, "log_softmax": F.log_softmax}
+        if name in ("softmax", "log_softmax"):
+            return fns[name](x, dim=kw.get("axis", -1))
+        return fns[name](x, **kw)
+    return run
+
+
+def pool(x, *, kind, window, stride, padding, count_include_pad=True):
+    """``jbp.max_pool`` (``kind="max"``) or ``jbp.avg_pool``; excluded padding only where it is
+    symmetric (PyTorch's native padding)."""
+    _, F = _torch()
+    cfg = _pooling.pool_config(jnp.zeros(tuple(x.shape)), window, stride, padding)
+    (t, b), (l, r) = cfg.padding
+    xc = _nchw(x)
+    if kind == "max":
+        out = F.max_pool2d(F.pad(xc, (l, r, t, b), value=-float("inf")), cfg.window, cfg.stride)
+    elif count_include_pad:
+        out = F.avg_pool2d(F.pad(xc, (l, r, t, b)), cfg.window, cfg.stride)
+    else:   # symmetric padding only (PyTorch's native padding)
+        out = F.avg_pool2d(xc, cfg.window, cfg.stride, padding=(t, l), count_include_pad=False)
+    return _nhwc(out)
+
+
+def global_avg_pool(x):
+    return x.mean(dim=(1, 2))
+
+
+def batch_norm(x, gamma, beta, *, train, mean, var):
+    """``jbp.batch_norm`` with running statistics ``mean``/``var`` (numpy), momentum 0.1 in
+    PyTorch's convention (jbp's 0.9), eps 1e-5; NHWC images or (N, C) features."""
+    torch, F = _torch()
+    images = x.ndim == 4
+    out = F.batch_norm(_nchw(x) if images else x, torch.tensor(mean), torch.tensor(var),
+                       gamma, beta, training=train, momentum=0.1, eps=1e-5)
+    return _nhwc(out) if images else out
+
+
+def cross_entropy_int(z, *, labels, smoothing):
+    """Mean softmax cross-entropy of logits ``z`` against fixed integer ``labels`` (numpy)."""
+    torch, F = _torch()
+    return F.cross_entropy(z, torch.tensor(labels), label_smoothing=smoothing)
+
+
+def cross_entropy_soft(z, y, *, smoothing):
+    _, F = _torch()
+    return F.cross_entropy(z, y, label_smoothing=smoothing)
+
+
+def loss(name):
+    """``mse`` or ``sigmoid_binary_cross_entropy`` (mean over all entries)."""
+    def run(a, b):
+        _, F = _torch()
+        return {"mse": F.mse_loss,
+                "sigmoid_binary_cross_entropy": F.binary_cross_entropy_with_logits}[name](a, b)
+    return run
+
+
+def native(name, x, **kw):
+    """``F.<name>(x, **kw)`` with PyTorch's own options (ceil_mode, dilation, output_size...)."""
+    _, F = _torch()
+    return _nhwc(getattr(F, name)(_nchw(x), **kw))
+
+
+def conv2d_padding_mode(x, w, b, *, stride, padding, padding_mode):
+    """``torch.nn.Conv2d(..., padding_mode=...)``'s own padding, then its convolution."""
+    torch, _ = _torch()
+    conv = torch.nn.Conv2d(w.shape[2], w.shape[3], tuple(w.shape[:2]), stride=stride,
+                           padding=padding, padding_mode=padding_mode).double()
+    return _nhwc(conv._conv_forward(_nchw(x), w.permute(3, 2, 0, 1), b))
+
+
+def pad(x, *, padding, mode):
+    """``F.pad(x, (left, right, top, bottom), mode)``."""
+    _, F = _torch()
+    (t, b), (l, r) = padding
+    return _nhwc(F.pad(_nchw(x), (l, r, t, b), mode=mode))
+
+
+def max_unpool(x, *, indices, window, stride, output_size):
+    """``F.max_unpool2d`` at fixed (numpy, NHWC) indices."""
+    torch, F = _torch()
+    ti = torch.tensor(np.asarray(indices).transpose(0, 3, 1, 2), dtype=torch.int64)
+    return _nhwc(F.max_unpool2d(_nchw(x), ti, window, stride, output_size=output_size))
+
+
+def linear(x, w, b):
+    """``F.linear`` over any leading axes (PyTorch's weight is jbp's transposed)."""
+    _, F = _torch()
+    return F.linear(x, w.T, b)
+
+
+def torch_vjp(case, args, cotangent):
+    """Forward and gradients of ``case.torch`` by PyTorch autograd in float64: ``(out, grads)`` as
+    numpy arrays (zeros for an argument the output does not depend on)."""
+    torch, _ = _torch()
+    tensors = [torch.tensor(np.asarray(a, np.float64), requires_grad=True) for a in args]
+    out = case.torch(*tensors)
+    out.backward(torch.tensor(np.asarray(cotangent, np.float64)))
+    return out.detach().numpy(), [t.grad.numpy() if t.grad is not None else np.zeros(t.shape)
+                                  for t in tensors]
