@@ -183,6 +183,9 @@ def conv_config(x, w, b=None, *, stride=1, padding="SAME", dilation=1, groups=1)
         raise ValueError(f"groups: expected a positive int, got {groups!r}")
     n, h, wd, cin = x.shape
     kh, kw, w_cin, cout = w.shape
+    if cin == 0:     # PyTorch answers with 0 output channels; the empty sum would be 0
+        raise ValueError(f"x: has no input channels (shape {tuple(x.shape)}); a convolution "
+                         f"needs C_in >= 1")
     if cin % groups:
         raise ValueError(f"groups: x has C_in={cin} channels, not divisible by groups={groups}")
     if w_cin != cin // groups:

@@ -14,6 +14,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jbp import _checks
 from jbp._rule import cast_like, manual_rule
@@ -93,7 +94,7 @@ autodiff_dense = _dense_api(_dense_rule.forward)
 # --- flatten ---------------------------------------------------------------------------------
 
 def _flatten_forward(x, _shape=None):
-    return x.reshape(x.shape[0], -1)
+    return x.reshape(x.shape[0], int(np.prod(x.shape[1:])))     # not -1: N may be 0
 
 
 def _flatten_fwd(x, shape):

@@ -10,8 +10,10 @@ the scalar loss (1 under ``jax.grad``)::
     sigmoid + BCE:          L = mean(softplus(z) − z y),   δ = (σ(z) − y)/size,   ∂L/∂y = −z/size
 
 ``log ŷ`` is computed from the logits by log-sum-exp, never as ``log(softmax)``, so logits of
-±1e4 give finite losses and gradients. All losses are means, returned as scalars of the input
-dtype (half precision is accumulated in float32).
+±1e4 give finite losses and gradients. By default all losses are means, returned as scalars of
+the input dtype (half precision is accumulated in float32); PyTorch's options (``reduction``,
+class ``weight``, ``ignore_index``, ``pos_weight``, element weights) are rules of their own in
+``jbp.weighted_losses``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 from jax import lax
 
 from jbp import _checks
+from jbp import weighted_losses as _weighted
 from jbp._rule import cast_like, compute_dtype, manual_rule
 
 
@@ -95,6 +98,34 @@ def _targets(logits, labels, label_smoothing):
     return y
 
 
+def _check_reduction(reduction):
+    if reduction not in _weighted.REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {_weighted.REDUCTIONS}, got {reduction!r}")
+
+
+def _example_weights(logits, labels, weight, ignore_index):
+    """Labels with ``ignore_index`` replaced by class 0, and w_n = weight[y_n]·1[y_n ≠ ignore]."""
+    n, k = logits.shape
+    dtype = compute_dtype(logits.dtype)
+    if not jnp.issubdtype(jnp.asarray(labels).dtype, jnp.integer):
+        raise TypeError("labels: weight and ignore_index take integer class labels (N,); "
+                        "PyTorch's class weights for probability targets are not supported")
+    w = jnp.ones((n,), dtype)
+    if ignore_index is not None:
+        if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+            raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
+        kept = labels != ignore_index
+        labels = jnp.where(kept, labels, 0)
+        w = w * kept.astype(dtype)
+    if weight is not None:
+        _checks.require_float("weight", weight)
+        if tuple(weight.shape) != (k,):
+            raise ValueError(f"weight: expected one weight per class, shape ({k},), got "
+                             f"{tuple(weight.shape)}")
+        w = w * jnp.take(weight.astype(dtype), jnp.clip(labels, 0, k - 1))
+    return labels, w
+
+
 def _check_batch(name, x):
     if x.shape and x.shape[0] == 0:
         raise ValueError(f"{name}: the batch is empty (shape {tuple(x.shape)}); a mean over zero "
@@ -103,16 +134,24 @@ def _check_batch(name, x):
 
 def _softmax_cross_entropy_api(rule):
     def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *,
-                              label_smoothing: float = 0.0) -> jax.Array:
+                              label_smoothing: float = 0.0, weight=None, ignore_index=None,
+                              reduction: str = "mean") -> jax.Array:
         """Softmax cross-entropy from logits, mean over the batch.
 
         Args:
           logits: ``z``, shape ``(N, K)``.
           labels: integer classes ``(N,)`` in ``[0, K)``, or one-hot/soft labels ``(N, K)``.
           label_smoothing: ``ε`` in ``[0, 1)``; targets become ``(1 − ε) y + ε / K``.
+          weight: optional class weights ``(K,)`` (integer labels, no smoothing): example n
+            weighs ``weight[y_n]``, and the mean is PyTorch's weighted mean
+            ``Σ w_n l_n / Σ w_n``.
+          ignore_index: optional int label (e.g. PyTorch's -100, a segmentation's void) whose
+            examples weigh 0: no loss, no gradient, not counted in the mean.
+          reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-example ``w_n l_n``, shape
+            ``(N,)``), as PyTorch.
 
         Returns:
-          scalar ``L = −(1/N) Σ_n Σ_k y_nk log ŷ_nk``, dtype of ``logits``.
+          scalar ``L = −(1/N) Σ_n Σ_k y_nk log ŷ_nk`` (by default), dtype of ``logits``.
 
         Backward ``δ = (ŷ − y)/N`` (``(ŷ Σ_k y_k − y)/N`` for unnormalised soft labels) and
         ``∂L/∂y = −log ŷ / N``, from log-sum-exp: finite for logits of ±1e4.
@@ -128,7 +167,18 @@ def _softmax_cross_entropy_api(rule):
         if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing: expected a float in [0, 1), got "
                              f"{label_smoothing!r}")
-        return rule(logits, _targets(logits, labels, float(label_smoothing)))
+        _check_reduction(reduction)
+        if weight is None and ignore_index is None and reduction == "mean":
+            return rule(logits, _targets(logits, labels, float(label_smoothing)))
+        w = jnp.ones((logits.shape[0],), compute_dtype(logits.dtype))
+        if weight is not None or ignore_index is not None:
+            if label_smoothing:
+                raise ValueError("label_smoothing: not supported together with weight or "
+                                 "ignore_index (PyTorch weighs the smoothing term per class)")
+            labels, w = _example_weights(logits, labels, weight, ignore_index)
+        weighted = _weighted.weighted_cross_entropy if rule is _ce_rule else \
+            _weighted.weighted_cross_entropy.forward
+        return weighted(logits, _targets(logits, labels, float(label_smoothing)), w, reduction)
 
     return softmax_cross_entropy
 
@@ -171,15 +221,20 @@ def _check_pair(pred_name, pred, target_name, target):
 
 
 def _mse_api(rule):
-    def mse(pred: jax.Array, target: jax.Array) -> jax.Array:
+    def mse(pred: jax.Array, target: jax.Array, *, reduction: str = "mean") -> jax.Array:
         """Mean squared error ``mean((ŷ − y)²)`` over every element; shapes must match.
+        ``reduction="sum"`` sums, ``"none"`` returns ``(ŷ − y)²`` elementwise (PyTorch's).
 
         Backward ``δ = 2(ŷ − y)/size``, ``∂L/∂y = −δ``.
         Residuals: ``ŷ − y`` (``size · itemsize`` bytes; float32 for half-precision inputs).
         """
         _check_pair("pred", pred, "target", target)
+        _check_reduction(reduction)
         # The target is cast outside the rule: JAX casts its cotangent back to its dtype.
-        return rule(pred, target.astype(pred.dtype))
+        if reduction == "mean":
+            return rule(pred, target.astype(pred.dtype))
+        reduced = _weighted.reduced_mse if rule is _mse_rule else _weighted.reduced_mse.forward
+        return reduced(pred, target.astype(pred.dtype), reduction)
 
     return mse
 
@@ -216,12 +271,19 @@ _bce_rule = manual_rule("sigmoid_binary_cross_entropy", _bce_forward, _bce_fwd, 
 
 
 def _bce_api(rule):
-    def sigmoid_binary_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    def sigmoid_binary_cross_entropy(logits: jax.Array, targets: jax.Array, *, weight=None,
+                                     pos_weight=None, reduction: str = "mean") -> jax.Array:
         """Binary cross-entropy of ``σ(z)`` against targets in ``[0, 1]``, mean over elements.
 
         Args:
           logits: ``z``, any shape ``(N, ...)``.
           targets: ``y``, same shape, floating point (soft targets allowed).
+          weight: optional element weights, broadcastable to ``z``'s shape (PyTorch's
+            ``weight``); the mean still divides by the element count, as PyTorch.
+          pos_weight: optional weight ``p`` of the positive term, broadcastable (per class:
+            shape ``(C,)`` for ``z`` of shape ``(N, C)``):
+            ``l = −[p y log σ(z) + (1 − y) log(1 − σ(z))]``.
+          reduction: ``"mean"``, ``"sum"`` or ``"none"`` (elementwise), as PyTorch.
 
         Returns:
           scalar ``mean(softplus(z) − z y)``, stable for ``|z|`` up to ±1e4 and beyond.
@@ -230,7 +292,21 @@ def _bce_api(rule):
         Residuals: ``z`` and ``y`` (``2 · size · itemsize`` bytes).
         """
         _check_pair("logits", logits, "targets", targets)
-        return rule(logits, targets.astype(logits.dtype))
+        _check_reduction(reduction)
+        if weight is None and pos_weight is None and reduction == "mean":
+            return rule(logits, targets.astype(logits.dtype))
+        dtype = compute_dtype(logits.dtype)
+        extra = []
+        for name, value in (("pos_weight", pos_weight), ("weight", weight)):
+            value = jnp.ones((), dtype) if value is None else value
+            _checks.require_float(name, value)
+            try:
+                extra.append(jnp.broadcast_to(value.astype(dtype), logits.shape))
+            except ValueError:
+                raise ValueError(f"{name}: shape {tuple(value.shape)} does not broadcast to the "
+                                 f"logits' {tuple(logits.shape)}") from None
+        weighted = _weighted.weighted_bce if rule is _bce_rule else _weighted.weighted_bce.forward
+        return weighted(logits, targets.astype(logits.dtype), *extra, reduction)
 
     return sigmoid_binary_cross_entropy
 

@@ -3,7 +3,8 @@
 Not part of the training library; nothing under ``jbp`` outside this package imports it.
 
 - :mod:`jbp.testing.grid`: the gradient-check grid, :data:`~jbp.testing.grid.CASES`, one
-  :class:`~jbp.testing.grid.Case` per layer configuration.
+  :class:`~jbp.testing.case.Case` per layer configuration; :mod:`jbp.testing.option_grid` holds
+  the cases of PyTorch's options (ceil mode, padding modes, loss reductions and weights...).
 - :mod:`jbp.testing.torch_reference`: each grid layer in ``torch.nn.functional`` (NHWC in, NHWC
   out) and :func:`~jbp.testing.torch_reference.torch_vjp`; torch is imported only when used.
 - :mod:`jbp.testing.reference_models`: LeNet-5 and the ResNets written in plain ``lax``/``jnp``

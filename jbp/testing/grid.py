@@ -11,8 +11,7 @@ statistics, PRNG keys) are fixed per case and closed over.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,40 +19,8 @@ import numpy as np
 
 from jbp import pooling as _pooling
 from jbp.testing import torch_reference as _ref
-
-
-@dataclass(frozen=True)
-class Case:
-    """One layer configuration to check.
-
-    ``call(ns)`` returns ``f(*args)`` built from namespace ``ns`` (``jbp`` or ``jbp.autodiff``);
-    ``kwargs`` is the layer's keyword configuration that ``f`` passes on (conv2d's ``stride``,
-    ``padding``, ``dilation``, ``groups``; a pool's ``window``...; ``{}`` where there is none);
-    ``torch(*tensors)`` computes the same map with PyTorch on NHWC float64 tensors, or is None.
-    """
-
-    layer: str
-    config: str
-    shapes: Tuple[Tuple[int, ...], ...]
-    names: Tuple[str, ...]
-    call: Callable
-    torch: Optional[Callable] = None
-    make: Optional[Callable] = None          # (rng, shapes) -> list of numpy arrays
-    tags: Tuple[str, ...] = field(default=())
-    kwargs: Mapping[str, Any] = field(default_factory=dict, hash=False)
-
-    @property
-    def id(self) -> str:
-        return f"{self.layer}[{self.config}]"
-
-    def args(self, dtype=jnp.float32, seed: int = 0):
-        rng = np.random.default_rng(seed)
-        arrays = self.make(rng, self.shapes) if self.make else [
-            rng.standard_normal(s) for s in self.shapes]
-        return tuple(jnp.asarray(a, dtype) for a in arrays)
-
-    def fn(self, ns):
-        return self.call(ns)
+from jbp.testing.case import Case  # re-exported: jbp.testing.grid.Case
+from jbp.testing.option_grid import LOSS_OPTION_CASES, OPTION_CASES
 
 
 # --- conv2d -----------------------------------------------------------------------------------
@@ -308,76 +275,7 @@ LOSS_CASES = [
 ]
 
 
-# --- PyTorch's options: ceil mode, dilated max pooling, adaptive pooling, unpooling, padding ----
-# modes, dense over leading axes, 0-d softmax. Each checked against PyTorch's own option.
 
-def _option_pool_case(layer, hw, torch_name, torch_kw, **kw):
-    config = f"{hw[0]}x{hw[1]} " + " ".join(f"{k}={v}" for k, v in kw.items())
-    return Case(layer, config, ((2, *hw, 3),), ("x",),
-                lambda ns: lambda x: getattr(ns, layer)(x, **kw),
-                functools.partial(_ref.native, torch_name, **torch_kw), tags=("pool",),
-                kwargs=dict(kw))
-
-
-def _padding_conv_case(mode, hw, k, padding, stride=1):
-    shapes = ((2, *hw, 3), (k, k, 3, 4), (4,))
-    kw = dict(stride=stride, padding=padding, padding_mode=mode)
-    return Case("conv2d", f"{hw[0]}x{hw[1]} k{k} pad={padding} s={stride} {mode}", shapes,
-                ("x", "w", "b"), lambda ns: lambda x, w, b: ns.conv2d(x, w, b, **kw),
-                functools.partial(_ref.conv2d_padding_mode, **kw), tags=("conv",),
-                kwargs=kw)
-
-
-def _pad_case(mode, hw, pads):
-    return Case("pad", f"{hw[0]}x{hw[1]} {pads} {mode}", ((2, *hw, 3),), ("x",),
-                lambda ns: lambda x: ns.pad(x, pads, mode),
-                functools.partial(_ref.pad, padding=pads, mode=mode),
-                kwargs=dict(padding=pads, mode=mode))
-
-
-def _unpool_case(hw, window, stride=None):
-    """max_unpool of a fixed pooling: the indices come from a fixed input and are closed over."""
-    src = np.random.default_rng(7).standard_normal((2, *hw, 3))
-    _, idx = _pooling.max_pool(jnp.asarray(src), window, stride, return_indices=True)
-    idx = np.asarray(idx)
-    kw = dict(window=window, stride=stride, output_size=hw)
-    return Case("max_unpool", f"{hw[0]}x{hw[1]} k={window} s={stride}",
-                ((2, *idx.shape[1:3], 3),), ("x",),
-                lambda ns: lambda x: ns.max_unpool(x, jnp.asarray(idx), **kw),
-                functools.partial(_ref.max_unpool, indices=idx, **kw), tags=("pool",),
-                kwargs=kw)
-
-
-OPTION_CASES = [
-    _option_pool_case("max_pool", (7, 8), "max_pool2d", dict(kernel_size=3, stride=2,
-                      ceil_mode=True), window=3, stride=2, ceil_mode=True),
-    _option_pool_case("max_pool", (9, 9), "max_pool2d", dict(kernel_size=3, stride=1,
-                      dilation=2), window=3, stride=1, dilation=2),
-    _option_pool_case("max_pool", (8, 7), "max_pool2d", dict(kernel_size=2, stride=2, padding=1,
-                      dilation=(2, 1), ceil_mode=True), window=2, stride=2, padding=1,
-                      dilation=(2, 1), ceil_mode=True),
-    _option_pool_case("avg_pool", (7, 8), "avg_pool2d", dict(kernel_size=3, stride=2,
-                      ceil_mode=True), window=3, stride=2, ceil_mode=True),
-    _option_pool_case("avg_pool", (6, 7), "avg_pool2d", dict(kernel_size=3, stride=2, padding=1,
-                      ceil_mode=True, count_include_pad=False), window=3, stride=2, padding=1,
-                      ceil_mode=True, count_include_pad=False),
-    _option_pool_case("adaptive_avg_pool", (9, 10), "adaptive_avg_pool2d",
-                      dict(output_size=(7, 7)), output_size=(7, 7)),
-    _option_pool_case("adaptive_avg_pool", (5, 4), "adaptive_avg_pool2d",
-                      dict(output_size=(3, 6)), output_size=(3, 6)),
-    _unpool_case((6, 6), 2),
-    _unpool_case((7, 9), (2, 3)),                  # a remainder row: output_size (7, 9)
-    _pad_case("reflect", (5, 6), ((2, 1), (3, 0))),
-    _pad_case("replicate", (4, 5), ((3, 1), (0, 6))),
-    _pad_case("circular", (5, 4), ((1, 5), (4, 2))),
-    _padding_conv_case("reflect", (6, 7), 3, 1),
-    _padding_conv_case("replicate", (7, 6), 5, 2, stride=2),
-    _padding_conv_case("circular", (6, 6), 3, 1),
-    Case("dense", "(2,3,5)->4", ((2, 3, 5), (5, 4), (4,)), ("x", "w", "b"),
-         lambda ns: ns.dense, _ref.linear),
-    Case("softmax", "0-d", ((),), ("x",), lambda ns: ns.softmax,
-         lambda x: x.softmax(dim=0)),
-]
 
 CASES: Sequence[Case] = (CONV_CASES + DENSE_CASES + ACTIVATION_CASES + POOL_CASES + NORM_CASES
-                         + DROPOUT_CASES + LOSS_CASES + OPTION_CASES)
+                         + DROPOUT_CASES + LOSS_CASES + OPTION_CASES + LOSS_OPTION_CASES)

@@ -145,6 +145,27 @@ def linear(x, w, b):
     return F.linear(x, w.T, b)
 
 
+def cross_entropy_options(z, *, labels, weight=None, ignore_index=-100, reduction="mean"):
+    """``F.cross_entropy`` with class weights, an ignored label and a reduction."""
+    torch, F = _torch()
+    w = None if weight is None else torch.tensor(np.asarray(weight))
+    return F.cross_entropy(z, torch.tensor(labels), weight=w, ignore_index=ignore_index,
+                           reduction=reduction)
+
+
+def bce_options(z, y, *, weight, pos_weight, reduction):
+    """``F.binary_cross_entropy_with_logits`` with element and positive weights."""
+    torch, F = _torch()
+    return F.binary_cross_entropy_with_logits(z, y, weight=torch.tensor(weight),
+                                              pos_weight=torch.tensor(pos_weight),
+                                              reduction=reduction)
+
+
+def mse_options(a, b, *, reduction):
+    _, F = _torch()
+    return F.mse_loss(a, b, reduction=reduction)
+
+
 def torch_vjp(case, args, cotangent):
     """Forward and gradients of ``case.torch`` by PyTorch autograd in float64: ``(out, grads)`` as
     numpy arrays (zeros for an argument the output does not depend on)."""
