@@ -82,6 +82,12 @@ def _targets(logits, labels, label_smoothing):
                 raise ValueError(f"labels: class indices must lie in [0, {k}) for logits with "
                                  f"K={k} classes, found {low if low < 0 else high}")
         y = jax.nn.one_hot(labels, k, dtype=compute_dtype(logits.dtype))
+        # Under jax.jit the labels are not known at trace time. An out-of-range label would give
+        # a row of zeros (no class): loss 0 and a zero gradient for that example, silently.
+        # Its row of y is NaN instead, so the loss and the gradient are NaN (a finite check,
+        # like jbp.train's step, stops); valid rows are the exact one-hot values.
+        valid = (labels >= 0) & (labels < k)
+        y = jnp.where(valid[:, None], y, jnp.asarray(jnp.nan, y.dtype))
     elif jnp.issubdtype(labels.dtype, jnp.floating):
         if tuple(labels.shape) != (n, k):
             raise ValueError(f"labels: one-hot/soft labels must have the logits' shape ({n}, {k}),"
@@ -119,8 +125,12 @@ def _softmax_cross_entropy_api(rule):
         Residuals: ``s = z − max z``, ``Σ_k e^{s_k}`` and ``y``: ``(2K + 1)·N · 4`` bytes in
         float32 (half precision is kept as float32).
 
-        Integer labels must lie in ``[0, K)``: concrete labels are checked (``ValueError``);
-        inside ``jax.jit`` they cannot be, and an out-of-range label selects no class.
+        Integer labels must lie in ``[0, K)``. Concrete labels are checked (``ValueError``).
+        Inside ``jax.jit`` (traced labels) no exception is possible: the target row of an
+        out-of-range label is NaN, so the loss and the gradient (its row ``δ_n``, and through
+        it every parameter's) are NaN rather than a silent zero, and a non-finite check stops:
+        :func:`jbp.train.make_train_step` skips the update and reports it, and
+        :func:`jbp.train.evaluate` raises.
         """
         _checks.require_rank("logits", logits, 2, "(N, K)")
         _checks.require_float("logits", logits)
