@@ -67,7 +67,9 @@ DIGESTS = {
 }
 
 
-@pytest.mark.parametrize("name,shape", list(DIGESTS), ids=[n for n, _ in DIGESTS])
+@pytest.mark.parametrize("name,shape", [
+    pytest.param(*key, marks=pytest.mark.slow) if key[0] == "resnet18" else key
+    for key in DIGESTS], ids=[n for n, _ in DIGESTS])
 def test_models_initialise_exactly_as_before(name, shape):
     with jax.enable_x64(False):
         params, state = get_model(name).init(jax.random.key(0), shape, 10)

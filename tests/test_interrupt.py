@@ -47,6 +47,7 @@ def test_stop_before_the_first_step_is_one_line(tmp_path, signal_at):
         assert "compilation" in lines[0]
 
 
+@pytest.mark.slow             # two runs each
 @pytest.mark.parametrize("signal_at,stopped_at", [("SIGINT@checkpoint", 4),
                                                    ("SIGTERM@eval", 10)])
 def test_stop_after_a_step_checkpoints_and_resumes(tmp_path, signal_at, stopped_at):

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jbp import checkpoint
 
@@ -69,6 +70,7 @@ def _digest(run_dir):
             for name in sorted(os.listdir(run_dir))}
 
 
+@pytest.mark.slow             # four training runs
 def test_a_second_run_never_mixes_with_the_first(tmp_path):
     run = tmp_path / "run"
     first = _train(*TINY, "--out", str(run))                       # finishes: steps 12, 16, 20
