@@ -68,7 +68,9 @@ _ce_rule = manual_rule("softmax_cross_entropy", _ce_forward, _ce_fwd, _ce_bwd, n
 
 
 def _targets(logits, labels, label_smoothing):
-    """Dense targets (N, K) from integer labels (N,) or soft labels (N, K), smoothed."""
+    """Dense targets (N, K) from integer labels (N,) or soft labels (N, K), smoothed, and for
+    integer labels which of them lie in [0, K) (None for soft labels)."""
+    valid = None
     n, k = logits.shape
     _checks.require_array("labels", labels)
     if jnp.issubdtype(labels.dtype, jnp.integer):
@@ -82,12 +84,7 @@ def _targets(logits, labels, label_smoothing):
                 raise ValueError(f"labels: class indices must lie in [0, {k}) for logits with "
                                  f"K={k} classes, found {low if low < 0 else high}")
         y = jax.nn.one_hot(labels, k, dtype=compute_dtype(logits.dtype))
-        # Under jax.jit the labels are not known at trace time. An out-of-range label would give
-        # a row of zeros (no class): loss 0 and a zero gradient for that example, silently.
-        # Its row of y is NaN instead, so the loss and the gradient are NaN (a finite check,
-        # like jbp.train's step, stops); valid rows are the exact one-hot values.
         valid = (labels >= 0) & (labels < k)
-        y = jnp.where(valid[:, None], y, jnp.asarray(jnp.nan, y.dtype))
     elif jnp.issubdtype(labels.dtype, jnp.floating):
         if tuple(labels.shape) != (n, k):
             raise ValueError(f"labels: one-hot/soft labels must have the logits' shape ({n}, {k}),"
@@ -98,7 +95,23 @@ def _targets(logits, labels, label_smoothing):
                         f"dtype {labels.dtype}")
     if label_smoothing:
         y = (1.0 - label_smoothing) * y + label_smoothing / k
-    return y
+    return y, valid
+
+
+def _poison_invalid_rows(logits, valid):
+    """``z + 0`` for examples with a valid label, ``z + NaN`` for the others.
+
+    Under ``jax.jit`` the labels are not known at trace time. An out-of-range label would give a
+    target row of zeros (no class): loss 0 and a zero gradient for that example, silently. Its
+    logits become NaN instead, so that example's δ row (and through it every parameter's
+    gradient) is NaN; the caller adds NaN to the loss too (XLA turns ``one_hot · log ŷ`` into a
+    select, which would drop the NaN row's term). A finite check then stops (jbp.train's step).
+    Adding 0 leaves
+    valid rows' values as they were; NaN in the targets instead (the first version) changed how
+    XLA fused the backward and moved LeNet-5's gradients by an ulp, this does not
+    (tests/test_labels_jit.py).
+    """
+    return logits + jnp.where(valid, 0.0, jnp.nan).astype(logits.dtype)[:, None]
 
 
 def _check_batch(name, x):
@@ -126,9 +139,10 @@ def _softmax_cross_entropy_api(rule):
         float32 (half precision is kept as float32).
 
         Integer labels must lie in ``[0, K)``. Concrete labels are checked (``ValueError``).
-        Inside ``jax.jit`` (traced labels) no exception is possible: the target row of an
-        out-of-range label is NaN, so the loss and the gradient (its row ``δ_n``, and through
-        it every parameter's) are NaN rather than a silent zero, and a non-finite check stops:
+        Inside ``jax.jit`` (traced labels) no exception is possible: the logits row of an
+        out-of-range label is made NaN, so the loss and the gradient (its row ``δ_n``, and
+        through it every parameter's) are NaN rather than a silent zero, and a non-finite
+        check stops:
         :func:`jbp.train.make_train_step` skips the update and reports it, and
         :func:`jbp.train.evaluate` raises.
         """
@@ -138,7 +152,11 @@ def _softmax_cross_entropy_api(rule):
         if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing: expected a float in [0, 1), got "
                              f"{label_smoothing!r}")
-        return rule(logits, _targets(logits, labels, float(label_smoothing)))
+        y, valid = _targets(logits, labels, float(label_smoothing))
+        if valid is None:
+            return rule(logits, y)
+        loss = rule(_poison_invalid_rows(logits, valid), y)
+        return loss + jnp.where(jnp.all(valid), 0.0, jnp.nan).astype(loss.dtype)
 
     return softmax_cross_entropy
 
