@@ -10,9 +10,9 @@ A checkpoint is one ``.npz`` file, ``ckpt-<step>.npz``, in a run directory:
 Loading never executes code (``allow_pickle=False``; the tree structure comes from the model the
 caller builds, checked leaf by leaf against the manifest). Writing is atomic: a temp file in the
 same directory, fsync, ``os.replace``, fsync of the directory; only the last ``keep`` checkpoints
-up to the one just written are kept (a checkpoint with a higher step is not this run's past, and the
-newest one written is never pruned). A torn or tampered file fails its zip CRC or the SHA-256 and :func:`restore_latest`
-falls back to the previous good one with a warning naming both files.
+up to the one just written are kept (a checkpoint with a higher step is not this run's past, and
+the one just written is never pruned). A torn or tampered file fails its zip CRC or the SHA-256
+and :func:`restore_latest` falls back to the previous good one with a warning naming both files.
 """
 
 from __future__ import annotations

@@ -47,8 +47,8 @@ class StopRequest:
     evaluation or the checkpoint write in progress, writes a checkpoint and exits 0.
 
     ``JBP_TEST_SIGNAL=SIGINT@phase`` (tests only) makes the script signal itself on reaching
-    ``phase``: import, data, compile (during XLA's compilation of the train step), first-step,
-    eval, checkpoint.
+    ``phase``: import, data, compile (from another thread, as XLA starts compiling the train
+    step), first-step, eval, checkpoint.
     """
 
     def __init__(self):
@@ -100,8 +100,9 @@ class StopRequest:
 
             def after_lowering(event, _duration, **_kw):
                 if event.endswith("jaxpr_to_mlir_module_duration") and not fired:
-                    fired.append(event)     # XLA's backend compile starts next: signal inside
-                    threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+                    fired.append(event)     # XLA's backend compile starts next: the signal
+                    # comes from another thread while the main thread enters it
+                    threading.Thread(target=os.kill, args=(os.getpid(), signum)).start()
             jax.monitoring.register_event_duration_secs_listener(after_lowering)
         else:
             os.kill(os.getpid(), signum)

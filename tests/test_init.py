@@ -46,7 +46,7 @@ def test_layer_dicts():
     assert d["w"].dtype == jnp.bfloat16 and d["b"].shape == (3,)
     params, state = jbp.init.batch_norm(4)
     assert np.all(np.asarray(params["gamma"]) == 1) and np.all(np.asarray(state["var"]) == 1)
-    y = jbp.conv2d(jnp.ones((1, 6, 6, 2), jnp.float32), c["w"], c["b"])             # what the layers take
+    y = jbp.conv2d(jnp.ones((1, 6, 6, 2), jnp.float32), c["w"], c["b"])   # what layers take
     assert y.shape == (1, 6, 6, 5)
 
 

@@ -3,7 +3,7 @@
 Before the first step has finished: one line, exit 128 + signal (130/143), and the run directory
 this start created is gone. After it: the checkpoint stop (exit 0), and --resume continues.
 Each moment is hit deterministically: JBP_TEST_SIGNAL=SIG@phase makes the script signal itself
-on reaching the phase ("compile": 50 ms into XLA's compilation, from another thread).
+on reaching the phase ("compile": from another thread as XLA starts compiling the train step).
 """
 
 import os
