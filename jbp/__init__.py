@@ -17,6 +17,7 @@ from jbp.padding import pad
 from jbp.pooling import avg_pool, max_pool, max_unpool
 
 from jbp import autodiff, manual  # noqa: E402  (namespaces built from the modules above)
+from jbp import init  # noqa: E402  (He/LeCun/Glorot initialisers)
 
 LAYERS = (
     "conv2d", "dense", "flatten", "relu", "leaky_relu", "sigmoid", "tanh", "softmax",
@@ -26,4 +27,4 @@ LAYERS = (
 )
 
 __version__ = "0.1.0"
-__all__ = list(LAYERS) + ["autodiff", "manual", "LAYERS"]
+__all__ = list(LAYERS) + ["autodiff", "manual", "init", "LAYERS"]

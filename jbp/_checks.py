@@ -8,8 +8,10 @@ deep inside XLA.
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Sequence, Tuple, Union
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -60,6 +62,56 @@ def warn_if_nchw(name: str, x, channels_expected: int | None = None) -> str:
             return (f" {name} looks like NCHW (channels on axis 1); jbp uses NHWC: "
                     f"transpose with {name}.transpose(0, 2, 3, 1).")
     return ""
+
+
+def require_static_bool(name: str, value) -> None:
+    """A flag that selects the computation at trace time (``train=``) must be a Python bool."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, jax.core.Tracer):
+        how = (f"; here it is traced, e.g. passed as an argument of a jax.jit-compiled function: "
+               f"make it static (jax.jit(f, static_argnames=({name!r},))) or close over it "
+               f"(jax.jit(lambda params, x: f(params, x, {name}=True)))")
+    else:
+        how = f"; convert it with bool({name})" if np.ndim(value) == 0 else ""
+    raise TypeError(f"{name}: expected a Python bool (it selects the computation at trace time), "
+                    f"got {type(value).__name__}{how}")
+
+
+class LayoutWarning(UserWarning):
+    """An argument's shape fits, but very likely in another layout than jbp's (NHWC, HWIO)."""
+
+
+def check_kernel_layout(x, w, groups) -> None:
+    """Recognise a PyTorch-layout kernel ``(C_out, C_in / groups, KH, KW)`` passed as HWIO.
+
+    Only the readings that are nearly unambiguous are flagged (``c = C_in / groups``):
+
+    - HWIO does not fit (``w.shape[2] != c``) but PyTorch's layout does, with a square kernel
+      (``w.shape[1] == c``, ``w.shape[2] == w.shape[3]``): the shape error names the transpose.
+    - HWIO fits only by coincidence: ``w`` is ``(C_out, c, c, c)`` with ``C_out >= 8`` and
+      ``2 <= c <= 11``, e.g. a ``(16, 3, 3, 3)`` PyTorch kernel for RGB input, which as HWIO
+      reads as a 16×3 kernel with as many output as input channels: a :class:`LayoutWarning`.
+      (A kernel that really is that shape can silence it with ``warnings.filterwarnings``.)
+
+    Square 3×3×c×c kernels such as ``(3, 3, 3, 3)`` read the same in both layouts and are never
+    flagged. Anything the checks of ``conv2d`` reject anyway (ranks, groups) is left to them.
+    """
+    if (getattr(x, "ndim", None) != 4 or getattr(w, "ndim", None) != 4
+            or not isinstance(groups, int) or groups < 1 or x.shape[-1] % groups):
+        return
+    c = x.shape[-1] // groups
+    o, i, kh, kw = w.shape
+    transpose = ("w looks like PyTorch's (C_out, C_in, KH, KW) layout; jbp expects HWIO "
+                 "(KH, KW, C_in, C_out): pass w.transpose(2, 3, 1, 0)")
+    if kh != c and i == c and kh == kw:
+        raise ValueError(
+            f"w: kernel input channels w.shape[2]={kh} must equal C_in / groups = "
+            f"{x.shape[-1]} / {groups} = {c} (w.shape={tuple(w.shape)}, x.shape="
+            f"{tuple(x.shape)}). If {transpose}.")
+    if i == kh == kw == c and 2 <= c <= 11 and o >= 8:
+        warnings.warn(f"w: shape {tuple(w.shape)} fits HWIO only as a {o}x{i} kernel with "
+                      f"C_in = C_out = {c}; {transpose}", LayoutWarning, stacklevel=4)
 
 
 def pair(name: str, value, *, minimum: int = 1) -> Pair:

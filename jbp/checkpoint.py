@@ -10,8 +10,9 @@ A checkpoint is one ``.npz`` file, ``ckpt-<step>.npz``, in a run directory:
 Loading never executes code (``allow_pickle=False``; the tree structure comes from the model the
 caller builds, checked leaf by leaf against the manifest). Writing is atomic: a temp file in the
 same directory, fsync, ``os.replace``, fsync of the directory; only the last ``keep`` checkpoints
-are kept. A torn or tampered file fails its zip CRC or the SHA-256 and :func:`restore_latest`
-falls back to the previous good one with a warning naming both files.
+up to the one just written are kept (a checkpoint with a higher step is not this run's past, and
+the one just written is never pruned). A torn or tampered file fails its zip CRC or the SHA-256
+and :func:`restore_latest` falls back to the previous good one with a warning naming both files.
 """
 
 from __future__ import annotations
@@ -58,6 +59,36 @@ def _fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
+# Every file scripts/train.py writes into a run directory (besides the checkpoints).
+RUN_FILES = ("config.toml", "metrics.jsonl", "summary.json", "curves.png", "nonfinite_batch.json")
+_TEMP = re.compile(r"\.ckpt-.*\.tmp$")
+
+
+def run_files(directory: str) -> List[str]:
+    """Names of the files of a training run in ``directory`` (empty if it holds none).
+
+    A run is its ``RUN_FILES``, its ``ckpt-*.npz`` checkpoints and leftover ``.ckpt-*.tmp`` files
+    of an interrupted write; nothing else in the directory is counted (or removed by
+    :func:`clear_run`).
+    """
+    if not os.path.isdir(directory):
+        return []
+    return sorted(name for name in os.listdir(directory)
+                  if name in RUN_FILES or _NAME.fullmatch(name) or _TEMP.match(name))
+
+
+def clear_run(directory: str) -> List[str]:
+    """Delete the run's files (:func:`run_files`) from ``directory``; returns their names."""
+    removed = run_files(directory)
+    for name in removed:
+        os.unlink(os.path.join(directory, name))
+    return removed
+
+
+def _step_of(path: str) -> int:
+    return int(_NAME.search(os.path.basename(path)).group(1))
+
+
 def checkpoint_paths(directory: str) -> List[str]:
     """The run's checkpoints, oldest first."""
     found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(directory, "ckpt-*.npz"))
@@ -67,7 +98,12 @@ def checkpoint_paths(directory: str) -> List[str]:
 
 def save(directory: str, state, *, position: Optional[dict] = None, config: str = "",
          keep: int = 3) -> str:
-    """Write ``state`` (any pytree of arrays with a ``step``) atomically; keep the last ``keep``."""
+    """Write ``state`` (any pytree of arrays with a ``step``) atomically; keep the last ``keep``.
+
+    Pruning counts only checkpoints up to this one's step, so the file just written is never
+    deleted, even if the directory holds higher-numbered checkpoints (scripts/train.py refuses to
+    start a new run in a directory that holds one, see :func:`run_files`).
+    """
     if keep < 1:
         raise ValueError(f"keep: expected >= 1, got {keep}")
     os.makedirs(directory, exist_ok=True)
@@ -99,7 +135,8 @@ def save(directory: str, state, *, position: Optional[dict] = None, config: str 
             os.unlink(tmp)
         raise
     _fsync_directory(directory)
-    for old in checkpoint_paths(directory)[:-keep]:
+    history = [p for p in checkpoint_paths(directory) if _step_of(p) <= step]   # ends with final
+    for old in history[:-keep]:
         os.unlink(old)
     return final
 

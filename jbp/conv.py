@@ -175,6 +175,7 @@ def conv_config(x, w, b=None, *, stride=1, padding="SAME", dilation=1, groups=1)
     _checks.require_rank("x", x, 4, "(N, H, W, C_in) in NHWC layout")
     _checks.require_float("x", x)
     _checks.require_rank("w", w, 4, "(KH, KW, C_in // groups, C_out) in HWIO layout")
+    _checks.check_kernel_layout(x, w, groups)          # a PyTorch (C_out, C_in, KH, KW) kernel
     if w.dtype != x.dtype:
         raise TypeError(f"w: dtype {w.dtype} differs from x dtype {x.dtype}; cast one of them")
     stride = _checks.pair("stride", stride)

@@ -51,8 +51,7 @@ def _dropout_api(rule):
             raise TypeError(f"rate: expected a Python float in [0, 1), got {rate!r}")
         if not 0.0 <= rate < 1.0:
             raise ValueError(f"rate: expected a float in [0, 1), got {rate!r}")
-        if not isinstance(train, bool):
-            raise TypeError(f"train: expected a Python bool, got {type(train).__name__}")
+        _checks.require_static_bool("train", train)
         if not train or rate == 0.0:
             return x
         _checks.require_array("key", key)

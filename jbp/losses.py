@@ -71,7 +71,9 @@ _ce_rule = manual_rule("softmax_cross_entropy", _ce_forward, _ce_fwd, _ce_bwd, n
 
 
 def _targets(logits, labels, label_smoothing):
-    """Dense targets (N, K) from integer labels (N,) or soft labels (N, K), smoothed."""
+    """Dense targets (N, K) from integer labels (N,) or soft labels (N, K), smoothed, and for
+    integer labels which of them lie in [0, K) (None for soft labels)."""
+    valid = None
     n, k = logits.shape
     _checks.require_array("labels", labels)
     if jnp.issubdtype(labels.dtype, jnp.integer):
@@ -85,6 +87,7 @@ def _targets(logits, labels, label_smoothing):
                 raise ValueError(f"labels: class indices must lie in [0, {k}) for logits with "
                                  f"K={k} classes, found {low if low < 0 else high}")
         y = jax.nn.one_hot(labels, k, dtype=compute_dtype(logits.dtype))
+        valid = (labels >= 0) & (labels < k)
     elif jnp.issubdtype(labels.dtype, jnp.floating):
         if tuple(labels.shape) != (n, k):
             raise ValueError(f"labels: one-hot/soft labels must have the logits' shape ({n}, {k}),"
@@ -95,7 +98,23 @@ def _targets(logits, labels, label_smoothing):
                         f"dtype {labels.dtype}")
     if label_smoothing:
         y = (1.0 - label_smoothing) * y + label_smoothing / k
-    return y
+    return y, valid
+
+
+def _poison_invalid_rows(logits, valid):
+    """``z + 0`` for examples with a valid label, ``z + NaN`` for the others.
+
+    Under ``jax.jit`` the labels are not known at trace time. An out-of-range label would give a
+    target row of zeros (no class): loss 0 and a zero gradient for that example, silently. Its
+    logits become NaN instead, so that example's δ row (and through it every parameter's
+    gradient) is NaN; the caller adds NaN to the loss too (XLA turns ``one_hot · log ŷ`` into a
+    select, which would drop the NaN row's term). A finite check then stops (jbp.train's step).
+    Adding 0 leaves
+    valid rows' values as they were; NaN in the targets instead (the first version) changed how
+    XLA fused the backward and moved LeNet-5's gradients by an ulp, this does not
+    (tests/test_labels_jit.py).
+    """
+    return logits + jnp.where(valid, 0.0, jnp.nan).astype(logits.dtype)[:, None]
 
 
 def _check_reduction(reduction):
@@ -158,8 +177,13 @@ def _softmax_cross_entropy_api(rule):
         Residuals: ``s = z − max z``, ``Σ_k e^{s_k}`` and ``y``: ``(2K + 1)·N · 4`` bytes in
         float32 (half precision is kept as float32).
 
-        Integer labels must lie in ``[0, K)``: concrete labels are checked (``ValueError``);
-        inside ``jax.jit`` they cannot be, and an out-of-range label selects no class.
+        Integer labels must lie in ``[0, K)``. Concrete labels are checked (``ValueError``).
+        Inside ``jax.jit`` (traced labels) no exception is possible: the logits row of an
+        out-of-range label is made NaN, so the loss and the gradient (its row ``δ_n``, and
+        through it every parameter's) are NaN rather than a silent zero, and a non-finite
+        check stops:
+        :func:`jbp.train.make_train_step` skips the update and reports it, and
+        :func:`jbp.train.evaluate` raises.
         """
         _checks.require_rank("logits", logits, 2, "(N, K)")
         _checks.require_float("logits", logits)
@@ -169,16 +193,25 @@ def _softmax_cross_entropy_api(rule):
                              f"{label_smoothing!r}")
         _check_reduction(reduction)
         if weight is None and ignore_index is None and reduction == "mean":
-            return rule(logits, _targets(logits, labels, float(label_smoothing)))
+            y, valid = _targets(logits, labels, float(label_smoothing))
+            if valid is None:
+                return rule(logits, y)
+            loss = rule(_poison_invalid_rows(logits, valid), y)
+            return loss + jnp.where(jnp.all(valid), 0.0, jnp.nan).astype(loss.dtype)
         w = jnp.ones((logits.shape[0],), compute_dtype(logits.dtype))
         if weight is not None or ignore_index is not None:
             if label_smoothing:
                 raise ValueError("label_smoothing: not supported together with weight or "
                                  "ignore_index (PyTorch weighs the smoothing term per class)")
             labels, w = _example_weights(logits, labels, weight, ignore_index)
+        y, valid = _targets(logits, labels, float(label_smoothing))
         weighted = _weighted.weighted_cross_entropy if rule is _ce_rule else \
             _weighted.weighted_cross_entropy.forward
-        return weighted(logits, _targets(logits, labels, float(label_smoothing)), w, reduction)
+        if valid is None:
+            return weighted(logits, y, w, reduction)
+        loss = weighted(_poison_invalid_rows(logits, valid), y, w, reduction)
+        poison = valid if reduction == "none" else jnp.all(valid)
+        return loss + jnp.where(poison, 0.0, jnp.nan).astype(loss.dtype)
 
     return softmax_cross_entropy
 

@@ -125,9 +125,7 @@ def _check(x, gamma, beta, running_mean, running_var, train, momentum, eps):
             raise ValueError(f"{name}: expected shape ({c},) (channels, the last axis of x), "
                              f"got {tuple(v.shape)}." + _checks.warn_if_nchw("x", x, v.shape[0]
                                                                             if v.ndim else None))
-    if not isinstance(train, bool):
-        raise TypeError(f"train: expected a Python bool (it selects the computation at trace "
-                        f"time), got {type(train).__name__}")
+    _checks.require_static_bool("train", train)
     if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum: expected a float in [0, 1], got {momentum!r}")
     if not isinstance(eps, (int, float)) or eps <= 0:

@@ -180,27 +180,41 @@ def make_grad_fn(apply: Callable, loss: Union[str, Callable] = "softmax_cross_en
 
 def make_eval_step(apply: Callable, loss: Union[str, Callable] = "softmax_cross_entropy", *,
                    grad: str = "manual") -> Callable:
-    """A jit-compiled ``eval_step(state, x, y) -> {"loss_sum", "correct", "count"}`` (eval mode).
+    """A jit-compiled ``eval_step(state, x, y) -> {"loss_sum", "correct", "count",
+    "bad_labels"}`` (eval mode).
 
     Sums, not means, so that batches of any size (the last partial one) add up exactly.
+    ``bad_labels`` counts integer labels outside ``[0, K)``, which the compiled step cannot
+    raise for (their loss is NaN, and they never count as correct); :func:`evaluate` raises.
     """
     loss_fn = _loss_fn(loss, grad)
 
     def eval_step(state: TrainState, x, y):
         logits, _ = apply(state.params, state.model_state, x, train=False, grad=grad)
         n = x.shape[0]
+        bad = ((y < 0) | (y >= logits.shape[-1])) if jnp.issubdtype(y.dtype, jnp.integer) \
+            else jnp.zeros((), bool)
         return {"loss_sum": loss_fn(logits, y) * n,
                 "correct": jnp.sum(jnp.argmax(logits, -1) == y),
-                "count": jnp.asarray(n, jnp.int32)}
+                "count": jnp.asarray(n, jnp.int32),
+                "bad_labels": jnp.sum(bad, dtype=jnp.int32)}
 
     return jax.jit(eval_step)
 
 
 def evaluate(eval_step: Callable, state: TrainState, batches) -> dict:
-    """Mean loss and accuracy over an iterable of (x, y) batches."""
+    """Mean loss and accuracy over an iterable of (x, y) batches.
+
+    Raises ``ValueError`` naming the batch if one holds labels outside ``[0, K)``: an accuracy
+    over them would be meaningless (they can never be right) and the loss is NaN.
+    """
     loss_sum, correct, count = 0.0, 0, 0
-    for x, y in batches:
+    for i, (x, y) in enumerate(batches):
         out = eval_step(state, x, y)
+        if int(out.get("bad_labels", 0)):
+            raise ValueError(f"labels: evaluation batch {i} has {int(out['bad_labels'])} "
+                             f"label(s) outside [0, num_classes); check the data's labels "
+                             f"against the model's num_classes")
         loss_sum += float(out["loss_sum"])
         correct += int(out["correct"])
         count += int(out["count"])

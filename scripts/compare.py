@@ -41,8 +41,11 @@ from jbp.models import get_model  # noqa: E402
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="TOML config, e.g. configs/lenet_mnist.toml")
-    parser.add_argument("--steps", type=int, default=200, help="training steps to compare")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--steps", type=int, default=200,
+                        help="training steps to compare (default: 200)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set data.train_limit=640 "
+                             "(repeatable; TOML values, as in scripts/train.py)")
     parser.add_argument("--rtol", type=float, default=None,
                         help="step-0 tolerance: max rel error per parameter leaf "
                              "(default 1e-3 in float32, 1e-9 with --x64)")

@@ -79,7 +79,8 @@ def cell(check) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layer", help="only cases of this layer (e.g. conv2d, max_pool)")
+    parser.add_argument("--layer",
+                        help="only cases of this layer, one of: " + ", ".join(jbp.LAYERS))
     parser.add_argument("--fd-mode", default="auto", choices=["auto", "full", "directions"],
                         help="finite differences: full Jacobian, random directions, or auto")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch oracle")

@@ -5,9 +5,14 @@
     python scripts/train.py --set optim.lr=0.1 --set train.epochs=5 --out runs/quick
     python scripts/train.py --resume runs/quick               # continue where it stopped
 
-Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes a checkpoint and exits 0 with the
-command that resumes; a crash loses only the steps since the last checkpoint. Resuming replays
-the same data order, so the result is bit-identical to an uninterrupted run on the same machine.
+Ctrl-C (SIGINT) or SIGTERM finishes the current step (or evaluation, or checkpoint write), writes
+a checkpoint and exits 0 with the command that resumes; before the first step has finished there is
+nothing to resume, and it exits at once with one line and status 130 (SIGINT) or 143 (SIGTERM). A
+crash loses only the steps since the last checkpoint. Resuming replays the same data order, so the
+result is bit-identical to an uninterrupted run on the same machine.
+
+A new run never shares a directory with another: if the run directory already holds a run, it
+stops with an error that offers --resume, --out and --overwrite (which deletes the old run first).
 
 Writes to the run directory (default runs/<config name>-<grad>):
     config.toml     the resolved config (file + overrides); --resume reads it back
@@ -25,7 +30,88 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
+
+
+class StopRequest:
+    """SIGINT/SIGTERM at any moment, without a traceback.
+
+    Until the first training step has finished (imports, data, compilation, the first step)
+    there is nothing to resume: the signal prints one line, removes the files this start created
+    and exits with 128 + the signal number (130 for SIGINT, 143 for SIGTERM) at once. Python runs
+    signal handlers only between bytecodes of the main thread, so a thread also watches a wake-up
+    fd that the C-level handler writes: that ends a stop requested while XLA compiles.
+
+    Once a step has finished, the signal only sets ``signal``: the loop finishes the step, the
+    evaluation or the checkpoint write in progress, writes a checkpoint and exits 0.
+
+    ``JBP_TEST_SIGNAL=SIGINT@phase`` (tests only) makes the script signal itself on reaching
+    ``phase``: import, data, compile (from another thread, as XLA starts compiling the train
+    step), first-step, eval, checkpoint.
+    """
+
+    def __init__(self):
+        self.signal = None
+        self.started = False        # a step has finished: a stop writes a checkpoint
+        self.phase = "start-up"
+        self.cleanup = []           # files (then directories) this start created
+        self._lock = threading.Lock()
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, args=(read_fd,), daemon=True).start()
+        test = os.environ.get("JBP_TEST_SIGNAL", "")
+        self._test_signal, _, self._test_phase = test.partition("@")
+
+    def _handle(self, signum, _frame):
+        if not self.started:
+            self._exit_early(signum)
+        self.signal = self.signal or signal.Signals(signum).name
+
+    def _watch(self, fd):
+        while True:
+            for signum in os.read(fd, 64):
+                if not self.started:
+                    self._exit_early(signum)
+
+    def _exit_early(self, signum):
+        with self._lock:                # the handler and the watcher may both get here
+            for path in self.cleanup:
+                try:
+                    os.rmdir(path) if os.path.isdir(path) else os.unlink(path)
+                except OSError:
+                    pass
+            name = signal.Signals(signum).name
+            os.write(2, f"{name}: stopped during {self.phase}, before the first training step "
+                        f"finished; nothing to resume.\n".encode())
+            os._exit(128 + signum)
+
+    def reached(self, phase):
+        """Mark a phase; the test hook signals here (for "compile": while XLA compiles)."""
+        if phase != self._test_phase:
+            return
+        signum = signal.Signals[self._test_signal]
+        if phase == "compile":
+            import jax  # noqa: PLC0415
+            fired = []
+
+            def after_lowering(event, _duration, **_kw):
+                if event.endswith("jaxpr_to_mlir_module_duration") and not fired:
+                    fired.append(event)     # XLA's backend compile starts next: the signal
+                    # comes from another thread while the main thread enters it
+                    threading.Thread(target=os.kill, args=(os.getpid(), signum)).start()
+            jax.monitoring.register_event_duration_secs_listener(after_lowering)
+        else:
+            os.kill(os.getpid(), signum)
+
+
+if __name__ == "__main__":
+    STOP = StopRequest()                # before the imports: Ctrl-C while JAX loads is clean too
+    STOP.phase = "start-up (imports)"
+    STOP.reached("import")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -50,24 +136,16 @@ def parse_args(argv=None):
     parser.add_argument("--grad", choices=["manual", "autodiff"],
                         help="gradients from jbp's hand-written rules or from JAX (overrides "
                              "train.grad)")
-    parser.add_argument("--out", help="run directory (default runs/<name>-<grad>)")
-    parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue the run in RUN_DIR from its newest good checkpoint")
+    parser.add_argument("--out", help="run directory (default runs/<name>-<grad>); a new run "
+                        "refuses a directory that holds one")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue the run in RUN_DIR from its newest good checkpoint")
+    where.add_argument("--overwrite", action="store_true",
+                       help="delete the run already in the run directory, then start afresh")
     parser.add_argument("--every", type=int, metavar="N",
                         help="checkpoint every N steps (overrides train.checkpoint_every)")
     return parser.parse_args(argv)
-
-
-class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints and exits cleanly."""
-
-    def __init__(self):
-        self.signal = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, _frame):
-        self.signal = signal.Signals(signum).name
 
 
 def progress(total: int, desc: str):
@@ -96,8 +174,32 @@ def report_non_finite(out, metrics, names, train_set, tc, epoch, batch, step) ->
     return 1
 
 
+def claim_run_directory(out: str, overwrite: bool, stop) -> str | None:
+    """A new run gets a directory of its own: None, or the error if ``out`` holds another run.
+
+    Two runs never share a directory: its checkpoints, metrics and summary would mix, and
+    ``--resume`` would continue whichever checkpoint has the highest step.
+    """
+    existing = checkpoint.run_files(out)
+    if existing and not overwrite:
+        shown = ", ".join(existing[:4]) + (", ..." if len(existing) > 4 else "")
+        return (f"{out} already holds a run ({shown}). Continue it with --resume {out}, start "
+                f"this one elsewhere with --out runs/NEW_NAME, or delete the old run and start "
+                f"afresh with --overwrite")
+    if existing:
+        checkpoint.clear_run(out)
+        print(f"--overwrite: deleted the previous run in {out} ({len(existing)} files)")
+    if not os.path.isdir(out):
+        os.makedirs(out)
+        stop.cleanup.append(out)
+    return None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    stop = globals().get("STOP") or StopRequest()
+    stop.phase = "start-up (loading data)"
+    stop.reached("data")
     overrides = list(args.set) + ([f"train.grad={args.grad}"] if args.grad else [])
     overrides += [f"train.checkpoint_every={args.every}"] if args.every else []
     try:
@@ -114,7 +216,12 @@ def main(argv=None) -> int:
         return 2
 
     out = args.resume or args.out or os.path.join("runs", f"{cfg.name}-{cfg.train.grad}")
-    os.makedirs(out, exist_ok=True)
+    if not args.resume:
+        error = claim_run_directory(out, args.overwrite, stop)
+        if error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        stop.cleanup.insert(0, os.path.join(out, "config.toml"))
     config_text = config_lib.to_toml(cfg)
     with open(os.path.join(out, "config.toml"), "w") as f:
         f.write(config_text)
@@ -151,19 +258,27 @@ def main(argv=None) -> int:
     names = train.leaf_names(state.params)
 
     def save(epoch, batch):
+        stop.reached("checkpoint")
         return checkpoint.save(out, state, position={"epoch": epoch, "batch": batch},
                                config=config_text, keep=tc.keep_checkpoints)
+
+    def stopped(path):
+        print(f"{stop.signal}: stopped after step {int(state.step)}, checkpoint {path}. "
+              f"Resume with: python scripts/train.py --resume {out}", flush=True)
+        return 0
     print(f"{cfg.name}: {cfg.model.name} ({train.tree_size(state.params):,} parameters), "
           f"{tc.grad} gradients, {train_set.num_examples:,} train / {test_set.num_examples:,} "
           f"test images {input_shape}, {tc.epochs} epochs x {steps_per_epoch} steps of "
-          f"{tc.batch_size}, on {jax.default_backend()} -> {out}")
+          f"{tc.batch_size}, on {jax.default_backend()} -> {out}", flush=True)
 
     # --- training loop ---
     norm = dict(mean=cfg.data.mean, std=cfg.data.std)
     metrics_path = os.path.join(out, "metrics.jsonl")
     if not args.resume:
         open(metrics_path, "w").close()
-    stop = StopRequest()
+        stop.cleanup.insert(0, metrics_path)
+    stop.phase = "compilation and the first step"
+    stop.reached("compile")
     start = time.perf_counter()
     train_time, images, result = 0.0, 0, {}
     with open(metrics_path, "a") as log:
@@ -176,20 +291,23 @@ def main(argv=None) -> int:
                     augment_shift=cfg.data.augment_shift, **norm), start=first):
                 state, metrics = train_step(state, x, y)
                 bar.update(1)
+                if not stop.started:
+                    stop.reached("first-step")
                 step, finite = jax.device_get((state.step, metrics["finite"]))  # one transfer
                 step = int(step)
+                stop.started = True               # from now on a stop writes a checkpoint
                 if not finite:
                     bar.close()
                     return report_non_finite(out, metrics, names, train_set, tc, epoch, batch,
                                              step + 1)
                 if stop.signal:
                     bar.close()
-                    path = save(epoch, batch + 1)
-                    print(f"{stop.signal}: stopped after step {step}, checkpoint {path}. "
-                          f"Resume with: python scripts/train.py --resume {out}", flush=True)
-                    return 0
+                    return stopped(save(epoch, batch + 1))
                 if step % tc.checkpoint_every == 0 and batch + 1 < steps_per_epoch:
-                    save(epoch, batch + 1)            # (the epoch's last step: saved below)
+                    path = save(epoch, batch + 1)     # (the epoch's last step: saved below)
+                    if stop.signal:                   # arrived during the write
+                        bar.close()
+                        return stopped(path)
                 if step % tc.log_every == 0 or step == total_steps:
                     values = {k: float(metrics[k]) for k in ("loss", "accuracy", "grad_norm")}
                     values["grad_norms"] = dict(zip(names, map(float, metrics["leaf_norms"])))
@@ -203,7 +321,8 @@ def main(argv=None) -> int:
             bar.close()
             train_time += time.perf_counter() - epoch_start
             images += (steps_per_epoch - first) * tc.batch_size
-            save(epoch + 1, 0)
+            path = save(epoch + 1, 0)
+            stop.reached("eval")
             result = train.evaluate(eval_step, state, data.batches(
                 test_set, tc.eval_batch_size, train=False, **norm))
             record = {"kind": "eval", "step": int(state.step), "epoch": epoch + 1,
@@ -215,6 +334,8 @@ def main(argv=None) -> int:
             print(f"epoch {epoch + 1:>3}/{tc.epochs}  test loss {result['loss']:.4f}  "
                   f"test acc {result['accuracy']:.4f}  {images / train_time:,.0f} img/s  "
                   f"{record['wall_s']:.0f} s", flush=True)
+            if stop.signal and epoch + 1 < tc.epochs:   # during the checkpoint or the evaluation
+                return stopped(path)
 
     wall = time.perf_counter() - start
     summary = {"name": cfg.name, "model": cfg.model.name, "grad": tc.grad,

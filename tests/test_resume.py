@@ -49,6 +49,7 @@ def uninterrupted(tmp_path_factory):
     return _final_arrays(run)
 
 
+@pytest.mark.slow             # seven training runs
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL],
                          ids=["SIGINT", "SIGTERM", "SIGKILL"])
 def test_interrupted_run_resumes_to_identical_parameters(tmp_path, uninterrupted, sig):
