@@ -64,6 +64,8 @@ class TrainConfig:
     checkpoint_every: int = 500       # steps between checkpoints (and one at every epoch end)
     keep_checkpoints: int = 3         # how many of the newest checkpoints to keep
     check_finite: bool = True         # stop on a NaN/Inf loss or gradient (checked on device)
+    data_parallel: str = "auto"       # auto: shard each batch over every device JAX sees | off
+    precision: str = "f32"            # f32 | bf16 (bfloat16 forward/backward, f32 master weights)
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,8 @@ _CHOICES = {
     ("optim", "optimizer"): ("sgd", "momentum", "nesterov", "adam", "adamw"),
     ("optim", "schedule"): ("constant", "cosine", "step"),
     ("train", "grad"): ("manual", "autodiff"),
+    ("train", "data_parallel"): ("auto", "off"),
+    ("train", "precision"): ("f32", "bf16"),
 }
 
 

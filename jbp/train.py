@@ -34,11 +34,10 @@ import optax
 
 from jbp.models import Model, layers
 from jbp.normalization import sync_batch_norm
+from jbp.parallel import DATA_AXIS
 
 #: ``make_train_step(precision=...)`` values: the dtype of the forward and backward passes.
 PRECISIONS = {"f32": jnp.float32, "bf16": jnp.bfloat16}
-#: The mesh axis a data-parallel step shards the batch over.
-DATA_AXIS = "data"
 
 
 class TrainState(NamedTuple):
