@@ -65,8 +65,22 @@ def data_mesh(devices: Optional[Any] = None) -> Mesh:
 
 
 def replicate(tree, mesh: Mesh):
-    """Put every leaf of ``tree`` (the same values in every process) on all of ``mesh``."""
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    """Put every leaf of ``tree`` (the same values in every process) on all of ``mesh``.
+
+    ``jax.device_put`` cannot target other processes' devices, so each process hands its own
+    copy to ``jax.make_array_from_process_local_data`` (PRNG keys travel as their key data).
+    """
+    sharding = NamedSharding(mesh, P())
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(leaf):
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            data = put(jax.random.key_data(leaf))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+        host = np.asarray(jax.device_get(leaf))
+        return jax.make_array_from_process_local_data(sharding, host, host.shape)
+    return jax.tree.map(put, tree)
 
 
 def _process_rows(sharding: NamedSharding, shape) -> Tuple[int, int]:
