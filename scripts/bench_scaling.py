@@ -70,7 +70,7 @@ def main(argv=None):
                 compiled = step.lower(state, xs, ys).compile()
                 compile_s = time.perf_counter() - t0
                 text = compiled.as_text()
-                counts = {k: len(re.findall(rf"= \S+ {k}(-start)?\(", text)) for k in KINDS}
+                counts = {k: len(re.findall(rf"\s{k}(-start)?\(", text)) for k in KINDS}
                 state, _ = compiled(state, xs, ys)
                 jax.block_until_ready(state)
                 times = []

@@ -164,7 +164,7 @@ def _state(model, opt):
 
 
 def _count_collectives(text: str) -> dict:
-    return {c: len(re.findall(rf"= \S+ {c}(-start)?\(", text)) for c in COLLECTIVES}
+    return {c: len(re.findall(rf"\s{c}(-start)?\(", text)) for c in COLLECTIVES}
 
 
 def check_steps(models=("lenet5", "resnet20"), steps=3, timing=False) -> dict:
