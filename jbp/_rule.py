@@ -113,7 +113,7 @@ class _ArgAxes:
 def _varying_axes(x) -> Optional[frozenset]:
     """The manual mesh axes ``x`` varies over (empty outside ``shard_map``); ``None`` when ``x``
     is not an array."""
-    if not isinstance(x, (jax.Array, jax.core.Tracer)) and not hasattr(x, "shape"):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         return None
     aval = jax.typeof(x)
     mat = getattr(aval, "mat", None)
@@ -133,10 +133,10 @@ def _match_axes(ct, primal_axes: Optional[frozenset]):
     ct_axes = _varying_axes(ct)
     extra = ct_axes - primal_axes
     if extra:
-        ct = lax.psum(ct, tuple(sorted(extra)))
+        ct = lax.psum(ct, tuple(sorted(extra, key=str)))
     missing = primal_axes - _varying_axes(ct)
     if missing:
-        ct = lax.pcast(ct, tuple(sorted(missing)), to="varying")
+        ct = lax.pcast(ct, tuple(sorted(missing, key=str)), to="varying")
     return ct
 
 
