@@ -25,14 +25,25 @@ primitive without higher-order AD rules, so ``jax.grad(jax.grad(f))`` fails with
 failed to produce known values" (fixed upstream in JAX PR #38452, "fix higher-order AD of
 custom_remat"). Second order matters more to jbp than a rewrite DCE already performs;
 :data:`OPTIMIZE_REMAT` is the switch, and a canary test reports when JAX has the fix.
+
+Under ``jax.shard_map`` (``check_vma=True``, the default) every value has a type that says over
+which manual mesh axes it *varies* (JAX's "vma"). A replicated parameter ``w`` used with a
+batch sharded over ``"data"`` is implicitly broadcast (``pvary``) to a varying value, and the
+transpose of that broadcast is a ``psum``: ``∂L/∂w = Σ_devices ∂L_d/∂w``. A custom rule sits
+outside that bookkeeping, so :class:`ManualRule` does it once for every layer: the forward
+records each differentiable argument's varying axes (static, in the residuals' tree structure)
+and the backward ``psum``s each cotangent over (its varying axes − its primal's), or broadcasts
+it when it varies over fewer. Outside ``shard_map`` both sets are empty and nothing is added.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import dataclasses
+from typing import Any, Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 #: Passed to ``custom_vjp.defvjp``; see the module docstring for why it is off.
 OPTIMIZE_REMAT = False
@@ -61,8 +72,19 @@ class ManualRule:
         self.name = name
         self.forward = forward
         static = tuple(range(num_args - num_static, num_args))
+        num_diff = num_args - num_static
         self._vjp = jax.custom_vjp(primal or forward, nondiff_argnums=static)
-        self._vjp.defvjp(fwd, bwd, optimize_remat=OPTIMIZE_REMAT)
+
+        def fwd_with_axes(*args):
+            out, res = fwd(*args)
+            return out, (res, _ArgAxes(tuple(_varying_axes(a) for a in args[:num_diff])))
+
+        def bwd_with_axes(*args):
+            *static_args, (res, arg_axes), g = args
+            cts = bwd(*static_args, res, g)
+            return tuple(_match_axes(ct, axes) for ct, axes in zip(cts, arg_axes.axes))
+
+        self._vjp.defvjp(fwd_with_axes, bwd_with_axes, optimize_remat=OPTIMIZE_REMAT)
 
     # Note: inside jax.jit the rule is staged out first, so jax.jvp(jax.jit(f)) fails later, in
     # JAX itself, with JAX's own message ("can't apply forward-mode autodiff (jvp) to a
@@ -77,6 +99,45 @@ class ManualRule:
 
     def __repr__(self) -> str:
         return f"ManualRule({self.name})"
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _ArgAxes:
+    """Each differentiable argument's varying manual axes (``None``: not an array), carried
+    as static structure from the forward to the backward of a rule."""
+
+    axes: Tuple[Optional[frozenset], ...]
+
+
+def _varying_axes(x) -> Optional[frozenset]:
+    """The manual mesh axes ``x`` varies over (empty outside ``shard_map``); ``None`` when ``x``
+    is not an array."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        return None
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()))
+
+
+def _match_axes(ct, primal_axes: Optional[frozenset]):
+    """Give a cotangent its primal's varying axes: ``psum`` over the axes only the cotangent
+    varies over (the transpose of JAX's implicit broadcast of the primal), broadcast
+    (``pcast(..., to="varying")``) over those only the primal varies over."""
+    if ct is None or primal_axes is None or not hasattr(ct, "dtype"):
+        return ct
+    if ct.dtype == jax.dtypes.float0:
+        return ct
+    ct_axes = _varying_axes(ct)
+    extra = ct_axes - primal_axes
+    if extra:
+        ct = lax.psum(ct, tuple(sorted(extra, key=str)))
+    missing = primal_axes - _varying_axes(ct)
+    if missing:
+        ct = lax.pcast(ct, tuple(sorted(missing, key=str)), to="varying")
+    return ct
 
 
 def manual_rule(name: str, forward: Callable, fwd: Callable, bwd: Callable, *,

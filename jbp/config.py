@@ -17,7 +17,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 from jbp.data import DATASETS
 from jbp.models import GRAD_MODES, MODELS
-from jbp.train import OPTIMIZERS, SCHEDULES
+from jbp.parallel import DATA_PARALLEL
+from jbp.train import OPTIMIZERS, PRECISIONS, SCHEDULES
 
 
 class ConfigError(ValueError):
@@ -68,6 +69,8 @@ class TrainConfig:
     checkpoint_every: int = 500       # steps between checkpoints (and one at every epoch end)
     keep_checkpoints: int = 3         # how many of the newest checkpoints to keep
     check_finite: bool = True         # stop on a NaN/Inf loss or gradient (checked on device)
+    data_parallel: str = "auto"       # auto: shard each batch over every device JAX sees | off
+    precision: str = "f32"            # f32 | bf16 (bfloat16 forward/backward, f32 master weights)
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,8 @@ _CHOICES = {
     ("optim", "optimizer"): OPTIMIZERS,
     ("optim", "schedule"): SCHEDULES,
     ("train", "grad"): GRAD_MODES,
+    ("train", "data_parallel"): DATA_PARALLEL,
+    ("train", "precision"): tuple(PRECISIONS),
 }
 
 

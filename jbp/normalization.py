@@ -13,11 +13,20 @@ Conventions: running statistics are state, not parameters. They are updated as
 ``m = momentum = 0.9`` matches PyTorch's ``momentum=0.1``), and they receive no gradient in either
 mode (``stop_gradient``), in ``jbp`` and ``jbp.autodiff`` alike. Half-precision inputs are
 normalised in float32 and cast back.
+
+Synchronised batch norm (``axis_name``, inside ``jax.shard_map``): the batch is the union of the
+devices' shards along that mesh axis, ``M = Σ_d M_d``. Every sum above runs over the global
+batch: the forward's ``Σ x`` and ``Σ (x − μ)²`` and the backward's ``Σ δ`` and ``Σ δ ⊙ x`` are
+per-device partial sums followed by one ``psum`` each, written here by hand like the rest (the
+autodiff twin ``psum``s the same forward sums and lets JAX transpose them). The result is the
+global-batch equation, not an average of per-device statistics.
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+import contextlib
+import contextvars
+from typing import Hashable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -31,25 +40,56 @@ def _stat_axes(x):
     return tuple(range(x.ndim - 1))
 
 
+_DEFAULT_AXIS = contextvars.ContextVar("jbp_batch_norm_axis", default=None)
+
+
+@contextlib.contextmanager
+def sync_batch_norm(axis_name: Optional[Hashable]):
+    """Within this context, ``batch_norm`` calls that pass no ``axis_name`` use this one.
+
+    ``jbp.train.make_train_step(..., mesh=...)`` traces the model under
+    ``sync_batch_norm("data")``, so a model written without mesh axes gets the global batch's
+    statistics. It acts at trace time (the calls it affects are those traced inside it).
+    """
+    token = _DEFAULT_AXIS.set(axis_name)
+    try:
+        yield
+    finally:
+        _DEFAULT_AXIS.reset(token)
+
+
+def _global_sum(v, axes, axis_name):
+    """``Σ`` over ``axes`` of this device's values, then over the devices along ``axis_name``."""
+    s = jnp.sum(v, axis=axes)
+    return s if axis_name is None else lax.psum(s, axis_name)
+
+
+def _count(x, axis_name) -> int:
+    """``M``: values per channel in the (global, with ``axis_name``) batch."""
+    m = x.size // x.shape[-1]
+    return m if axis_name is None else m * lax.axis_size(axis_name)
+
+
 # --- training mode: batch statistics ----------------------------------------------------------
 
-def _normalize_batch(x, gamma, beta, eps):
+def _normalize_batch(x, gamma, beta, eps, axis_name):
     xc = x.astype(compute_dtype(x.dtype))
-    mean = jnp.mean(xc, axis=_stat_axes(x))
-    var = jnp.mean(jnp.square(xc - mean), axis=_stat_axes(x))
+    axes, m = _stat_axes(x), _count(x, axis_name)
+    mean = _global_sum(xc, axes, axis_name) / m
+    var = _global_sum(jnp.square(xc - mean), axes, axis_name) / m
     inv_std = lax.rsqrt(var + eps)
     x_hat = (xc - mean) * inv_std
     return (gamma * x_hat + beta).astype(x.dtype), mean, var, x_hat, inv_std
 
 
-def _train_forward(x, gamma, beta, eps):
+def _train_forward(x, gamma, beta, eps, axis_name):
     """Returns ``(y, μ, σ²)``; the statistics feed the running-average update."""
-    y, mean, var, _, _ = _normalize_batch(x, gamma, beta, eps)
+    y, mean, var, _, _ = _normalize_batch(x, gamma, beta, eps, axis_name)
     return y, mean, var
 
 
-def _train_fwd(x, gamma, beta, eps):
-    y, mean, var, _, inv_std = _normalize_batch(x, gamma, beta, eps)
+def _train_fwd(x, gamma, beta, eps, axis_name):
+    y, mean, var, _, inv_std = _normalize_batch(x, gamma, beta, eps, axis_name)
     # Residuals: the input x (M·C values; already in memory, so saving it writes nothing new),
     # μ and 1/σ (C values each), γ and β (C values each; β only for its dtype). The backward
     # recomputes x̂ = (x − μ)/σ inside its own fused passes instead of this forward writing a
@@ -57,26 +97,27 @@ def _train_fwd(x, gamma, beta, eps):
     return (y, mean, var), (x, mean, inv_std, gamma, beta)
 
 
-def _train_bwd(eps, res, cotangents):
+def _train_bwd(eps, axis_name, res, cotangents):
     # The cotangents of μ and σ² are zero: the public function stops their gradient.
     g, _, _ = cotangents
     x, mean, inv_std, gamma, beta = res
     x = x.astype(mean.dtype)
     axes = _stat_axes(x)
-    m = x.size // x.shape[-1]
+    m = _count(x, axis_name)
     g = g.astype(mean.dtype)
-    d_beta = jnp.sum(g, axis=axes)                          # ∂L/∂β = Σ δ
+    d_beta = _global_sum(g, axes, axis_name)                # ∂L/∂β = Σ δ
     # ∂L/∂γ = Σ δ ⊙ x̂ = (Σ δ ⊙ x − μ Σ δ) / σ. The reduction reads δ and x as they are: with x̂
     # inside it, XLA:CPU wrote x̂ out as a separate M·C tensor (held from the forward to here)
     # because its reduction kernels take no per-channel broadcasts (docs/performance.md).
-    d_gamma = inv_std * (jnp.sum(g * x, axis=axes) - mean * d_beta)
+    d_gamma = inv_std * (_global_sum(g * x, axes, axis_name) - mean * d_beta)
     x_hat = (x - mean) * inv_std
     # ∂L/∂x = (γ / (M √(σ² + ε))) · (M δ − Σ δ − x̂ ⊙ Σ(δ ⊙ x̂))
     dx = (gamma * inv_std / m) * (m * g - d_beta - x_hat * d_gamma)
     return (dx.astype(cotangents[0].dtype), cast_like(d_gamma, gamma), cast_like(d_beta, beta))
 
 
-_train_rule = manual_rule("batch_norm", _train_forward, _train_fwd, _train_bwd, num_args=4)
+_train_rule = manual_rule("batch_norm", _train_forward, _train_fwd, _train_bwd, num_args=5,
+                          num_static=2)
 
 
 # --- evaluation mode: running statistics --------------------------------------------------------
@@ -136,10 +177,23 @@ def _check(x, gamma, beta, running_mean, running_var, train, momentum, eps):
                          f"estimate a variance, got shape {tuple(x.shape)} ({m} per channel)")
 
 
+def _check_axis(axis_name):
+    if axis_name is None:
+        return
+    try:
+        lax.axis_size(axis_name)
+    except NameError as err:
+        raise ValueError(f"batch_norm: axis_name={axis_name!r} is not a mesh axis of an "
+                         f"enclosing jax.shard_map (synchronised batch norm sums over the "
+                         f"devices along that axis); call it inside jax.shard_map over a mesh "
+                         f"with that axis, or pass axis_name=None") from err
+
+
 def _batch_norm_api(train_rule, eval_rule):
     def batch_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, running_mean: jax.Array,
                    running_var: jax.Array, *, train: bool, momentum: float = 0.9,
-                   eps: float = 1e-5) -> Tuple[jax.Array, Tuple[jax.Array, jax.Array]]:
+                   eps: float = 1e-5, axis_name: Optional[Hashable] = None,
+                   ) -> Tuple[jax.Array, Tuple[jax.Array, jax.Array]]:
         """Batch normalisation over every axis but the last (channels).
 
         Args:
@@ -150,6 +204,10 @@ def _batch_norm_api(train_rule, eval_rule):
             ``False`` normalises with the running statistics and returns them unchanged.
           momentum: ``new = momentum·old + (1 − momentum)·batch`` (unbiased batch variance).
           eps: added to the variance.
+          axis_name: a ``jax.shard_map`` mesh axis (or tuple of axes) the batch is split over:
+            statistics and the backward's sums cover the global batch (synchronised batch
+            norm). ``None``: the enclosing :func:`sync_batch_norm` context's, else this
+            device's batch alone.
 
         Returns:
           ``(y, (new_running_mean, new_running_var))``, ``y`` shaped like ``x``.
@@ -166,9 +224,12 @@ def _batch_norm_api(train_rule, eval_rule):
         if not train:
             y = eval_rule(x, gamma, beta, running_mean, running_var, float(eps))
             return y, (running_mean, running_var)
-        y, mean, var = train_rule(x, gamma, beta, float(eps))
+        if axis_name is None:
+            axis_name = _DEFAULT_AXIS.get()
+        _check_axis(axis_name)
+        y, mean, var = train_rule(x, gamma, beta, float(eps), axis_name)
         mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
-        m = x.size // x.shape[-1]
+        m = _count(x, axis_name)
         unbiased_var = var * (m / (m - 1))
         new_mean = momentum * running_mean + (1 - momentum) * mean.astype(running_mean.dtype)
         new_var = momentum * running_var + (1 - momentum) * unbiased_var.astype(running_var.dtype)

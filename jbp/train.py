@@ -8,6 +8,19 @@
 ``grad="manual"`` differentiates through jbp's hand-written rules, ``grad="autodiff"`` through the
 same forward with JAX's; the state pytrees are identical, so a run can switch between them.
 Optimisers come from optax (:func:`make_optimizer`); nothing here is a hand-written optimiser.
+
+Data parallel (``mesh=``, a ``jax.sharding.Mesh`` with an axis ``"data"``): the step's body runs
+under ``jax.shard_map`` over that axis, so every layer sees its device's shard of the batch and
+picks its CPU formulation from the per-device shape. The loss is the mean over the global batch
+(``pmean`` of the shards' means, the shards being equal), so the gradient of every replicated
+parameter is the ``psum`` of the shards' contributions (JAX inserts it for autodiff,
+``jbp._rule`` for the manual rules), and batch norm is synchronised (``axis_name="data"``).
+Parameters, optimiser state and batch-norm statistics stay replicated. docs/scaling.md.
+
+Precision (``precision="bf16"``): float32 master parameters and optimiser state; the step casts
+parameters and images to bfloat16 for the forward and backward (batch norm keeps its statistics
+in float32, as it does for any half-precision input), computes the loss in float32 from float32
+logits, and hands float32 gradients to the optimiser.
 """
 
 from __future__ import annotations
@@ -20,6 +33,11 @@ import numpy as np
 import optax
 
 from jbp.models import Model, layers
+from jbp.normalization import sync_batch_norm
+from jbp.parallel import DATA_AXIS
+
+#: ``make_train_step(precision=...)`` values: the dtype of the forward and backward passes.
+PRECISIONS = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 
 
 class TrainState(NamedTuple):
@@ -108,22 +126,76 @@ def _loss_fn(loss: Union[str, Callable], grad: str) -> Callable:
 
 
 def make_loss(apply: Callable, loss: Union[str, Callable] = "softmax_cross_entropy", *,
-              grad: str = "manual") -> Callable:
-    """``loss(params, model_state, x, y) -> (loss, (logits, new_model_state))``, train mode."""
+              grad: str = "manual", precision: str = "f32") -> Callable:
+    """``loss(params, model_state, x, y) -> (loss, (logits, new_model_state))``, train mode.
+
+    ``precision="bf16"`` casts floating parameters and ``x`` to bfloat16 before the model and
+    its logits to float32 before the loss (module docstring); ``"f32"`` leaves dtypes alone.
+    """
     loss_fn = _loss_fn(loss, grad)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {tuple(PRECISIONS)}, got {precision!r}")
+    dtype = PRECISIONS[precision]
 
     def objective(params, model_state, x, y):
+        if dtype != jnp.float32:
+            params, x = _cast_floats(params, dtype), _cast_floats(x, dtype)
         logits, new_state = apply(params, model_state, x, train=True, grad=grad)
+        if dtype != jnp.float32:
+            logits = logits.astype(jnp.float32)
         return loss_fn(logits, y), (logits, new_state)
 
     return objective
 
 
+def _cast_floats(tree, dtype):
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating)
+                        else a, tree)
+
+
+def _data_parallel(step: Callable, mesh, donate: bool) -> Callable:
+    """``step`` under ``shard_map`` over ``mesh``'s ``"data"`` axis, jit-compiled (module doc)."""
+    from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P  # noqa: PLC0415
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh: expected a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if DATA_AXIS not in mesh.axis_names:
+        raise ValueError(f"mesh: a data-parallel step shards the batch over a mesh axis named "
+                         f"{DATA_AXIS!r}; this mesh has axes {tuple(mesh.axis_names)}. Build one "
+                         f"with jax.sharding.Mesh(np.array(jax.devices()), ('data',))")
+    n = mesh.shape[DATA_AXIS]
+    sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)),
+                            out_specs=(P(), P()))
+    replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
+    explicit = any(t == AxisType.Explicit for t in mesh.axis_types)
+
+    def place(tree, sharding):
+        if explicit:
+            return jax.reshard(tree, sharding)
+        return jax.lax.with_sharding_constraint(tree, sharding)
+
+    def data_parallel_step(state: TrainState, x, y):
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"x and y: batch sizes differ ({x.shape[0]} vs {y.shape[0]})")
+        if x.shape[0] % n:
+            raise ValueError(f"x: a batch of {x.shape[0]} does not divide over the mesh's "
+                             f"{n} devices on axis {DATA_AXIS!r}; use a batch size that is a "
+                             f"multiple of {n}")
+        return sharded(place(state, replicated), place(x, batch), place(y, batch))
+
+    return jax.jit(data_parallel_step, donate_argnums=(0,) if donate else (),
+                   out_shardings=(replicated, replicated))
+
+
 def make_train_step(apply: Callable, optimizer: optax.GradientTransformation,
                     loss: Union[str, Callable] = "softmax_cross_entropy", *,
-                    grad: str = "manual", donate: bool = True,
-                    check_finite: bool = True) -> Callable:
+                    grad: str = "manual", donate: bool = True, check_finite: bool = True,
+                    mesh=None, precision: str = "f32") -> Callable:
     """A jit-compiled ``step(state, x, y) -> (state, metrics)``.
+
+    ``mesh``: a ``jax.sharding.Mesh`` with an axis ``"data"`` makes the step data parallel over
+    it (module docstring): ``x`` and ``y`` sharded along their first axis (whose size must divide
+    by the axis size), everything else replicated, results equal to the one-device step on the
+    same global batch. ``precision``: ``"f32"`` or ``"bf16"`` (module docstring).
 
     ``metrics`` (device arrays): ``loss``, ``accuracy`` (of this batch), ``grad_norm`` (global
     L2 norm of the gradient before clipping), ``leaf_norms`` (the gradient norm of every
@@ -135,18 +207,25 @@ def make_train_step(apply: Callable, optimizer: optax.GradientTransformation,
     the compiled step; reading ``finite`` costs the caller one scalar transfer. With ``donate``
     the input state's buffers are reused for the output (do not touch the old state after).
     """
-    objective = make_loss(apply, loss, grad=grad)
+    objective = make_loss(apply, loss, grad=grad, precision=precision)
+    axis = None if mesh is None else DATA_AXIS
+
+    def global_objective(params, model_state, x, y):
+        loss_value, aux = objective(params, model_state, x, y)
+        return (loss_value if axis is None else jax.lax.pmean(loss_value, axis)), aux
 
     def step(state: TrainState, x, y):
-        (loss_value, (logits, model_state)), grads = jax.value_and_grad(
-            objective, has_aux=True)(state.params, state.model_state, x, y)
+        with sync_batch_norm(axis):
+            (loss_value, (logits, model_state)), grads = jax.value_and_grad(
+                global_objective, has_aux=True)(state.params, state.model_state, x, y)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         rng, _ = jax.random.split(state.rng)
         new_state = TrainState(params, model_state, opt_state, state.step + 1, rng)
         leaves = jax.tree.leaves(grads)
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == y)
         metrics = {"loss": loss_value,
-                   "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
+                   "accuracy": accuracy if axis is None else jax.lax.pmean(accuracy, axis),
                    "grad_norm": optax.tree.norm(grads),
                    "leaf_norms": jnp.stack([jnp.sqrt(jnp.sum(jnp.square(g))) for g in leaves])}
         if check_finite:
@@ -158,6 +237,8 @@ def make_train_step(apply: Callable, optimizer: optax.GradientTransformation,
             metrics["finite"] = jnp.asarray(True)
         return new_state, metrics
 
+    if mesh is not None:
+        return _data_parallel(step, mesh, donate)
     return jax.jit(step, donate_argnums=(0,) if donate else ())
 
 

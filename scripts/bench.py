@@ -48,6 +48,10 @@ CONFIGS = {  # name -> (model, batch, input_shape, num_classes)
     "resnet20_b128": ("resnet20", 128, (32, 32, 3), 10),
     "resnet20_b32": ("resnet20", 32, (32, 32, 3), 10),
     "resnet18_b16": ("resnet18", 16, (112, 112, 3), 1000),
+    # Accelerator sizes (scripts/device_check.sh):
+    "lenet5_b1024": ("lenet5", 1024, (28, 28, 1), 10),
+    "resnet20_b512": ("resnet20", 512, (32, 32, 3), 10),
+    "resnet18_b64": ("resnet18", 64, (224, 224, 3), 1000),
 }
 QUICK = ("lenet5_b128", "resnet20_b32")
 VARIANTS = ("manual", "autodiff", "lax_reference", "torch")
@@ -73,6 +77,13 @@ def parse_args(argv=None):
                    help="torch.set_num_threads (default: the number of CPU cores)")
     p.add_argument("--block", type=int, default=4,
                    help="timed steps per variant per round, after one untimed step (default 4)")
+    p.add_argument("--precision", choices=("f32", "bf16"), default="f32",
+                   help="bf16: parameters and images cast to bfloat16 inside the step (jbp's "
+                        "precision policy, make_train_step(precision=)); the peak matmul is "
+                        "measured in the same dtype. The torch variant runs in f32 only")
+    p.add_argument("--peak-tflops", type=float, default=None, metavar="T",
+                   help="the device's datasheet peak in TFLOP/s for --precision's dtype: "
+                        "'%% peak' (MFU) divides by it instead of the measured matmul")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.block < 1:
         p.error("--steps and --block must be >= 1, --warmup >= 0")
@@ -154,23 +165,32 @@ def main(argv=None):
             times.append(time.perf_counter() - t0)
         return 1e3 * float(np.median(times))
 
-    # --- the device's float32 matmul peak, measured now -----------------------------------------
+    # --- the device's matmul peak in the step's dtype, measured now ------------------------------
+    compute_dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32
+    if args.precision == "bf16" and "torch" in variants:
+        variants = [v for v in variants if v != "torch"]
+        log("note: --precision bf16: skipping the torch variant (it runs float32)")
     with jax.default_device(device):
         n = 2048 if device.platform == "cpu" else 8192
-        a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+        a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(compute_dtype)
         matmul = jax.jit(lambda a: a @ a)
         matmul(a).block_until_ready()
         peak_gflops = 2 * n ** 3 / median_ms(lambda: matmul(a).block_until_ready(), 10) / 1e6
-    log(f"float32 matmul peak ({n}³ on {device.device_kind}): {peak_gflops:.0f} GFLOP/s")
+    log(f"{jnp.dtype(compute_dtype).name} matmul peak ({n}³ on {device.device_kind}): "
+        f"{peak_gflops:.0f} GFLOP/s")
+    measured_peak = peak_gflops
+    if args.peak_tflops:
+        peak_gflops = 1e3 * args.peak_tflops
 
     optimizer = optax.sgd(0.01, momentum=0.9)
 
     def jax_step(variant, model_name, apply):
         if variant == "lax_reference":
             loss_fn = make_loss(reference_models.lax_apply(model_name), reference_models.lax_loss,
-                                grad="autodiff")
+                                grad="autodiff", precision=args.precision)
         else:
-            loss_fn = make_loss(apply, "softmax_cross_entropy", grad=variant)
+            loss_fn = make_loss(apply, "softmax_cross_entropy", grad=variant,
+                                precision=args.precision)
 
         def step(params, model_state, opt_state, x, y):
             (loss, (_, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -229,7 +249,8 @@ def main(argv=None):
             # Identical starting point => identical step-0 loss (up to float32 rounding).
             loss0 = {v: float(runners[v]()) for v in variants}
             ref = loss0["manual"]
-            bad = {v: l for v, l in loss0.items() if not abs(l - ref) <= 1e-4 * max(1, abs(ref))}
+            tol = 1e-4 if args.precision == "f32" else 3e-2      # bf16: 2^-8 per rounding
+            bad = {v: l for v, l in loss0.items() if not abs(l - ref) <= tol * max(1, abs(ref))}
             if bad:
                 sys.exit(f"[{cfg_name}] step-0 losses disagree: {loss0}; the variants are not "
                          f"the same model, so the timings would mean nothing")
@@ -265,6 +286,7 @@ def main(argv=None):
             gflops = flops / med / 1e6
             rows.append({
                 "model": model_name, "batch": batch, "variant": v,
+                "precision": args.precision if v != "torch" else "f32",
                 "input_shape": list(shape), "device": device.device_kind,
                 "step_ms_median": med, "step_ms_min": float(np.min(times[v])),
                 "step_ms_max": float(np.max(times[v])), "steps": args.steps,
@@ -277,7 +299,8 @@ def main(argv=None):
             })
         write_json()
 
-    print(_header(jax, torch if torch_device else None, device, peak_gflops, args))
+    print(_header(jax, torch if torch_device else None, device, peak_gflops, args,
+                  measured_peak))
     print(table(rows))
     if args.json:
         print(f"\nwrote {len(rows)} rows to {args.json}")
@@ -314,7 +337,7 @@ def _torch_runner(torch, device, reference_models, model_name, params, state, x_
     return run, {"compile_s": None, "temp_bytes": None}
 
 
-def _header(jax, torch, device, peak, args):
+def _header(jax, torch, device, peak, args, measured_peak=None):
     lines = [f"jax {jax.__version__} on {device.platform} ({device.device_kind}), "
              f"{os.cpu_count()} CPU cores"]
     if torch is not None:
@@ -322,7 +345,9 @@ def _header(jax, torch, device, peak, args):
                      f"channels-last")
     env = " ".join(f"{k}={os.environ[k]}" for k in ("GLIBC_TUNABLES", "XLA_FLAGS")
                    if os.environ.get(k))
-    lines.append(f"environment: {env or '(none set)'}; float32 matmul peak {peak:.0f} GFLOP/s; "
+    source = (f"datasheet peak {peak:.0f} GFLOP/s (--peak-tflops; measured matmul "
+              f"{measured_peak:.0f})" if args.peak_tflops else f"matmul peak {peak:.0f} GFLOP/s")
+    lines.append(f"environment: {env or '(none set)'}; precision {args.precision}, {source}; "
                  f"{args.steps} timed steps per variant in alternating rounds of {args.block} "
                  f"(+1 untimed), after {args.warmup} warm-up steps")
     return "\n".join(lines) + "\n"
@@ -330,14 +355,15 @@ def _header(jax, torch, device, peak, args):
 
 def table(rows) -> str:
     """Markdown table of benchmark rows."""
-    head = ("| model | batch | variant | step ms median | min–max | × manual | paired × (range) "
+    head = ("| model | batch | variant | precision | step ms median | min–max | × manual | paired × (range) "
             "| compile s | temp MiB | GFLOP/s | % peak | img/s |")
-    out = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = [head, "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         compile_s = "" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
         temp = "" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:.1f}"
         out.append(
-            f"| {r['model']} | {r['batch']} | {r['variant']} | {r['step_ms_median']:.2f} "
+            f"| {r['model']} | {r['batch']} | {r['variant']} | {r.get('precision', 'f32')} "
+            f"| {r['step_ms_median']:.2f} "
             f"| {r['step_ms_min']:.1f}–{r['step_ms_max']:.1f} | {r['ratio_to_manual']:.2f} "
             f"| {r['ratio_to_manual_paired']:.3f} ({r['ratio_paired_min']:.2f}–"
             f"{r['ratio_paired_max']:.2f}) | {compile_s} | {temp} | {r['gflops']:.1f} "

@@ -120,7 +120,7 @@ import numpy as np  # noqa: E402
 
 from jbp import checkpoint  # noqa: E402
 from jbp import config as config_lib  # noqa: E402
-from jbp import data, report, train  # noqa: E402
+from jbp import data, parallel, report, train  # noqa: E402
 from jbp.models import get_model  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -195,11 +195,34 @@ def claim_run_directory(out: str, overwrite: bool, stop) -> str | None:
     return None
 
 
+def data_parallel_mesh(tc):
+    """The ``"data"`` mesh for ``train.data_parallel="auto"`` on more than one device, ``None``
+    for one device or ``"off"``, or an error message (a batch that does not divide)."""
+    if tc.data_parallel == "off" or jax.device_count() == 1:
+        return None
+    mesh = parallel.data_mesh()
+    if tc.batch_size % mesh.size:
+        return (f"train.batch_size={tc.batch_size} does not divide over the {mesh.size} devices "
+                f"JAX sees ({jax.process_count()} process(es)); use a multiple of {mesh.size}, "
+                f"or --set train.data_parallel=off")
+    return mesh
+
+
+def describe_devices(mesh) -> str:
+    if mesh is None:
+        return ""
+    return f", data parallel over {mesh.size} devices in {jax.process_count()} process(es)"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     stop = globals().get("STOP") or StopRequest()
     stop.phase = "start-up (loading data)"
     stop.reached("data")
+    # Several processes (scripts/launch.py, or a cluster JAX detects): join them before any
+    # device is touched. Only process 0 writes to the run directory.
+    parallel.initialize_distributed()
+    main_process = parallel.is_main_process()
     overrides = list(args.set) + ([f"train.grad={args.grad}"] if args.grad else [])
     overrides += [f"train.checkpoint_every={args.every}"] if args.every else []
     try:
@@ -216,15 +239,17 @@ def main(argv=None) -> int:
         return 2
 
     out = args.resume or args.out or os.path.join("runs", f"{cfg.name}-{cfg.train.grad}")
-    if not args.resume:
+    if not args.resume and main_process:
         error = claim_run_directory(out, args.overwrite, stop)
         if error:
             print(f"error: {error}", file=sys.stderr)
             return 2
         stop.cleanup.insert(0, os.path.join(out, "config.toml"))
     config_text = config_lib.to_toml(cfg)
-    with open(os.path.join(out, "config.toml"), "w") as f:
-        f.write(config_text)
+    if main_process:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.toml"), "w") as f:
+            f.write(config_text)
 
     # --- model, optimiser, jitted steps ---
     tc = cfg.train
@@ -252,14 +277,24 @@ def main(argv=None) -> int:
         if position["epoch"] >= tc.epochs:
             print(f"{out}: the run already finished all {tc.epochs} epochs; nothing to do")
             return 0
+    mesh = data_parallel_mesh(tc)
+    if isinstance(mesh, str):
+        print(f"error: {mesh}", file=sys.stderr)
+        return 2
+    if mesh is not None:
+        state = parallel.replicate(state, mesh)
     train_step = train.make_train_step(model.apply, optimizer, grad=tc.grad,
-                                       check_finite=tc.check_finite)
+                                       check_finite=tc.check_finite, mesh=mesh,
+                                       precision=tc.precision)
     eval_step = train.make_eval_step(model.apply, grad=tc.grad)
     names = train.leaf_names(state.params)
 
     def save(epoch, batch):
         stop.reached("checkpoint")
-        return checkpoint.save(out, state, position={"epoch": epoch, "batch": batch},
+        if not main_process:
+            return os.path.join(out, "(process 0 writes the checkpoint)")
+        return checkpoint.save(out, parallel.local_view(state),
+                               position={"epoch": epoch, "batch": batch},
                                config=config_text, keep=tc.keep_checkpoints)
 
     def stopped(path):
@@ -269,19 +304,20 @@ def main(argv=None) -> int:
     print(f"{cfg.name}: {cfg.model.name} ({train.tree_size(state.params):,} parameters), "
           f"{tc.grad} gradients, {train_set.num_examples:,} train / {test_set.num_examples:,} "
           f"test images {input_shape}, {tc.epochs} epochs x {steps_per_epoch} steps of "
-          f"{tc.batch_size}, on {jax.default_backend()} -> {out}", flush=True)
+          f"{tc.batch_size}, on {jax.default_backend()}{describe_devices(mesh)} -> {out}",
+          flush=True)
 
     # --- training loop ---
     norm = dict(mean=cfg.data.mean, std=cfg.data.std)
     metrics_path = os.path.join(out, "metrics.jsonl")
-    if not args.resume:
+    if not args.resume and main_process:
         open(metrics_path, "w").close()
         stop.cleanup.insert(0, metrics_path)
     stop.phase = "compilation and the first step"
     stop.reached("compile")
     start = time.perf_counter()
     train_time, images, result = 0.0, 0, {}
-    with open(metrics_path, "a") as log:
+    with open(metrics_path if main_process else os.devnull, "a") as log:
         for epoch in range(position["epoch"], tc.epochs):
             first = position["batch"] if epoch == position["epoch"] else 0
             bar = progress(steps_per_epoch - first, f"epoch {epoch + 1}/{tc.epochs}")
@@ -289,11 +325,14 @@ def main(argv=None) -> int:
             for batch, (x, y) in enumerate(data.batches(
                     train_set, tc.batch_size, seed=tc.seed, epoch=epoch, start=first,
                     augment_shift=cfg.data.augment_shift, **norm), start=first):
+                if mesh is not None:
+                    x, y = parallel.global_batch(mesh, x, y)   # this process's rows of it
                 state, metrics = train_step(state, x, y)
                 bar.update(1)
                 if not stop.started:
                     stop.reached("first-step")
-                step, finite = jax.device_get((state.step, metrics["finite"]))  # one transfer
+                step, finite = jax.device_get(parallel.local_view(
+                    (state.step, metrics["finite"])))          # one transfer
                 step = int(step)
                 stop.started = True               # from now on a stop writes a checkpoint
                 if not finite:
@@ -323,7 +362,7 @@ def main(argv=None) -> int:
             images += (steps_per_epoch - first) * tc.batch_size
             path = save(epoch + 1, 0)
             stop.reached("eval")
-            result = train.evaluate(eval_step, state, data.batches(
+            result = train.evaluate(eval_step, parallel.local_view(state), data.batches(
                 test_set, tc.eval_batch_size, train=False, **norm))
             record = {"kind": "eval", "step": int(state.step), "epoch": epoch + 1,
                       "test_loss": result["loss"], "test_accuracy": result["accuracy"],
@@ -342,6 +381,9 @@ def main(argv=None) -> int:
                "test_accuracy": result["accuracy"], "test_loss": result["loss"],
                "images_per_s": images / train_time, "wall_s": wall, "steps": int(state.step),
                "backend": jax.default_backend(), "config": dataclasses.asdict(cfg)}
+    if not main_process:
+        print(f"done (process {jax.process_index()}): test accuracy {result['accuracy']:.4f}")
+        return 0
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     png = report.plot_training(report.read_jsonl(metrics_path), os.path.join(out, "curves.png"),
