@@ -1,0 +1,214 @@
+"""conv2d's three equations as oneDNN kernels (XLA FFI calls), float32 NHWC/HWIO, CPU only.
+
+Equations (EQUATIONS.md, "Convolution"), stride ``s``, dilation ``d``, padded input ``a``, groups
+``G`` (``c`` runs over the input channels of ``k``'s group)::
+
+    correlate    z[n,h,w,k]     = Σ_{i,j,c} a[n, h·s+i·d, w·s+j·d, c] · W[i,j,c,k]   z = F(a, W)
+    input_grad   ∂L/∂a          = (∂F/∂a)ᵀ δ        (the padding cropped off again)
+    weight_grad  ∂L/∂W[i,j,c,k] = Σ_{n,h,w} δ[n,h,w,k] · a[n, h·s+i·d, w·s+j·d, c]
+
+``F`` is bilinear, and each of the three maps is linear in each argument, so each one's
+``jax.custom_vjp`` backward is the other two (``ct`` the incoming cotangent)::
+
+    correlate(a, W)      ->  a: input_grad(δ, W)       W: weight_grad(a, δ)
+    input_grad(δ, W)     ->  δ: correlate(ct, W)       W: weight_grad(ct, δ)
+    weight_grad(a, δ)    ->  a: input_grad(δ, ct)      δ: correlate(a, ct)
+
+so ``jax.grad(jax.grad(f))`` and Hessian-vector products run on the same kernels. Forward mode
+(``jax.jvp``) is not available through an FFI call; float64 keeps the XLA forms anyway.
+
+``jax.vmap``: a batch axis on the image side only (per-example forward and input gradient) is
+folded into ``N``: one call. A batched kernel, and the per-example weight gradient, loop over the
+batch (``lax.map``), one call per example.
+
+These functions have the signatures of the generic forms in ``jbp.conv`` and must only run on
+CPU (``lax.platform_dependent``); :func:`select_forward` & co. say whether a case can take them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.custom_batching import custom_vmap
+
+from jbp._conv_kernels import _onednn_build as build
+from jbp._conv_kernels._onednn_build import (  # noqa: F401  (re-exported)
+    OneDNNUnavailableWarning, conv_backend, describe, set_conv_backend)
+
+_FORWARD, _INPUT_GRAD, _WEIGHT_GRAD = 0, 1, 2
+
+
+def _out_hw(x_shape, w_shape, cfg):
+    return tuple((x_shape[1 + a] + sum(cfg.padding[a]) - (w_shape[a] - 1) * cfg.dilation[a] - 1)
+                 // cfg.stride[a] + 1 for a in (0, 1))
+
+
+def _attrs(cfg):
+    (pt, pb), (pl, pr) = cfg.padding
+    return dict(sh=np.int64(cfg.stride[0]), sw=np.int64(cfg.stride[1]),
+                dh=np.int64(cfg.dilation[0]), dw=np.int64(cfg.dilation[1]),
+                pt=np.int64(pt), pb=np.int64(pb), pl=np.int64(pl), pr=np.int64(pr),
+                groups=np.int64(cfg.groups))
+
+
+# --- the raw FFI calls, with their vmap rules -------------------------------------------------
+
+def _fold(op, a, b):
+    """op over a batch axis on ``a`` only: fold it into N (one call)."""
+    n = a.shape[0] * a.shape[1]
+    out = op(a.reshape((n,) + a.shape[2:]), b)
+    return out.reshape(a.shape[:2] + out.shape[1:])
+
+
+def _batching(op, fold_first: bool):
+    """vmap rule of a raw call ``op(a, b)``; batched arguments have the batch axis first."""
+    def rule(axis_size, in_batched, a, b):
+        a_batched, b_batched = in_batched
+        if fold_first and not b_batched:
+            return _fold(op, a, b), True
+        if a_batched and b_batched:
+            return lax.map(lambda ab: op(*ab), (a, b)), True
+        if a_batched:
+            return lax.map(lambda ai: op(ai, b), a), True
+        return lax.map(lambda bi: op(a, bi), b), True
+    return rule
+
+
+def _ffi(target, shape, a, b, cfg):
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32),
+                            vmap_method="sequential")(a, b, **_attrs(cfg))
+
+
+@functools.lru_cache(maxsize=None)
+def _raw_forward(cfg):
+    @custom_vmap
+    def op(x, w):
+        oh, ow = _out_hw(x.shape, w.shape, cfg)
+        return _ffi(build.TARGETS[0], (x.shape[0], oh, ow, w.shape[3]), x, w, cfg)
+    op.def_vmap(_batching(op, fold_first=True))
+    return op
+
+
+@functools.lru_cache(maxsize=None)
+def _raw_input_grad(cfg, hwc):
+    @custom_vmap
+    def op(g, w):
+        return _ffi(build.TARGETS[1], (g.shape[0],) + hwc, g, w, cfg)
+    op.def_vmap(_batching(op, fold_first=True))
+    return op
+
+
+@functools.lru_cache(maxsize=None)
+def _raw_weight_grad(cfg, w_shape):
+    @custom_vmap
+    def op(x, g):
+        return _ffi(build.TARGETS[2], w_shape, x, g, cfg)
+    op.def_vmap(_batching(op, fold_first=False))
+    return op
+
+
+# --- the three equations, each the others' transpose ----------------------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def correlate(x, w, cfg):
+    """z = a ⋆ W (no bias): ``x (N,H,W,C_in)``, ``w (KH,KW,C_in/G,C_out)`` -> ``(N,H_out,W_out,C_out)``."""
+    return _raw_forward(cfg)(x, w)
+
+
+def _correlate_fwd(x, w, cfg):
+    return correlate(x, w, cfg), (x, w)
+
+
+def _correlate_bwd(cfg, res, g):
+    x, w = res
+    return input_grad(g, w, x.shape, cfg), weight_grad(x, g, w.shape, cfg)
+
+
+correlate.defvjp(_correlate_fwd, _correlate_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def input_grad(g, w, x_shape, cfg):
+    """∂L/∂a = (∂F/∂a)ᵀ δ: ``g (N,H_out,W_out,C_out)``, ``w`` -> ``x_shape``."""
+    return _raw_input_grad(cfg, tuple(x_shape[1:]))(g, w)
+
+
+def _input_grad_fwd(g, w, x_shape, cfg):
+    return input_grad(g, w, x_shape, cfg), (g, w)
+
+
+def _input_grad_bwd(x_shape, cfg, res, ct):
+    g, w = res
+    return correlate(ct, w, cfg), weight_grad(ct, g, w.shape, cfg)
+
+
+input_grad.defvjp(_input_grad_fwd, _input_grad_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def weight_grad(x, g, w_shape, cfg):
+    """∂L/∂W = δ ⋆ a: ``x (N,H,W,C_in)``, ``g (N,H_out,W_out,C_out)`` -> ``w_shape``."""
+    return _raw_weight_grad(cfg, tuple(w_shape))(x, g)
+
+
+def _weight_grad_fwd(x, g, w_shape, cfg):
+    return weight_grad(x, g, w_shape, cfg), (x, g)
+
+
+def _weight_grad_bwd(w_shape, cfg, res, ct):
+    x, g = res
+    return input_grad(g, ct, x.shape, cfg), correlate(x, ct, cfg)
+
+
+weight_grad.defvjp(_weight_grad_fwd, _weight_grad_bwd)
+
+
+# --- when a case can take them -----------------------------------------------------------------
+
+def _supported(kind: int, x_shape: Sequence[int], w_shape: Sequence[int], cfg, dtype) -> bool:
+    if jnp.dtype(dtype) != jnp.dtype(jnp.float32) or len(x_shape) != 4 or len(w_shape) != 4:
+        return False
+    if min(x_shape) < 1 or min(w_shape) < 1 or min(p for pad in cfg.padding for p in pad) < 0:
+        return False
+    if not build.active():
+        return False
+    oh, ow = _out_hw(x_shape, w_shape, cfg)
+    if oh < 1 or ow < 1:
+        return False
+    return _check(kind, tuple(x_shape), tuple(w_shape), oh, ow, cfg)
+
+
+@functools.lru_cache(maxsize=4096)
+def _check(kind, x_shape, w_shape, oh, ow, cfg) -> bool:
+    """Whether oneDNN builds this primitive (it is then cached for the run)."""
+    (pt, pb), (pl, pr) = cfg.padding
+    params = (ctypes.c_int64 * 19)(kind, *x_shape, w_shape[0], w_shape[1], w_shape[3], oh, ow,
+                                   *cfg.stride, *cfg.dilation, pt, pb, pl, pr, cfg.groups)
+    msg = ctypes.create_string_buffer(256)
+    return bool(build.library().handle.JbpDnnlConvSupported(params, msg, 256))
+
+
+def select_forward(x_shape, w_shape, cfg, dtype) -> Optional[bool]:
+    """True if the forward of this case can run on oneDNN, else None."""
+    return True if _supported(_FORWARD, x_shape, w_shape, cfg, dtype) else None
+
+
+def select_input_grad(x_shape, w_shape, cfg, dtype) -> Optional[bool]:
+    return True if _supported(_INPUT_GRAD, x_shape, w_shape, cfg, dtype) else None
+
+
+def select_weight_grad(x_shape, w_shape, cfg, dtype) -> Optional[bool]:
+    return True if _supported(_WEIGHT_GRAD, x_shape, w_shape, cfg, dtype) else None
+
+
+def select(x_shape, w_shape, cfg, dtype) -> Optional[bool]:
+    """True if all three equations of this case can run on oneDNN, else None."""
+    ok = all(_supported(k, x_shape, w_shape, cfg, dtype)
+             for k in (_FORWARD, _INPUT_GRAD, _WEIGHT_GRAD))
+    return True if ok else None
