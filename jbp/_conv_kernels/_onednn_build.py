@@ -186,6 +186,7 @@ def _load() -> Library:
     handle.JbpDnnlConvSupported.restype = ctypes.c_int
     handle.JbpDnnlConvSupported.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_char_p,
                                             ctypes.c_int64]
+    handle.JbpDnnlScratchBytes.restype = ctypes.c_int64
     return Library(str(path), handle, version)
 
 
@@ -206,6 +207,12 @@ def library() -> Optional[Library]:
                 f"oneDNN convolution kernels unavailable ({_reason}); using XLA's convolutions",
                 OneDNNUnavailableWarning, filename="jbp", lineno=0, module="jbp")
     return _loaded
+
+
+def scratch_bytes() -> Optional[int]:
+    """Bytes the oneDNN calls hold as scratch outside XLA's buffers (not in XLA's temp size)."""
+    lib = _loaded
+    return None if lib is None else int(lib.handle.JbpDnnlScratchBytes())
 
 
 def unavailable_reason() -> Optional[str]:

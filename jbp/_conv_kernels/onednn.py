@@ -81,6 +81,9 @@ def _batching(op, fold_first: bool):
 
 
 def _ffi(target, shape, a, b, cfg):
+    if build.library() is None:  # builds and registers the handlers on first use
+        raise RuntimeError(f"jbp: the oneDNN convolution kernels are unavailable "
+                           f"({build.unavailable_reason()}); select_*() returns None then")
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32),
                             vmap_method="sequential")(a, b, **_attrs(cfg))
 

@@ -17,6 +17,7 @@
 //
 // Memory: each call takes its scratchpad (and the reordered weights) from a buffer owned by the
 // calling thread, so two calls never share one; the buffer grows to the largest need and stays.
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -125,6 +126,13 @@ std::mutex cache_mu;   // guards `cache`
 std::mutex exec_mu;    // one oneDNN execution (one OpenMP team) at a time
 std::map<Key, std::unique_ptr<Prim>> cache;
 
+// JBP_ONEDNN_NO_LOCK=1 lets executions overlap: only for measuring what the lock buys
+// (scripts/bench_onednn.py --threads).
+bool serialise() {
+  static const bool on = std::getenv("JBP_ONEDNN_NO_LOCK") == nullptr;
+  return on;
+}
+
 Prim* lookup(const Key& k) {
   std::lock_guard<std::mutex> lock(cache_mu);
   auto it = cache.find(k);
@@ -133,19 +141,23 @@ Prim* lookup(const Key& k) {
   return raw;
 }
 
+std::atomic<int64_t> scratch_total{0};  // bytes held by all threads' scratch buffers
+
 // The calling thread's scratch buffer (64-byte aligned, grown on demand).
 struct Scratch {
   void* ptr = nullptr;
   size_t bytes = 0;
-  ~Scratch() { std::free(ptr); }
+  ~Scratch() { std::free(ptr); scratch_total -= static_cast<int64_t>(bytes); }
   void* get(size_t need) {
     if (need > bytes) {
       std::free(ptr);
+      scratch_total -= static_cast<int64_t>(bytes);
       ptr = nullptr;
       bytes = 0;
       size_t rounded = (need + 63) / 64 * 64;
       if (posix_memalign(&ptr, 64, rounded) != 0) return nullptr;
       bytes = rounded;
+      scratch_total += static_cast<int64_t>(bytes);
     }
     return ptr;
   }
@@ -181,7 +193,8 @@ ffi::Error Run(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuff
   const Key key = make_key(KIND, xd, wd, yd, sh, sw, dh, dw, pt, pb, pl, pr, groups);
   try {
     Prim* p = lookup(key);
-    std::lock_guard<std::mutex> lock(exec_mu);
+    std::unique_lock<std::mutex> lock(exec_mu, std::defer_lock);
+    if (serialise()) lock.lock();
     char* buf = static_cast<char*>(scratch.get(p->scratch_bytes + p->w_prim_bytes + 64));
     if (buf == nullptr) return ffi::Error::Internal("jbp oneDNN conv: out of memory (scratch)");
     dnnl::engine& e = engine();
@@ -252,3 +265,7 @@ extern "C" int JbpDnnlConvSupported(const int64_t* p, char* msg, int64_t msg_len
     return 0;
   }
 }
+
+// Bytes of scratch (oneDNN scratchpads and reordered weights) held now by all threads: memory
+// outside XLA's buffers, which compiled.memory_analysis() does not count.
+extern "C" int64_t JbpDnnlScratchBytes() { return scratch_total.load(); }
