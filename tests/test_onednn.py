@@ -198,6 +198,18 @@ def test_select_declines_what_it_does_not_cover():
     assert onednn.select(x.shape, w.shape, negative, jnp.float32) is None
 
 
+def test_table_predicates_keep_the_measured_losers_on_xla():
+    """1×1 kernels (all equations) and strided input gradients stay on XLA (docs/onednn.md)."""
+    x, w, cfg = _arrays("1x1, stride 2")
+    assert onednn.select(x.shape, w.shape, cfg, x.dtype)  # supported, but slower
+    for pred in (onednn.select_forward, onednn.select_input_grad, onednn.select_weight_grad):
+        assert pred(x.shape, w.shape, cfg, x.dtype) is None
+    x, w, cfg = _arrays("stride 2, odd size (cells past the last window)")
+    assert onednn.select_forward(x.shape, w.shape, cfg, x.dtype)
+    assert onednn.select_weight_grad(x.shape, w.shape, cfg, x.dtype)
+    assert onednn.select_input_grad(x.shape, w.shape, cfg, x.dtype) is None
+
+
 def test_backend_switch():
     x, w, cfg = _arrays("3x3 same")
     try:

@@ -197,21 +197,44 @@ def _check(kind, x_shape, w_shape, oh, ow, cfg) -> bool:
     return bool(build.library().handle.JbpDnnlConvSupported(params, msg, 256))
 
 
+_KINDS = {"forward": _FORWARD, "input_grad": _INPUT_GRAD, "weight_grad": _WEIGHT_GRAD}
+
+
+def supported(equation: str, x_shape, w_shape, cfg, dtype) -> bool:
+    """Whether ``equation`` ("forward" | "input_grad" | "weight_grad") of this case can run on
+    oneDNN here: backend on, library loaded, float32, and oneDNN builds the primitive."""
+    return _supported(_KINDS[equation], x_shape, w_shape, cfg, dtype)
+
+
+def _pointwise(w_shape) -> bool:
+    return tuple(w_shape[:2]) == (1, 1)
+
+
+# Where oneDNN wins (scripts/bench_onednn.py on the models' shapes, docs/onednn.md): every
+# equation of every k×k kernel (k > 1) except the input gradient of a strided one, where jbp's
+# phase form was faster (1.3-2.4× on ResNet-20's stride-2 3×3); never a 1×1 kernel, where jbp's
+# pointwise matmuls were faster (up to 3×). The select_* predicates are the table's.
+
 def select_forward(x_shape, w_shape, cfg, dtype) -> Optional[bool]:
-    """True if the forward of this case can run on oneDNN, else None."""
-    return True if _supported(_FORWARD, x_shape, w_shape, cfg, dtype) else None
+    """True if the forward of this case should run on oneDNN, else None."""
+    ok = not _pointwise(w_shape) and _supported(_FORWARD, x_shape, w_shape, cfg, dtype)
+    return True if ok else None
 
 
 def select_input_grad(x_shape, w_shape, cfg, dtype) -> Optional[bool]:
-    return True if _supported(_INPUT_GRAD, x_shape, w_shape, cfg, dtype) else None
+    """True if the input gradient of this case should run on oneDNN, else None."""
+    ok = (not _pointwise(w_shape) and tuple(cfg.stride) == (1, 1)
+          and _supported(_INPUT_GRAD, x_shape, w_shape, cfg, dtype))
+    return True if ok else None
 
 
 def select_weight_grad(x_shape, w_shape, cfg, dtype) -> Optional[bool]:
-    return True if _supported(_WEIGHT_GRAD, x_shape, w_shape, cfg, dtype) else None
+    """True if the weight gradient of this case should run on oneDNN, else None."""
+    ok = not _pointwise(w_shape) and _supported(_WEIGHT_GRAD, x_shape, w_shape, cfg, dtype)
+    return True if ok else None
 
 
 def select(x_shape, w_shape, cfg, dtype) -> Optional[bool]:
-    """True if all three equations of this case can run on oneDNN, else None."""
-    ok = all(_supported(k, x_shape, w_shape, cfg, dtype)
-             for k in (_FORWARD, _INPUT_GRAD, _WEIGHT_GRAD))
+    """True if all three equations of this case can run on oneDNN (whether or not it wins)."""
+    ok = all(_supported(k, x_shape, w_shape, cfg, dtype) for k in _KINDS.values())
     return True if ok else None
