@@ -13,9 +13,9 @@ autodiff twin.
 
 One exception, stated where it is made: a rule may compute the same maths by another
 formulation in its own forward (``primal``, which ``fwd`` then uses too) when JAX differentiates
-that formulation worse than ``forward``: conv2d's split forward for small wide layers on CPU
-(``jbp.conv._rule_forward``). The two then agree to rounding, not bit for bit, and the grid
-(``tests/test_grid.py``) checks both.
+that formulation worse than ``forward``: conv2d's ``rule_only`` forms on CPU (the split
+forward for small wide layers, ``jbp._conv_kernels``). The two then agree to rounding, not bit
+for bit, and the grid (``tests/test_grid.py``) checks both.
 
 Under ``jax.checkpoint`` the forward still runs once: every ``fwd`` here is plain ``jnp``/``lax``,
 so when checkpointing discards the residuals of the primal pass, JAX's partial evaluation and XLA

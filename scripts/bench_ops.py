@@ -6,26 +6,13 @@ convolution shapes of the benchmark models.
     python scripts/bench_ops.py --models resnet20 --batch 32 --json ops.json
 
 For every distinct convolution (input shape, kernel, stride, padding) it times, alternating and
-after warm-up, the medians of:
-
-    forward        generic: lax.conv_general_dilated | columns: the same correlation over
-                   blocks of B columns (B·C_in -> B·C_out channels; thin layers) | split:
-                   the input's column shifts times the kernel, then a sum of row-shifted
-                   slices, per batch chunk (stride 1; the manual rule's forward only)
-    input grad     generic: conv of the stride-dilated δ with the rotated kernel (what XLA's
-                   autodiff emits) | phases: one stride-1 conv per stride phase | rows: one
-                   matmul of δ's rows with a banded kernel (thin layers) | pointwise (1×1)
-    weight grad    generic: conv with N as the contraction axis | taps: one matmul per kernel
-                   tap over batch chunks | patches: one patch-matrix (im2col) matmul per
-                   batch chunk | columns: the patch matrix of the column-blocked input |
-                   split: the input's column shifts against δ's row shifts, one matmul per
-                   batch chunk (stride 1) | chunksB: one convolution per B images |
-                   pointwise (1×1): one matmul
-
-and checks each against the generic result. jbp.conv's CPU dispatch (``_cpu_input_grad``,
-``_cpu_weight_grad``) and its forwards (``_column_block``, ``_use_split_forward``) were chosen
-from this table; docs/performance.md records the numbers.
-The "chosen" column says which formulation jbp uses for that shape on this backend.
+after warm-up, the medians of each equation's generic XLA convolution, the form the table of
+``jbp._conv_kernels`` chooses for that shape (marked ✓ in the "chosen" column; ✓ on "generic"
+where the table chooses none), and the other forms of the table that apply, at the parameters
+their predicates pick or at ones that show what they cost. Rows are labelled
+"EQUATION FORM PARAMS" with the table's names (``weight_grad chunks chunk=16``), plus
+``input_grad taps``, measured and not in the table. Each is checked against the generic
+result; docs/performance.md records the numbers the table was chosen from.
 """
 
 from __future__ import annotations
@@ -39,7 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jbp import _conv_kernels as kernels
 from jbp import conv as conv_lib
+from jbp._conv_kernels import block_forms, tap_forms
 
 # (model, input (H, W, C_in), kernel, C_out, stride, padding), as the models build them.
 MODEL_CONVS = {
@@ -54,69 +43,81 @@ MODEL_CONVS = {
 }
 
 
+_GENERIC = {"forward": "forward generic", "input_grad": "input_grad generic",
+            "weight_grad": "weight_grad generic"}
+
+
+def _label(equation, form_name, params):
+    """'weight_grad chunks chunk=16': the equation, the table's form name and its parameters."""
+    return " ".join([equation, form_name] + [f"{k}={v}" for k, v in sorted(params.items())])
+
+
+def _call(equation, fn, cfg):
+    """The form as fn(x, w, g), whatever its equation takes."""
+    if equation == "forward":
+        return lambda x, w, g, **p: fn(x, w, cfg, **p)
+    if equation == "input_grad":
+        return lambda x, w, g, **p: fn(g, w, x.shape, cfg, **p)
+    return lambda x, w, g, **p: fn(x, g, w.shape, cfg, **p)
+
+
+def _alternatives(x, w, cfg):
+    """Forms to time besides the table's choice, with the parameters to time them at: each
+    form that applies to this shape at the parameter its predicate picks, or else one that
+    shows what it costs (chunks of 16 or 4, blocks of 2)."""
+    alt = {"input_grad": [("taps", tap_forms.tap_input_grad, {})],
+           "weight_grad": [], "forward": []}
+    if cfg.groups != 1:
+        return alt
+    if kernels.is_pointwise(w.shape, cfg):
+        alt["input_grad"].append(("pointwise", tap_forms.pointwise_input_grad, {}))
+        alt["weight_grad"].append(("pointwise", tap_forms.pointwise_weight_grad, {}))
+        return alt
+    if cfg.stride != (1, 1) and cfg.dilation == (1, 1):
+        alt["input_grad"].append(("phases", tap_forms.phase_input_grad, {}))
+    unit = cfg.stride == (1, 1) and cfg.dilation == (1, 1)
+    if unit and w.shape[2] <= 16:
+        alt["input_grad"].append(("rows", tap_forms.row_input_grad, {}))
+    chunk = 16 if w.shape[3] <= 16 else 4
+    if x.shape[0] >= 2 * chunk:
+        alt["weight_grad"].append(("chunks", tap_forms.batch_chunked_weight_grad,
+                                   {"chunk": chunk}))
+    if cfg.stride == (1, 1):
+        split = kernels.split_chunk(x.shape, w.shape, cfg, x.dtype)
+        alt["forward"].append(("split", block_forms.split_tap_correlate, {"chunk": split}))
+        alt["weight_grad"].append(("split", block_forms.split_tap_weight_grad, {"chunk": split}))
+    alt["weight_grad"] += [("taps", tap_forms.tap_weight_grad, {}),
+                           ("patches", tap_forms.patch_weight_grad, {})]
+    if unit and w.shape[1] > 1 and w.shape[2] <= 32:
+        block = kernels.column_block(x.shape, w.shape, cfg, x.dtype, max_cin=32) or 2
+        alt["forward"].append(("columns", block_forms.column_blocked_correlate,
+                               {"block": block}))
+        alt["weight_grad"].append(("columns", block_forms.column_blocked_weight_grad,
+                                   {"block": block}))
+    return alt
+
+
 def _formulations(x, w, cfg):
-    """name -> (kind, fn(x, w, g)) for every formulation that applies to this shape."""
-    out = {"forward": ("forward", lambda x, w, g: conv_lib._correlate(x, w, cfg)),
-           "dx generic": ("input", lambda x, w, g: conv_lib._input_grad(g, w, x.shape, cfg)),
-           "dW generic": ("weight", lambda x, w, g: conv_lib._weight_grad(x, g, w.shape, cfg))}
-    if conv_lib._is_pointwise(w.shape, cfg):
-        out["dx pointwise"] = ("input", lambda x, w, g: conv_lib._pointwise_input_grad(
-            g, w, x.shape, cfg))
-        out["dW pointwise"] = ("weight", lambda x, w, g: conv_lib._pointwise_weight_grad(
-            x, g, cfg))
-    elif cfg.groups == 1:
-        if cfg.stride != (1, 1) and cfg.dilation == (1, 1):
-            out["dx phases"] = ("input", lambda x, w, g: conv_lib._phase_input_grad(
-                g, w, x.shape, cfg))
-        out["dx taps"] = ("input", lambda x, w, g: conv_lib._tap_input_grad(
-            g, w, x.shape, cfg))
-        if cfg.stride == (1, 1) and cfg.dilation == (1, 1) and w.shape[2] <= 16:
-            out["dx rows"] = ("input", lambda x, w, g: conv_lib._row_input_grad(
-                g, w, x.shape, cfg))
-        # Batch chunks: the chunk jbp would pick, else 16 or 4 images (to show what it costs).
-        chunk = (conv_lib._weight_grad_chunk(x.shape, w.shape, x.dtype)
-                 or (16 if w.shape[3] <= 16 else 4))
-        if x.shape[0] >= 2 * chunk:
-            out[f"dW chunks{chunk}"] = ("weight", lambda x, w, g: (
-                conv_lib._batch_chunked_weight_grad(x, g, w.shape, cfg, chunk)))
-        if cfg.stride == (1, 1):
-            out["forward split"] = ("forward", lambda x, w, g: conv_lib._split_tap_correlate(
-                x, w, cfg, conv_lib._split_forward_chunk(x.shape, w.shape, x.dtype, cfg)))
-            out["dW split"] = ("weight", lambda x, w, g: conv_lib._split_tap_weight_grad(
-                x, g, w.shape, cfg, conv_lib._split_taps_chunk(w.shape, g.shape[1:3], x.dtype,
-                                                               cfg)))
-        out["dW taps"] = ("weight", lambda x, w, g: conv_lib._tap_weight_grad(
-            x, g, w.shape, cfg))
-        out["dW patches"] = ("weight", lambda x, w, g: conv_lib._patch_weight_grad(
-            x, g, w.shape, cfg))
-    if (cfg.stride == (1, 1) and cfg.dilation == (1, 1) and cfg.groups == 1 and w.shape[1] > 1
-            and w.shape[2] <= 32):
-        # Column blocks: the block jbp would pick, else 2 (to show what blocking costs).
-        block = max(conv_lib._forward_column_block(x.shape, w.shape, x.dtype, cfg), 2)
-        out[f"forward columns{block}"] = ("forward", lambda x, w, g: (
-            conv_lib._column_blocked_correlate(x, w, cfg, block)))
-        out[f"dW columns{block}"] = ("weight", lambda x, w, g: (
-            conv_lib._column_blocked_weight_grad(x, g, w.shape, cfg, block)))
+    """label -> (equation, fn(x, w, g), chosen) for the generic form of each equation, the
+    table's choice (jbp._conv_kernels.choose) and the alternatives."""
+    generic = {"forward": conv_lib.correlate, "input_grad": conv_lib.input_grad,
+               "weight_grad": conv_lib.weight_grad}
+    out = {}
+    for equation, alternatives in _alternatives(x, w, cfg).items():
+        chosen = kernels.choose(equation, x.shape, w.shape, cfg, x.dtype)
+        out[_GENERIC[equation]] = (equation, _call(equation, generic[equation], cfg),
+                                   chosen is None)
+        candidates = list(alternatives)
+        if chosen is not None:
+            candidates.insert(0, (chosen[0].name, chosen[0].fn, chosen[1]))
+        for name, fn, params in candidates:
+            label = _label(equation, name, params)
+            if label not in out:
+                call = _call(equation, fn, cfg)
+                out[label] = (equation, lambda x, w, g, call=call, p=params: call(x, w, g, **p),
+                              chosen is not None and label == _label(equation, chosen[0].name,
+                                                                     chosen[1]))
     return out
-
-
-def _chosen(x, w, cfg, kind):
-    """The formulation jbp.conv's CPU dispatch picks for this shape."""
-    z_hw = jax.eval_shape(lambda: conv_lib._forward(x, w, None, cfg)).shape[1:3]
-    if kind == "input":
-        return "dx " + conv_lib._cpu_input_grad_form(x.shape, w.shape, cfg, z_hw, x.dtype)
-    if kind == "weight":
-        form = conv_lib._cpu_weight_grad_form(x.shape, w.shape, cfg, z_hw, x.dtype)
-        if form == "columns":
-            form += str(conv_lib._weight_grad_column_block(x.shape, w.shape, x.dtype, cfg))
-        if form == "chunks":
-            form += str(conv_lib._weight_grad_chunk(x.shape, w.shape, x.dtype))
-        return "dW " + form
-    block = conv_lib._forward_column_block(x.shape, w.shape, x.dtype, cfg)
-    if block > 1:
-        return f"forward columns{block}"
-    return "forward split" if conv_lib._use_split_forward(x.shape, w.shape, cfg,
-                                                         x.dtype) else "forward"
 
 
 def main(argv=None):
@@ -134,7 +135,12 @@ def main(argv=None):
 
     rng = np.random.default_rng(0)
     rows = []
-    print(f"jax {jax.__version__} on {jax.default_backend()}, batch {args.batch}, medians of "
+    print("The table of forms (jbp._conv_kernels.FORMS), first match wins:\n")
+    for equation, table in kernels.FORMS.items():
+        for form in table:
+            only = " (rule only)" if form.rule_only else ""
+            print(f"  {equation:<12} {form.name:<10} {form.why}{only}")
+    print(f"\njax {jax.__version__} on {jax.default_backend()}, batch {args.batch}, medians of "
           f"{args.repeats} alternating calls (ms)\n")
     print("| model | input | kernel | stride | formulation | ms | × generic | max rel err "
           "| chosen |")
@@ -144,10 +150,10 @@ def main(argv=None):
             x = jnp.asarray(rng.standard_normal((args.batch, h, wd, cin), dtype=np.float32))
             w = jnp.asarray(rng.standard_normal((k, k, cin, cout), dtype=np.float32))
             cfg = conv_lib.conv_config(x, w, stride=stride, padding=padding)
-            z = conv_lib._correlate(x, w, cfg)
+            z = conv_lib.correlate(x, w, cfg)
             g = jnp.asarray(rng.standard_normal(z.shape, dtype=np.float32))
-            forms = {name: (kind, jax.jit(fn)) for name, (kind, fn) in
-                     _formulations(x, w, cfg).items()}
+            table = _formulations(x, w, cfg)
+            forms = {name: (kind, jax.jit(fn)) for name, (kind, fn, _) in table.items()}
             results = {name: fn(x, w, g).block_until_ready() for name, (_, fn) in forms.items()}
             for _ in range(2):
                 for _, fn in forms.values():
@@ -159,13 +165,12 @@ def main(argv=None):
                     t0 = time.perf_counter()
                     forms[name][1](x, w, g).block_until_ready()
                     times[name].append(1e3 * (time.perf_counter() - t0))
-            generic = {"forward": "forward", "input": "dx generic", "weight": "dW generic"}
             for name, (kind, _) in forms.items():
-                ref = results[generic[kind]]
+                ref = results[_GENERIC[kind]]
                 err = float(jnp.max(jnp.abs(results[name] - ref)) / jnp.max(jnp.abs(ref)))
                 med = float(np.median(times[name]))
-                ratio = med / float(np.median(times[generic[kind]]))
-                chosen = "✓" if _chosen(x, w, cfg, kind) == name else ""
+                ratio = med / float(np.median(times[_GENERIC[kind]]))
+                chosen = "✓" if table[name][2] else ""
                 row = {"model": model, "input": [args.batch, h, wd, cin], "kernel": [k, k, cin, cout],
                        "stride": stride, "padding": str(padding), "formulation": name,
                        "ms_median": med, "ratio_to_generic": ratio, "max_rel_err": err,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import jbp
-from jbp import conv, gradcheck
+from jbp import _conv_kernels, conv, gradcheck
 from jbp.cases import CASES
 
 IDS = [c.id for c in CASES]
@@ -40,13 +40,15 @@ def test_manual_matches_finite_differences(case):
 
 
 def _rule_has_its_own_forward(case, args) -> bool:
-    """conv2d's rule computes small wide layers by the split form on CPU (jbp.conv._rule_forward):
-    the same sum in another order, so equal to the autodiff forward only to rounding."""
+    """conv2d's rule computes small wide layers by a ``rule_only`` form of the table on CPU
+    (jbp._conv_kernels): the same sum in another order, so equal to the autodiff forward only
+    to rounding."""
     if case.layer != "conv2d" or jax.default_backend() != "cpu":
         return False
     kw = {k: v for k, v in case.call.keywords.items() if k != "bias"}
     cfg = conv.conv_config(args[0], args[1], **kw)
-    return conv._use_split_forward(args[0].shape, args[1].shape, cfg, args[0].dtype)
+    chosen = _conv_kernels.choose("forward", args[0].shape, args[1].shape, cfg, args[0].dtype)
+    return chosen is not None and chosen[0].rule_only
 
 
 def test_primal_of_fwd_equals_plain_call(case):

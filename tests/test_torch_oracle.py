@@ -130,8 +130,8 @@ CONV_CASES = [
     ("1x1_s2_7x9", 2, 7, 9, 3, 5, (1, 1), 2, "VALID", 1, 1),
     ("1x1_s2_same_7x9", 2, 7, 9, 3, 5, (1, 1), 2, "SAME", 1, 1),
     ("1x1_s1", 3, 4, 5, 3, 2, (1, 1), 1, "VALID", 1, 1),
-    # Thin layers: jbp's CPU forward runs over blocks of columns (jbp.conv._column_block), and
-    # from batch 32 its weight gradient too.
+    # Thin layers: jbp's CPU forward runs over blocks of columns (the "columns" forms of
+    # jbp._conv_kernels), and from batch 32 its weight gradient too.
     ("thin_k5_same_12x17", 2, 12, 17, 1, 6, (5, 5), 1, "SAME", 1, 1),
     ("thin_k3_pad1_n32", 32, 5, 13, 3, 16, (3, 3), 1, 1, 1, 1),
     ("thin_k5_valid_6to16_n32", 32, 9, 10, 6, 16, (5, 5), 1, "VALID", 1, 1),
