@@ -15,6 +15,8 @@ from jbp.normalization import batch_norm
 from jbp.pooling import avg_pool, global_avg_pool, max_pool
 
 from jbp import autodiff, manual  # noqa: E402  (namespaces built from the modules above)
+# CPU convolution kernels: "onednn" (default where available) or "xla"; docs/onednn.md.
+from jbp._conv_kernels.onednn import conv_backend, set_conv_backend  # noqa: E402
 
 LAYERS = (
     "conv2d", "dense", "flatten", "relu", "leaky_relu", "sigmoid", "tanh", "softmax",
@@ -23,4 +25,4 @@ LAYERS = (
 )
 
 __version__ = "0.1.0"
-__all__ = list(LAYERS) + ["autodiff", "manual", "LAYERS"]
+__all__ = list(LAYERS) + ["autodiff", "manual", "LAYERS", "conv_backend", "set_conv_backend"]

@@ -68,7 +68,7 @@ def _close(actual, expected):
 @pytest.mark.parametrize("case", CASES)
 def test_three_equations_match_xla(case):
     x, w, cfg = _arrays(case)
-    assert onednn.select(x.shape, w.shape, cfg, x.dtype)
+    assert onednn.select(x.shape, w.shape, cfg, x.dtype) == {}
     z_ref, vjp = jax.vjp(lambda x, w: _xla(x, w, cfg), x, w)
     g = jnp.asarray(np.random.default_rng(1).standard_normal(z_ref.shape), jnp.float32)
     dx_ref, dw_ref = vjp(g)
@@ -201,12 +201,12 @@ def test_select_declines_what_it_does_not_cover():
 def test_table_predicates_keep_the_measured_losers_on_xla():
     """1×1 kernels (all equations) and strided input gradients stay on XLA (docs/onednn.md)."""
     x, w, cfg = _arrays("1x1, stride 2")
-    assert onednn.select(x.shape, w.shape, cfg, x.dtype)  # supported, but slower
+    assert onednn.select(x.shape, w.shape, cfg, x.dtype) == {}  # supported, but slower
     for pred in (onednn.select_forward, onednn.select_input_grad, onednn.select_weight_grad):
         assert pred(x.shape, w.shape, cfg, x.dtype) is None
     x, w, cfg = _arrays("stride 2, odd size (cells past the last window)")
-    assert onednn.select_forward(x.shape, w.shape, cfg, x.dtype)
-    assert onednn.select_weight_grad(x.shape, w.shape, cfg, x.dtype)
+    assert onednn.select_forward(x.shape, w.shape, cfg, x.dtype) == {}
+    assert onednn.select_weight_grad(x.shape, w.shape, cfg, x.dtype) == {}
     assert onednn.select_input_grad(x.shape, w.shape, cfg, x.dtype) is None
 
 
@@ -217,17 +217,53 @@ def test_backend_switch():
         assert onednn.conv_backend() == "xla" and onednn.describe() == "xla"
         assert onednn.select(x.shape, w.shape, cfg, x.dtype) is None
         onednn.set_conv_backend("onednn")
-        assert onednn.select(x.shape, w.shape, cfg, x.dtype)
+        assert onednn.select(x.shape, w.shape, cfg, x.dtype) == {}
         with pytest.raises(ValueError, match="xla, onednn"):
             onednn.set_conv_backend("mkl")
     finally:
         onednn.set_conv_backend(None)
 
 
+def test_manual_rule_takes_oneDNN_and_autodiff_keeps_xla():
+    """Through the table (jbp._conv_kernels.FORMS): the manual conv2d's gradient is three FFI
+    calls and no XLA convolution; jbp.autodiff's is XLA's; both give XLA's numbers."""
+    import jbp
+    x, w, cfg = _arrays("3x3 same")
+
+    def grad(ns):
+        return jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.tanh(ns.conv2d(x, w)) ** 2), (0, 1)))
+
+    manual = grad(jbp).lower(x, w).as_text()
+    assert all(f"custom_call @{t}" in manual for t in build.TARGETS), manual
+    assert "convolution" not in manual
+    assert "JbpDnnl" not in grad(jbp.autodiff).lower(x, w).as_text()
+    for a, b in zip(grad(jbp)(x, w), grad(jbp.autodiff)(x, w)):
+        _close(a, b)
+
+
+def test_grid_reaches_the_oneDNN_form_of_each_equation():
+    """The grid's conv cases (jbp/cases.py), in float32, take oneDNN for every equation, with
+    groups, depthwise kernels, dilation and asymmetric padding among them."""
+    from jbp._conv_kernels import choose
+    from jbp.cases import CONV_CASES
+    reached = {}
+    for case in CONV_CASES:
+        kw = {k: v for k, v in case.call.keywords.items() if k != "bias"}
+        x, w = jnp.zeros(case.shapes[0], jnp.float32), jnp.zeros(case.shapes[1], jnp.float32)
+        cfg = conv_config(x, w, **kw)
+        for equation in ("forward", "input_grad", "weight_grad"):
+            chosen = choose(equation, x.shape, w.shape, cfg, x.dtype)
+            if chosen and chosen[0].name == "onednn":
+                reached.setdefault(equation, set()).update(
+                    k for k in ("groups", "dilation", "padding", "stride") if k in kw)
+    assert set(reached) == {"forward", "input_grad", "weight_grad"}, reached
+    assert {"groups", "dilation", "padding"} <= reached["input_grad"], reached
+    assert {"groups", "dilation", "padding", "stride"} <= reached["weight_grad"], reached
+
+
 _FALLBACK = textwrap.dedent("""
-    import warnings
-    import jax.numpy as jnp, numpy as np
-    from jax import lax
+    import jax, jax.numpy as jnp, numpy as np
+    import jbp
     from jbp.conv import conv_config
     from jbp._conv_kernels import onednn
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 6, 6, 3)), jnp.float32)
@@ -235,6 +271,10 @@ _FALLBACK = textwrap.dedent("""
     cfg = conv_config(x, w)
     for _ in range(3):
         assert onednn.select(x.shape, w.shape, cfg, x.dtype) is None
+    grad = lambda ns: jax.jit(jax.grad(lambda x, w: jnp.sum(ns.conv2d(x, w) ** 2), (0, 1)))
+    assert "JbpDnnl" not in grad(jbp).lower(x, w).as_text()
+    for a, b in zip(grad(jbp)(x, w), grad(jbp.autodiff)(x, w)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
     print("DESCRIBE", onednn.describe())
 """)
 
