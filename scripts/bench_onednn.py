@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """oneDNN vs jbp's own CPU forms, per convolution shape and equation (docs/onednn.md).
 
-    python scripts/bench_onednn.py                          # lenet5 b128, resnet20 b128, resnet18 b16
+    python scripts/bench_onednn.py               # lenet5 b128, resnet20 b128, resnet18 b16
     python scripts/bench_onednn.py --models resnet20 --batch 32 --repeats 11
 
 For every convolution of the benchmark models (scripts/bench_ops.py's MODEL_CONVS) it times,
 alternating after warm-up, the median of: the XLA form jbp's manual rule uses on CPU today
-(forward: ``_rule_forward``; input gradient: ``_cpu_input_grad``; weight gradient:
-``_cpu_weight_grad``), and the oneDNN FFI op of the same equation; prints the ratio
+(the first form of jbp._conv_kernels.FORMS other than oneDNN that selects the shape, printed
+in brackets, or the generic convolution), and the oneDNN FFI op of the same equation; prints the ratio
 (oneDNN / XLA, < 1: oneDNN faster) and the relative difference of the results.
 
     python scripts/bench_onednn.py --threads        # the threading checks of docs/onednn.md
@@ -16,6 +16,7 @@ alternating after warm-up, the median of: the XLA form jbp's manual rule uses on
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -30,20 +31,39 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_ops import MODEL_CONVS  # noqa: E402
 
+from jbp import _conv_kernels as kernels  # noqa: E402
 from jbp import conv as conv_lib  # noqa: E402
 from jbp._conv_kernels import onednn  # noqa: E402
 
 _DEFAULT_BATCH = {"lenet5": 128, "resnet20": 128, "resnet18": 16}
 
 
+def _xla_form(equation, x_shape, w_shape, cfg, dtype):
+    """The form jbp's table chooses with oneDNN left out (its first other match), else the
+    generic convolution."""
+    generic = {"forward": conv_lib.correlate, "input_grad": conv_lib.input_grad,
+               "weight_grad": conv_lib.weight_grad}[equation]
+    for form in kernels.FORMS[equation]:
+        if form.name != "onednn":
+            params = form.select(tuple(x_shape), tuple(w_shape), cfg, dtype)
+            if params is not None:
+                return form.name, functools.partial(form.fn, **params)
+    return "generic", generic
+
+
 def _forms(cfg, x_shape, w_shape):
-    xla = {"forward": lambda x, w, g: conv_lib._rule_forward(x, w, None, cfg),
-           "input grad": lambda x, w, g: conv_lib._cpu_input_grad(g, w, x_shape, cfg),
-           "weight grad": lambda x, w, g: conv_lib._cpu_weight_grad(x, g, w_shape, cfg)}
-    dnn = {"forward": lambda x, w, g: onednn.correlate(x, w, cfg),
-           "input grad": lambda x, w, g: onednn.input_grad(g, w, x_shape, cfg),
-           "weight grad": lambda x, w, g: onednn.weight_grad(x, g, w_shape, cfg)}
-    return {eq: (jax.jit(xla[eq]), jax.jit(dnn[eq])) for eq in xla}
+    """equation -> (XLA form's name, jitted XLA form, jitted oneDNN op), all fn(x, w, g)."""
+    f32 = jnp.float32
+    calls = {"forward": lambda f: lambda x, w, g: f(x, w, cfg),
+             "input_grad": lambda f: lambda x, w, g: f(g, w, x_shape, cfg),
+             "weight_grad": lambda f: lambda x, w, g: f(x, g, w_shape, cfg)}
+    dnn = {"forward": onednn.correlate, "input_grad": onednn.input_grad,
+           "weight_grad": onednn.weight_grad}
+    out = {}
+    for eq, call in calls.items():
+        name, fn = _xla_form(eq, x_shape, w_shape, cfg, f32)
+        out[eq] = (name, jax.jit(call(fn)), jax.jit(call(dnn[eq])))
+    return out
 
 
 def _time_pair(a, b, args, repeats):
@@ -76,19 +96,22 @@ def shapes(argv_models, batch, repeats, out_json):
             x = jnp.asarray(rng.standard_normal((n, h, wd, cin), dtype=np.float32))
             w = jnp.asarray(rng.standard_normal((k, k, cin, cout), dtype=np.float32))
             cfg = conv_lib.conv_config(x, w, stride=stride, padding=padding)
-            z = conv_lib._correlate(x, w, cfg)
+            z = conv_lib.correlate(x, w, cfg)
             g = jnp.asarray(rng.standard_normal(z.shape, dtype=np.float32))
             flops = 2 * z.size * k * k * cin
-            for eq, (fx, fd) in _forms(cfg, x.shape, w.shape).items():
+            for eq, (name, fx, fd) in _forms(cfg, x.shape, w.shape).items():
                 ref, got = fx(x, w, g), fd(x, w, g)
                 err = float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))
                 tx, td, ratio = _time_pair(fx, fd, (x, w, g), repeats)
                 rows.append(dict(model=model, input=[n, h, wd, cin], kernel=[k, k, cin, cout],
-                                 stride=stride, padding=str(padding), equation=eq, xla_ms=tx,
+                                 stride=stride, padding=str(padding), equation=eq,
+                                 xla_form=name, xla_ms=tx,
                                  onednn_ms=td, ratio_min=td / tx, ratio_paired=ratio,
                                  rel_diff=err))
-                print(f"| {model} | {n}×{h}×{wd}×{cin} | {k}×{k}→{cout} | {stride} | {eq} | "
-                      f"{tx:.2f} | {td:.2f} | {td / tx:.2f} | {ratio:.2f} | {flops / tx / 1e6:.0f} → "
+                print(f"| {model} | {n}×{h}×{wd}×{cin} | {k}×{k}→{cout} | {stride} | {eq} "
+                      f"({name}) | "
+                      f"{tx:.2f} | {td:.2f} | {td / tx:.2f} | {ratio:.2f} | "
+                      f"{flops / tx / 1e6:.0f} → "
                       f"{flops / td / 1e6:.0f} | {err:.1e} |", flush=True)
     if out_json:
         with open(out_json, "w") as f:

@@ -177,7 +177,8 @@ def test_independent_calls_in_one_program_are_each_right():
         out = []
         for (x, w, cfg) in zip(xs, ws, [a[2] for a in arrays]):
             z = onednn.correlate(x, w, cfg)
-            out += [z, onednn.input_grad(z, w, x.shape, cfg), onednn.weight_grad(x, z, w.shape, cfg)]
+            out += [z, onednn.input_grad(z, w, x.shape, cfg),
+                    onednn.weight_grad(x, z, w.shape, cfg)]
         return out
 
     xs, ws = [a[0] for a in arrays], [a[1] for a in arrays]

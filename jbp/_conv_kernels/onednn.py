@@ -3,7 +3,7 @@
 Equations (EQUATIONS.md, "Convolution"), stride ``s``, dilation ``d``, padded input ``a``, groups
 ``G`` (``c`` runs over the input channels of ``k``'s group)::
 
-    correlate    z[n,h,w,k]     = Σ_{i,j,c} a[n, h·s+i·d, w·s+j·d, c] · W[i,j,c,k]   z = F(a, W)
+    correlate    z[n,h,w,k]     = Σ_{i,j,c} a[n, h·s+i·d, w·s+j·d, c] · W[i,j,c,k]  =: F(a, W)
     input_grad   ∂L/∂a          = (∂F/∂a)ᵀ δ        (the padding cropped off again)
     weight_grad  ∂L/∂W[i,j,c,k] = Σ_{n,h,w} δ[n,h,w,k] · a[n, h·s+i·d, w·s+j·d, c]
 
@@ -120,7 +120,8 @@ def _raw_weight_grad(cfg, w_shape):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def correlate(x, w, cfg):
-    """z = a ⋆ W (no bias): ``x (N,H,W,C_in)``, ``w (KH,KW,C_in/G,C_out)`` -> ``(N,H_out,W_out,C_out)``."""
+    """z = a ⋆ W (no bias): ``x (N,H,W,C_in)``, ``w (KH,KW,C_in/G,C_out)`` ->
+    ``(N,H_out,W_out,C_out)``."""
     return _raw_forward(cfg)(x, w)
 
 
