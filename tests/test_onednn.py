@@ -242,6 +242,15 @@ def test_manual_rule_takes_oneDNN_and_autodiff_keeps_xla():
         _close(a, b)
 
 
+def test_cuda_lowering_has_no_oneDNN_call():
+    """lax.platform_dependent keeps the FFI calls (registered for cpu only) off GPU lowerings."""
+    import jbp
+    x, w, cfg = _arrays("3x3 same")
+    step = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.tanh(jbp.conv2d(x, w)) ** 2), (0, 1)))
+    text = jax.export.export(step, platforms=("cuda",))(x, w).mlir_module()
+    assert "JbpDnnl" not in text and "convolution" in text
+
+
 def test_grid_reaches_the_oneDNN_form_of_each_equation():
     """The grid's conv cases (jbp/cases.py), in float32, take oneDNN for every equation, with
     groups, depthwise kernels, dilation and asymmetric padding among them."""
