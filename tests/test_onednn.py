@@ -211,8 +211,14 @@ def test_table_predicates_keep_the_measured_losers_on_xla():
     assert onednn.select_input_grad(x.shape, w.shape, cfg, x.dtype) is None
 
 
-def test_backend_switch():
+def test_backend_switch(monkeypatch):
     x, w, cfg = _arrays("3x3 same")
+    monkeypatch.setenv("JBP_CONV_BACKEND", "mkl")
+    with pytest.raises(ValueError, match="JBP_CONV_BACKEND='mkl': expected one of xla, onednn"):
+        onednn.conv_backend()
+    monkeypatch.setenv("JBP_CONV_BACKEND", "XLA")
+    assert onednn.conv_backend() == "xla"
+    monkeypatch.delenv("JBP_CONV_BACKEND")
     try:
         onednn.set_conv_backend("xla")
         assert onednn.conv_backend() == "xla" and onednn.describe() == "xla"
