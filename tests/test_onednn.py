@@ -88,8 +88,8 @@ def _loss(conv):
 @pytest.mark.parametrize("case", ["stride 2, odd size (cells past the last window)",
                                   "groups 3, dilated, strided", "depthwise"])
 def test_second_and_third_order_match_xla(case):
-    """grad(grad) through correlate's rule, whose backward is input_grad/weight_grad, whose
-    backwards are correlate and each other: every path of the three rules is taken."""
+    """grad(grad) and a third derivative of a composition of correlate: every JVP rule of the
+    three ops, transposed by JAX, against XLA's convolution differentiated by JAX."""
     x, w, cfg = _arrays(case)
     rng = np.random.default_rng(2)
     vx = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
@@ -110,6 +110,21 @@ def test_second_and_third_order_match_xla(case):
         want = jax.jit(transform(ref))(x, w)
         for a, b in zip(got, want):
             _close(a, b)
+
+
+def test_hessian_forward_over_reverse_float32_through_the_rule():
+    """jax.hessian (jacfwd of jacrev) of the manual conv2d with oneDNN on: forward mode enters
+    the rule's backward, whose input_grad/weight_grad are these ops."""
+    import jbp
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 4, 4, 2)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 2, 2)), jnp.float32)
+    cfg = conv_config(x, w)
+    assert onednn.select_input_grad(x.shape, w.shape, cfg, x.dtype) == {}
+
+    def loss(ns):
+        return lambda x: jnp.sum(jnp.tanh(ns.conv2d(x, w)) ** 2)
+
+    _close(jax.hessian(loss(jbp))(x), jax.hessian(loss(jbp.autodiff))(x))
 
 
 def test_vjps_of_the_gradient_ops_match_xla():

@@ -7,15 +7,12 @@ Equations (EQUATIONS.md, "Convolution"), stride ``s``, dilation ``d``, padded in
     input_grad   ∂L/∂a          = (∂F/∂a)ᵀ δ        (the padding cropped off again)
     weight_grad  ∂L/∂W[i,j,c,k] = Σ_{n,h,w} δ[n,h,w,k] · a[n, h·s+i·d, w·s+j·d, c]
 
-``F`` is bilinear, and each of the three maps is linear in each argument, so each one's
-``jax.custom_vjp`` backward is the other two (``ct`` the incoming cotangent)::
-
-    correlate(a, W)      ->  a: input_grad(δ, W)       W: weight_grad(a, δ)
-    input_grad(δ, W)     ->  δ: correlate(ct, W)       W: weight_grad(ct, δ)
-    weight_grad(a, δ)    ->  a: input_grad(δ, ct)      δ: correlate(a, ct)
-
-so ``jax.grad(jax.grad(f))`` and Hessian-vector products run on the same kernels. Forward mode
-(``jax.jvp``) is not available through an FFI call; float64 keeps the XLA forms anyway.
+``F`` is bilinear and each map is linear in each argument, so each op's ``jax.custom_jvp``
+rule is the op applied to the tangents (``dz = F(da, W) + F(a, dW)`` and likewise), the tangent
+terms computed by jbp.conv's generic XLA convolutions, which JAX can transpose. Evaluated — as
+jbp's manual rule does in its forward (correlate) and backward (input_grad, weight_grad) — they
+run on oneDNN; differentiated (grad of grad, Hessian-vector products, ``jax.jvp``,
+``jax.hessian``) the extra terms run on XLA.
 
 ``jax.vmap``: a batch axis on the image side only (per-example forward and input gradient) is
 folded into ``N``: one call. A batched kernel, and the per-example weight gradient, loop over the
@@ -116,61 +113,61 @@ def _raw_weight_grad(cfg, w_shape):
     return op
 
 
-# --- the three equations, each the others' transpose ----------------------------------------------
+# --- the three equations: oneDNN when evaluated, XLA's convolutions when differentiated ----------
+#
+# Each op is bilinear, so its JVP is the op itself applied to the tangents: for correlate,
+# dz = F(da, W) + F(a, dW), and likewise for the other two. The tangent terms use jbp.conv's
+# generic XLA convolutions (correlate / input_grad / weight_grad), which JAX can transpose: so
+# forward mode (jax.jvp, jax.hessian = jacfwd∘jacrev), reverse mode over them (grad of grad,
+# Hessian-vector products) and vmap all work. jbp's manual rule calls these ops as primals —
+# its forward calls correlate, its backward input_grad and weight_grad — so a training step's
+# first-order gradient runs on oneDNN; only the extra terms of a second derivative run on XLA.
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _generic():
+    from jbp import conv  # jbp.conv imports this package: import late
+    return conv
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def correlate(x, w, cfg):
     """z = a ⋆ W (no bias): ``x (N,H,W,C_in)``, ``w (KH,KW,C_in/G,C_out)`` ->
     ``(N,H_out,W_out,C_out)``."""
     return _raw_forward(cfg)(x, w)
 
 
-def _correlate_fwd(x, w, cfg):
-    return correlate(x, w, cfg), (x, w)
+@correlate.defjvp
+def _correlate_jvp(cfg, primals, tangents):
+    (x, w), (dx, dw) = primals, tangents
+    conv = _generic()
+    return correlate(x, w, cfg), conv.correlate(dx, w, cfg) + conv.correlate(x, dw, cfg)
 
 
-def _correlate_bwd(cfg, res, g):
-    x, w = res
-    return input_grad(g, w, x.shape, cfg), weight_grad(x, g, w.shape, cfg)
-
-
-correlate.defvjp(_correlate_fwd, _correlate_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def input_grad(g, w, x_shape, cfg):
     """∂L/∂a = (∂F/∂a)ᵀ δ: ``g (N,H_out,W_out,C_out)``, ``w`` -> ``x_shape``."""
     return _raw_input_grad(cfg, tuple(x_shape[1:]))(g, w)
 
 
-def _input_grad_fwd(g, w, x_shape, cfg):
-    return input_grad(g, w, x_shape, cfg), (g, w)
+@input_grad.defjvp
+def _input_grad_jvp(x_shape, cfg, primals, tangents):
+    (g, w), (dg, dw) = primals, tangents
+    conv = _generic()
+    return (input_grad(g, w, x_shape, cfg),
+            conv.input_grad(dg, w, x_shape, cfg) + conv.input_grad(g, dw, x_shape, cfg))
 
 
-def _input_grad_bwd(x_shape, cfg, res, ct):
-    g, w = res
-    return correlate(ct, w, cfg), weight_grad(ct, g, w.shape, cfg)
-
-
-input_grad.defvjp(_input_grad_fwd, _input_grad_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def weight_grad(x, g, w_shape, cfg):
     """∂L/∂W = δ ⋆ a: ``x (N,H,W,C_in)``, ``g (N,H_out,W_out,C_out)`` -> ``w_shape``."""
     return _raw_weight_grad(cfg, tuple(w_shape))(x, g)
 
 
-def _weight_grad_fwd(x, g, w_shape, cfg):
-    return weight_grad(x, g, w_shape, cfg), (x, g)
-
-
-def _weight_grad_bwd(w_shape, cfg, res, ct):
-    x, g = res
-    return input_grad(g, ct, x.shape, cfg), correlate(x, ct, cfg)
-
-
-weight_grad.defvjp(_weight_grad_fwd, _weight_grad_bwd)
+@weight_grad.defjvp
+def _weight_grad_jvp(w_shape, cfg, primals, tangents):
+    (x, g), (dx, dg) = primals, tangents
+    conv = _generic()
+    return (weight_grad(x, g, w_shape, cfg),
+            conv.weight_grad(dx, g, w_shape, cfg) + conv.weight_grad(x, dg, w_shape, cfg))
 
 
 # --- when a case can take them -----------------------------------------------------------------
