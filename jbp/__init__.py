@@ -18,6 +18,8 @@ from jbp.pooling import avg_pool, max_pool, max_unpool
 
 from jbp import autodiff, manual  # noqa: E402  (namespaces built from the modules above)
 from jbp import init  # noqa: E402  (He/LeCun/Glorot initialisers)
+# CPU convolution kernels: "onednn" (default where available) or "xla"; docs/onednn.md.
+from jbp._conv_kernels.onednn import conv_backend, set_conv_backend  # noqa: E402
 
 LAYERS = (
     "conv2d", "dense", "flatten", "relu", "leaky_relu", "sigmoid", "tanh", "softmax",
@@ -27,4 +29,5 @@ LAYERS = (
 )
 
 __version__ = "0.1.0"
-__all__ = list(LAYERS) + ["autodiff", "manual", "init", "LAYERS"]
+__all__ = list(LAYERS) + ["autodiff", "manual", "init", "LAYERS", "conv_backend",
+                          "set_conv_backend"]

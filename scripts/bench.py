@@ -296,7 +296,13 @@ def main(argv=None):
                 "compile_s": info[v]["compile_s"], "temp_bytes": info[v]["temp_bytes"],
                 "gflops": gflops, "peak_fraction": gflops / peak_gflops,
                 "images_per_s": batch / med * 1e3, "loss0": loss0[v],
+                "conv_backend": _conv_backend(v, device.platform),
             })
+            if v == "manual" and rows[-1]["conv_backend"].startswith("onednn"):
+                # oneDNN's scratch lives outside XLA's buffers (not in temp_bytes): the bytes
+                # held after this config, the largest need of any config so far.
+                from jbp._conv_kernels import _onednn_build  # noqa: PLC0415
+                rows[-1]["onednn_scratch_bytes"] = _onednn_build.scratch_bytes()
         write_json()
 
     print(_header(jax, torch if torch_device else None, device, peak_gflops, args,
@@ -304,6 +310,18 @@ def main(argv=None):
     print(table(rows))
     if args.json:
         print(f"\nwrote {len(rows)} rows to {args.json}")
+
+
+def _conv_backend(variant: str, platform: str) -> str:
+    """The convolution kernels a variant's step ran on. Only jbp's manual rule takes oneDNN
+    (float32 on CPU, JBP_CONV_BACKEND / jbp.set_conv_backend; docs/onednn.md); jbp autodiff
+    and the lax reference differentiate XLA's convolution."""
+    if variant == "torch":
+        return "torch"
+    if variant != "manual" or platform != "cpu":
+        return "xla"
+    from jbp._conv_kernels import onednn  # noqa: PLC0415
+    return onednn.describe()
 
 
 def paired_ratios(variant_rounds, manual_rounds):
@@ -355,9 +373,9 @@ def _header(jax, torch, device, peak, args, measured_peak=None):
 
 def table(rows) -> str:
     """Markdown table of benchmark rows."""
-    head = ("| model | batch | variant | precision | step ms median | min–max | × manual | paired × (range) "
-            "| compile s | temp MiB | GFLOP/s | % peak | img/s |")
-    out = [head, "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    head = ("| model | batch | variant | precision | step ms median | min–max | × manual "
+            "| paired × (range) | compile s | temp MiB | GFLOP/s | % peak | img/s | conv kernels |")
+    out = [head, "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         compile_s = "" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
         temp = "" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:.1f}"
@@ -367,7 +385,8 @@ def table(rows) -> str:
             f"| {r['step_ms_min']:.1f}–{r['step_ms_max']:.1f} | {r['ratio_to_manual']:.2f} "
             f"| {r['ratio_to_manual_paired']:.3f} ({r['ratio_paired_min']:.2f}–"
             f"{r['ratio_paired_max']:.2f}) | {compile_s} | {temp} | {r['gflops']:.1f} "
-            f"| {100 * r['peak_fraction']:.1f} | {r['images_per_s']:.0f} |")
+            f"| {100 * r['peak_fraction']:.1f} | {r['images_per_s']:.0f} "
+            f"| {r.get('conv_backend', '')} |")
     return "\n".join(out)
 
 

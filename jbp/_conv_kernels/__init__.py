@@ -31,7 +31,7 @@ from typing import Callable, NamedTuple, Optional, Tuple
 import jax.numpy as jnp
 
 from jbp import conv
-from jbp._conv_kernels import block_forms, tap_forms, tuning
+from jbp._conv_kernels import block_forms, onednn, tap_forms, tuning
 
 
 class Form(NamedTuple):
@@ -197,17 +197,23 @@ def _weight_grad_patches(x_shape, w_shape, cfg, dtype):
 
 # --- the table --------------------------------------------------------------------------------
 
+# oneDNN (docs/onednn.md) heads each equation: where it is available and enabled
+# (JBP_CONV_BACKEND, jbp.set_conv_backend) its predicates decide first; its forward is rule-only,
+# so jbp.autodiff keeps differentiating XLA's convolution.
 FORMS = {
     "forward": (
+        Form("onednn", onednn.select_forward, onednn.correlate, rule_only=True),
         Form("columns", _forward_columns, block_forms.column_blocked_correlate),
         Form("split", _forward_split, block_forms.split_tap_correlate, rule_only=True),
     ),
     "input_grad": (
+        Form("onednn", onednn.select_input_grad, onednn.input_grad),
         Form("rows", _input_grad_rows, tap_forms.row_input_grad),
         Form("pointwise", _input_grad_pointwise, tap_forms.pointwise_input_grad),
         Form("phases", _input_grad_phases, tap_forms.phase_input_grad),
     ),
     "weight_grad": (
+        Form("onednn", onednn.select_weight_grad, onednn.weight_grad),
         Form("pointwise", _weight_grad_pointwise, tap_forms.pointwise_weight_grad),
         Form("columns", _weight_grad_columns, block_forms.column_blocked_weight_grad),
         Form("split", _weight_grad_split, block_forms.split_tap_weight_grad),

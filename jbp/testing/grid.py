@@ -76,12 +76,18 @@ CONV_CASES = [
     _conv_case((5, 6), 2, 3, (2, 3), n=66),                       # batch chunks of 16, +2
     _conv_case((4, 5), 3, 17, 3, stride=2, n=64, bias=False),     # chunks of 4
     _conv_case((3, 2), 64, 64, 3, n=64, bias=False),              # split forward (manual)
-    # Thin layers: the forward over blocks of columns (jbp.conv, _column_block), and from
+    # Thin layers: the forward over blocks of columns (the table's "columns" forms), and from
     # batch 32 the weight gradient too; widths that leave a partial last block.
     _conv_case((6, 17), 1, 6, 5),                                 # 4 columns per block
     _conv_case((5, 13), 3, 16, 3, n=32),                          # 2 per block, dW columns
     _conv_case((9, 10), 6, 16, 5, padding=((1, 0), (2, 1)), n=32, bias=False),  # dW only
     _conv_case((9, 8), 3, 4, 5, padding="VALID"),                 # unpadded: dx by rows
+    # Shapes the oneDNN form (float32 on CPU) sees that the cases above do not cover.
+    _conv_case((10, 9), 6, 9, 3, groups=3, dilation=2, stride=2, padding=1, n=3),
+    _conv_case((3, 3), 2, 3, 5, padding=2, n=1),                  # kernel wider than the input
+    _conv_case((9, 8), 4, 8, 5, groups=4, stride=2, n=2),         # depthwise, multiplier 2
+    _conv_case((8, 8), 4, 6, 3, n=1),                             # batch 1 (a vmapped example)
+    _conv_case((7, 10), 3, 4, (3, 2), stride=(1, 2), padding=((2, 0), (1, 3))),
 ]
 
 

@@ -1,0 +1,239 @@
+"""conv2d's three equations as oneDNN kernels (XLA FFI calls), float32 NHWC/HWIO, CPU only.
+
+Equations (EQUATIONS.md, "Convolution"), stride ``s``, dilation ``d``, padded input ``a``, groups
+``G`` (``c`` runs over the input channels of ``k``'s group)::
+
+    correlate    z[n,h,w,k]     = Σ_{i,j,c} a[n, h·s+i·d, w·s+j·d, c] · W[i,j,c,k]  =: F(a, W)
+    input_grad   ∂L/∂a          = (∂F/∂a)ᵀ δ        (the padding cropped off again)
+    weight_grad  ∂L/∂W[i,j,c,k] = Σ_{n,h,w} δ[n,h,w,k] · a[n, h·s+i·d, w·s+j·d, c]
+
+``F`` is bilinear and each map is linear in each argument, so each op's ``jax.custom_jvp``
+rule is the op applied to the tangents (``dz = F(da, W) + F(a, dW)`` and likewise), the tangent
+terms computed by jbp.conv's generic XLA convolutions, which JAX can transpose. Evaluated — as
+jbp's manual rule does in its forward (correlate) and backward (input_grad, weight_grad) — they
+run on oneDNN; differentiated (grad of grad, Hessian-vector products, ``jax.jvp``,
+``jax.hessian``) the extra terms run on XLA.
+
+``jax.vmap``: a batch axis on the image side only (per-example forward and input gradient) is
+folded into ``N``: one call. A batched kernel, and the per-example weight gradient, loop over the
+batch (``lax.map``), one call per example.
+
+These functions have the signatures of the generic forms in ``jbp.conv`` and must only run on
+CPU (``lax.platform_dependent``); :func:`select_forward` & co. say whether a case can take them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.custom_batching import custom_vmap
+
+from jbp._conv_kernels import _onednn_build as build
+from jbp._conv_kernels._onednn_build import (  # noqa: F401  (re-exported)
+    OneDNNUnavailableWarning, conv_backend, describe, set_conv_backend)
+
+_FORWARD, _INPUT_GRAD, _WEIGHT_GRAD = 0, 1, 2
+
+
+def _out_hw(x_shape, w_shape, cfg):
+    return tuple((x_shape[1 + a] + sum(cfg.padding[a]) - (w_shape[a] - 1) * cfg.dilation[a] - 1)
+                 // cfg.stride[a] + 1 for a in (0, 1))
+
+
+def _attrs(cfg):
+    (pt, pb), (pl, pr) = cfg.padding
+    return dict(sh=np.int64(cfg.stride[0]), sw=np.int64(cfg.stride[1]),
+                dh=np.int64(cfg.dilation[0]), dw=np.int64(cfg.dilation[1]),
+                pt=np.int64(pt), pb=np.int64(pb), pl=np.int64(pl), pr=np.int64(pr),
+                groups=np.int64(cfg.groups))
+
+
+# --- the raw FFI calls, with their vmap rules -------------------------------------------------
+
+def _fold(op, a, b):
+    """op over a batch axis on ``a`` only: fold it into N (one call)."""
+    n = a.shape[0] * a.shape[1]
+    out = op(a.reshape((n,) + a.shape[2:]), b)
+    return out.reshape(a.shape[:2] + out.shape[1:])
+
+
+def _batching(op, fold_first: bool):
+    """vmap rule of a raw call ``op(a, b)``; batched arguments have the batch axis first."""
+    def rule(axis_size, in_batched, a, b):
+        a_batched, b_batched = in_batched
+        if fold_first and not b_batched:
+            return _fold(op, a, b), True
+        if a_batched and b_batched:
+            return lax.map(lambda ab: op(*ab), (a, b)), True
+        if a_batched:
+            return lax.map(lambda ai: op(ai, b), a), True
+        return lax.map(lambda bi: op(a, bi), b), True
+    return rule
+
+
+def _ffi(target, shape, a, b, cfg):
+    if build.library() is None:  # builds and registers the handlers on first use
+        raise RuntimeError(f"jbp: the oneDNN convolution kernels are unavailable "
+                           f"({build.unavailable_reason()}); select_*() returns None then")
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32),
+                            vmap_method="sequential")(a, b, **_attrs(cfg))
+
+
+@functools.lru_cache(maxsize=None)
+def _raw_forward(cfg):
+    @custom_vmap
+    def op(x, w):
+        oh, ow = _out_hw(x.shape, w.shape, cfg)
+        return _ffi(build.TARGETS[0], (x.shape[0], oh, ow, w.shape[3]), x, w, cfg)
+    op.def_vmap(_batching(op, fold_first=True))
+    return op
+
+
+@functools.lru_cache(maxsize=None)
+def _raw_input_grad(cfg, hwc):
+    @custom_vmap
+    def op(g, w):
+        return _ffi(build.TARGETS[1], (g.shape[0],) + hwc, g, w, cfg)
+    op.def_vmap(_batching(op, fold_first=True))
+    return op
+
+
+@functools.lru_cache(maxsize=None)
+def _raw_weight_grad(cfg, w_shape):
+    @custom_vmap
+    def op(x, g):
+        return _ffi(build.TARGETS[2], w_shape, x, g, cfg)
+    op.def_vmap(_batching(op, fold_first=False))
+    return op
+
+
+# --- the three equations: oneDNN when evaluated, XLA's convolutions when differentiated ----------
+#
+# Each op is bilinear, so its JVP is the op itself applied to the tangents: for correlate,
+# dz = F(da, W) + F(a, dW), and likewise for the other two. The tangent terms use jbp.conv's
+# generic XLA convolutions (correlate / input_grad / weight_grad), which JAX can transpose: so
+# forward mode (jax.jvp, jax.hessian = jacfwd∘jacrev), reverse mode over them (grad of grad,
+# Hessian-vector products) and vmap all work. jbp's manual rule calls these ops as primals —
+# its forward calls correlate, its backward input_grad and weight_grad — so a training step's
+# first-order gradient runs on oneDNN; only the extra terms of a second derivative run on XLA.
+
+def _generic():
+    from jbp import conv  # jbp.conv imports this package: import late
+    return conv
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def correlate(x, w, cfg):
+    """z = a ⋆ W (no bias): ``x (N,H,W,C_in)``, ``w (KH,KW,C_in/G,C_out)`` ->
+    ``(N,H_out,W_out,C_out)``."""
+    return _raw_forward(cfg)(x, w)
+
+
+@correlate.defjvp
+def _correlate_jvp(cfg, primals, tangents):
+    (x, w), (dx, dw) = primals, tangents
+    conv = _generic()
+    return correlate(x, w, cfg), conv.correlate(dx, w, cfg) + conv.correlate(x, dw, cfg)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def input_grad(g, w, x_shape, cfg):
+    """∂L/∂a = (∂F/∂a)ᵀ δ: ``g (N,H_out,W_out,C_out)``, ``w`` -> ``x_shape``."""
+    return _raw_input_grad(cfg, tuple(x_shape[1:]))(g, w)
+
+
+@input_grad.defjvp
+def _input_grad_jvp(x_shape, cfg, primals, tangents):
+    (g, w), (dg, dw) = primals, tangents
+    conv = _generic()
+    return (input_grad(g, w, x_shape, cfg),
+            conv.input_grad(dg, w, x_shape, cfg) + conv.input_grad(g, dw, x_shape, cfg))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def weight_grad(x, g, w_shape, cfg):
+    """∂L/∂W = δ ⋆ a: ``x (N,H,W,C_in)``, ``g (N,H_out,W_out,C_out)`` -> ``w_shape``."""
+    return _raw_weight_grad(cfg, tuple(w_shape))(x, g)
+
+
+@weight_grad.defjvp
+def _weight_grad_jvp(w_shape, cfg, primals, tangents):
+    (x, g), (dx, dg) = primals, tangents
+    conv = _generic()
+    return (weight_grad(x, g, w_shape, cfg),
+            conv.weight_grad(dx, g, w_shape, cfg) + conv.weight_grad(x, dg, w_shape, cfg))
+
+
+# --- when a case can take them -----------------------------------------------------------------
+
+def _supported(kind: int, x_shape: Sequence[int], w_shape: Sequence[int], cfg, dtype) -> bool:
+    if jnp.dtype(dtype) != jnp.dtype(jnp.float32) or len(x_shape) != 4 or len(w_shape) != 4:
+        return False
+    if min(x_shape) < 1 or min(w_shape) < 1 or min(p for pad in cfg.padding for p in pad) < 0:
+        return False
+    if not build.active():
+        return False
+    oh, ow = _out_hw(x_shape, w_shape, cfg)
+    if oh < 1 or ow < 1:
+        return False
+    return _check(kind, tuple(x_shape), tuple(w_shape), oh, ow, cfg)
+
+
+@functools.lru_cache(maxsize=4096)
+def _check(kind, x_shape, w_shape, oh, ow, cfg) -> bool:
+    """Whether oneDNN builds this primitive (it is then cached for the run)."""
+    (pt, pb), (pl, pr) = cfg.padding
+    params = (ctypes.c_int64 * 19)(kind, *x_shape, w_shape[0], w_shape[1], w_shape[3], oh, ow,
+                                   *cfg.stride, *cfg.dilation, pt, pb, pl, pr, cfg.groups)
+    msg = ctypes.create_string_buffer(256)
+    return bool(build.library().handle.JbpDnnlConvSupported(params, msg, 256))
+
+
+_KINDS = {"forward": _FORWARD, "input_grad": _INPUT_GRAD, "weight_grad": _WEIGHT_GRAD}
+
+
+def supported(equation: str, x_shape, w_shape, cfg, dtype) -> bool:
+    """Whether ``equation`` ("forward" | "input_grad" | "weight_grad") of this case can run on
+    oneDNN here: backend on, library loaded, float32, and oneDNN builds the primitive."""
+    return _supported(_KINDS[equation], x_shape, w_shape, cfg, dtype)
+
+
+def _pointwise(w_shape) -> bool:
+    return tuple(w_shape[:2]) == (1, 1)
+
+
+# Where oneDNN wins (scripts/bench_onednn.py on the models' shapes, docs/onednn.md): every
+# equation of every k×k kernel (k > 1) except the input gradient of a strided one, where jbp's
+# phase form was faster (1.3-2.4× on ResNet-20's stride-2 3×3); never a 1×1 kernel, where jbp's
+# pointwise matmuls were faster (up to 3×). These are the table's predicates (jbp._conv_kernels):
+# {} (no parameters) where chosen, else None.
+
+def select_forward(x_shape, w_shape, cfg, dtype) -> Optional[dict]:
+    """float32 k×k kernels (k > 1): oneDNN's JIT kernels, 1.0-4× faster than XLA's forms."""
+    ok = not _pointwise(w_shape) and _supported(_FORWARD, x_shape, w_shape, cfg, dtype)
+    return {} if ok else None
+
+
+def select_input_grad(x_shape, w_shape, cfg, dtype) -> Optional[dict]:
+    """float32 k×k kernels (k > 1) at stride 1: oneDNN's JIT kernels, 1.1-3× faster."""
+    ok = (not _pointwise(w_shape) and tuple(cfg.stride) == (1, 1)
+          and _supported(_INPUT_GRAD, x_shape, w_shape, cfg, dtype))
+    return {} if ok else None
+
+
+def select_weight_grad(x_shape, w_shape, cfg, dtype) -> Optional[dict]:
+    """float32 k×k kernels (k > 1): oneDNN's JIT kernels, 1.0-3× faster than XLA's forms."""
+    ok = not _pointwise(w_shape) and _supported(_WEIGHT_GRAD, x_shape, w_shape, cfg, dtype)
+    return {} if ok else None
+
+
+def select(x_shape, w_shape, cfg, dtype) -> Optional[dict]:
+    """{} if all three equations of this case can run on oneDNN (whether or not it wins)."""
+    ok = all(_supported(k, x_shape, w_shape, cfg, dtype) for k in _KINDS.values())
+    return {} if ok else None
