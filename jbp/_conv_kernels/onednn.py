@@ -85,31 +85,23 @@ def _ffi(target, shape, a, b, cfg):
                             vmap_method="sequential")(a, b, **_attrs(cfg))
 
 
-@functools.lru_cache(maxsize=None)
-def _raw_forward(cfg):
-    @custom_vmap
-    def op(x, w):
-        oh, ow = _out_hw(x.shape, w.shape, cfg)
-        return _ffi(build.TARGETS[0], (x.shape[0], oh, ow, w.shape[3]), x, w, cfg)
-    op.def_vmap(_batching(op, fold_first=True))
-    return op
+FORWARD, INPUT_GRAD, WEIGHT_GRAD = 0, 1, 2          # indices into build.TARGETS
 
 
 @functools.lru_cache(maxsize=None)
-def _raw_input_grad(cfg, hwc):
+def _raw(kind: int, cfg, static=None):
+    """One FFI op as a function of its two operands: the forward ``(x, w) -> z``, the input
+    gradient ``(δ, w) -> ∂L/∂a`` (``static``: a's (H, W, C)) or the weight gradient
+    ``(x, δ) -> ∂L/∂W`` (``static``: W's shape). A vmapped image batch folds into N, except for
+    the weight gradient, whose batch is its contraction (``_batching``)."""
     @custom_vmap
-    def op(g, w):
-        return _ffi(build.TARGETS[1], (g.shape[0],) + hwc, g, w, cfg)
-    op.def_vmap(_batching(op, fold_first=True))
-    return op
-
-
-@functools.lru_cache(maxsize=None)
-def _raw_weight_grad(cfg, w_shape):
-    @custom_vmap
-    def op(x, g):
-        return _ffi(build.TARGETS[2], w_shape, x, g, cfg)
-    op.def_vmap(_batching(op, fold_first=False))
+    def op(a, b):
+        if kind == FORWARD:
+            shape = (a.shape[0], *_out_hw(a.shape, b.shape, cfg), b.shape[3])
+        else:
+            shape = (a.shape[0],) + static if kind == INPUT_GRAD else static
+        return _ffi(build.TARGETS[kind], shape, a, b, cfg)
+    op.def_vmap(_batching(op, fold_first=kind != WEIGHT_GRAD))
     return op
 
 
@@ -132,42 +124,40 @@ def _generic():
 def correlate(x, w, cfg):
     """z = a ⋆ W (no bias): ``x (N,H,W,C_in)``, ``w (KH,KW,C_in/G,C_out)`` ->
     ``(N,H_out,W_out,C_out)``."""
-    return _raw_forward(cfg)(x, w)
+    return _raw(FORWARD, cfg)(x, w)
+
+
+def _bilinear_jvp(op, generic, primals, tangents, *static):
+    """d op(a, b) = op(da, b) + op(a, db), the tangent terms by XLA's generic convolution."""
+    (a, b), (da, db) = primals, tangents
+    return op(a, b, *static), generic(da, b, *static) + generic(a, db, *static)
 
 
 @correlate.defjvp
 def _correlate_jvp(cfg, primals, tangents):
-    (x, w), (dx, dw) = primals, tangents
-    conv = _generic()
-    return correlate(x, w, cfg), conv.correlate(dx, w, cfg) + conv.correlate(x, dw, cfg)
+    return _bilinear_jvp(correlate, _generic().correlate, primals, tangents, cfg)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def input_grad(g, w, x_shape, cfg):
     """∂L/∂a = (∂F/∂a)ᵀ δ: ``g (N,H_out,W_out,C_out)``, ``w`` -> ``x_shape``."""
-    return _raw_input_grad(cfg, tuple(x_shape[1:]))(g, w)
+    return _raw(INPUT_GRAD, cfg, tuple(x_shape[1:]))(g, w)
 
 
 @input_grad.defjvp
 def _input_grad_jvp(x_shape, cfg, primals, tangents):
-    (g, w), (dg, dw) = primals, tangents
-    conv = _generic()
-    return (input_grad(g, w, x_shape, cfg),
-            conv.input_grad(dg, w, x_shape, cfg) + conv.input_grad(g, dw, x_shape, cfg))
+    return _bilinear_jvp(input_grad, _generic().input_grad, primals, tangents, x_shape, cfg)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def weight_grad(x, g, w_shape, cfg):
     """∂L/∂W = δ ⋆ a: ``x (N,H,W,C_in)``, ``g (N,H_out,W_out,C_out)`` -> ``w_shape``."""
-    return _raw_weight_grad(cfg, tuple(w_shape))(x, g)
+    return _raw(WEIGHT_GRAD, cfg, tuple(w_shape))(x, g)
 
 
 @weight_grad.defjvp
 def _weight_grad_jvp(w_shape, cfg, primals, tangents):
-    (x, g), (dx, dg) = primals, tangents
-    conv = _generic()
-    return (weight_grad(x, g, w_shape, cfg),
-            conv.weight_grad(dx, g, w_shape, cfg) + conv.weight_grad(x, dg, w_shape, cfg))
+    return _bilinear_jvp(weight_grad, _generic().weight_grad, primals, tangents, w_shape, cfg)
 
 
 # --- when a case can take them -----------------------------------------------------------------
