@@ -18,7 +18,7 @@ from jbp.pooling import avg_pool, max_pool, max_unpool
 
 from jbp import autodiff, manual  # noqa: E402  (namespaces built from the modules above)
 from jbp import init  # noqa: E402  (He/LeCun/Glorot initialisers)
-# CPU convolution kernels: "onednn" (default where available) or "xla"; docs/onednn.md.
+# CPU convolution kernels: "xla" (the default) or "onednn" (opt-in); docs/onednn.md.
 from jbp._conv_kernels.onednn import conv_backend, set_conv_backend  # noqa: E402
 
 LAYERS = (

@@ -22,10 +22,17 @@ from jbp.conv import conv_config
 from jbp._conv_kernels import _onednn_build as build
 from jbp._conv_kernels import onednn
 
-_LIB = build.library() if build.conv_backend() == "onednn" else None
+_LIB = build.library()
 pytestmark = pytest.mark.skipif(
-    _LIB is None, reason=f"oneDNN kernels unavailable: {build.unavailable_reason()} "
-    f"(JBP_CONV_BACKEND={build.conv_backend()})")
+    _LIB is None, reason=f"oneDNN kernels unavailable: {build.unavailable_reason()}")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _onednn_on():
+    """oneDNN is opt-in (build.DEFAULT_BACKEND is "xla"): these tests switch it on."""
+    onednn.set_conv_backend("onednn")
+    yield
+    onednn.set_conv_backend(None)
 
 # (x shape, w shape, conv2d keyword arguments)
 CASES = {
@@ -228,6 +235,9 @@ def test_table_predicates_keep_the_measured_losers_on_xla():
 
 def test_backend_switch(monkeypatch):
     x, w, cfg = _arrays("3x3 same")
+    onednn.set_conv_backend(None)                    # the module's fixture set "onednn"
+    monkeypatch.delenv("JBP_CONV_BACKEND", raising=False)
+    assert onednn.conv_backend() == build.DEFAULT_BACKEND == "xla"
     monkeypatch.setenv("JBP_CONV_BACKEND", "mkl")
     with pytest.raises(ValueError, match="JBP_CONV_BACKEND='mkl': expected one of xla, onednn"):
         onednn.conv_backend()
@@ -243,7 +253,7 @@ def test_backend_switch(monkeypatch):
         with pytest.raises(ValueError, match="xla, onednn"):
             onednn.set_conv_backend("mkl")
     finally:
-        onednn.set_conv_backend(None)
+        onednn.set_conv_backend("onednn")
 
 
 def test_manual_rule_takes_oneDNN_and_autodiff_keeps_xla():
@@ -315,7 +325,7 @@ def test_fallback_without_a_compiler_says_why_once(tmp_path):
     every case declines oneDNN, so the XLA forms run."""
     env = dict(os.environ, CXX=str(tmp_path / "no-such-g++"), JBP_CACHE_DIR=str(tmp_path),
                PYTHONPATH=os.pathsep.join(sys.path), JAX_PLATFORMS="cpu")
-    env.pop("JBP_CONV_BACKEND", None)
+    env["JBP_CONV_BACKEND"] = "onednn"
     done = subprocess.run([sys.executable, "-c", _FALLBACK], env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr

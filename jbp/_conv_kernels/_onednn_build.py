@@ -28,6 +28,10 @@ from typing import NamedTuple, Optional
 SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
 TARGETS = ("JbpDnnlConvForward", "JbpDnnlConvInputGrad", "JbpDnnlConvWeightGrad")
 BACKENDS = ("xla", "onednn")
+#: XLA's forms until oneDNN's whole-step speed is measured on a quiet machine: in float32 its
+#: ResNet-20 gradients are 2.5× further from float64 than XLA's (median over leaves,
+#: docs/onednn.md), and its OpenMP teams slow down sharply on a loaded machine.
+DEFAULT_BACKEND = "xla"
 _ENV = "JBP_CONV_BACKEND"
 _FLAGS = ("-O2", "-shared", "-fPIC", "-std=c++17", "-w")
 
@@ -57,10 +61,11 @@ _override: Optional[str] = None
 
 def conv_backend() -> str:
     """The requested convolution backend: :func:`set_conv_backend`'s, else ``$JBP_CONV_BACKEND``,
-    else ``"onednn"`` (used on CPU for float32 where it is available, XLA's forms otherwise)."""
+    else :data:`DEFAULT_BACKEND`. ``"onednn"`` runs float32 CPU convolutions on oneDNN where the
+    table chooses it (XLA's forms where it is unavailable)."""
     if _override is not None:
         return _override
-    name = os.environ.get(_ENV, "").strip().lower() or "onednn"
+    name = os.environ.get(_ENV, "").strip().lower() or DEFAULT_BACKEND
     if name not in BACKENDS:
         raise ValueError(f"{_ENV}={os.environ[_ENV]!r}: expected one of {', '.join(BACKENDS)}")
     return name
@@ -68,7 +73,7 @@ def conv_backend() -> str:
 
 def set_conv_backend(name: Optional[str]) -> None:
     """Choose the CPU convolution kernels: ``"onednn"`` or ``"xla"``; ``None`` goes back to
-    ``$JBP_CONV_BACKEND`` (default ``"onednn"``).
+    ``$JBP_CONV_BACKEND`` (default :data:`DEFAULT_BACKEND`).
 
     The choice is made when a function is traced, so this clears JAX's caches of traced and
     compiled functions (``jax.clear_caches()``) when it changes the backend.
