@@ -38,6 +38,10 @@ class DataConfig:
 class ModelConfig:
     name: str = "lenet5"              # seed_cnn | lenet5 | resnet20 | resnet18
     num_classes: int = 10
+    remat: str = "none"               # none | blocks: jax.checkpoint each residual block
+    residuals: str = "exact"          # exact | bf16 | int8: what conv/BN rules save (jbp.conv)
+    shortcuts: bool = True            # resnets: False = the plain network (no shortcuts)
+    batch_norm: bool = True           # resnets: False = no batch norm (convolutions get a bias)
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,8 @@ _SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "tr
 _CHOICES = {
     ("data", "dataset"): ("mnist", "mnist_idx", "cifar10", "npz"),
     ("model", "name"): ("seed_cnn", "lenet5", "resnet20", "resnet18"),
+    ("model", "remat"): ("none", "blocks"),
+    ("model", "residuals"): ("exact", "bf16", "int8"),
     ("optim", "optimizer"): ("sgd", "momentum", "nesterov", "adam", "adamw"),
     ("optim", "schedule"): ("constant", "cosine", "step"),
     ("train", "grad"): ("manual", "autodiff"),
