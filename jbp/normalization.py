@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbp import _checks
+from jbp import _checks, _residuals
 from jbp._rule import cast_like, compute_dtype, manual_rule
 
 
@@ -42,26 +42,27 @@ def _normalize_batch(x, gamma, beta, eps):
     return (gamma * x_hat + beta).astype(x.dtype), mean, var, x_hat, inv_std
 
 
-def _train_forward(x, gamma, beta, eps):
+def _train_forward(x, gamma, beta, eps, residuals="exact"):
     """Returns ``(y, μ, σ²)``; the statistics feed the running-average update."""
     y, mean, var, _, _ = _normalize_batch(x, gamma, beta, eps)
     return y, mean, var
 
 
-def _train_fwd(x, gamma, beta, eps):
+def _train_fwd(x, gamma, beta, eps, residuals):
     y, mean, var, _, inv_std = _normalize_batch(x, gamma, beta, eps)
     # Residuals: the input x (M·C values; already in memory, so saving it writes nothing new),
     # μ and 1/σ (C values each), γ and β (C values each; β only for its dtype). The backward
     # recomputes x̂ = (x − μ)/σ inside its own fused passes instead of this forward writing a
-    # second M·C tensor (docs/performance.md).
-    return (y, mean, var), (x, mean, inv_std, gamma, beta)
+    # second M·C tensor (docs/performance.md). ``residuals`` "bf16"/"int8" keep x compressed
+    # (jbp._residuals; then a new M·C tensor of 2 or 1 bytes per value); μ, σ stay exact.
+    return (y, mean, var), (_residuals.compress(x, residuals), mean, inv_std, gamma, beta)
 
 
-def _train_bwd(eps, res, cotangents):
+def _train_bwd(eps, residuals, res, cotangents):
     # The cotangents of μ and σ² are zero: the public function stops their gradient.
     g, _, _ = cotangents
-    x, mean, inv_std, gamma, beta = res
-    x = x.astype(mean.dtype)
+    kept, mean, inv_std, gamma, beta = res
+    x = _residuals.decompress(kept, residuals, mean.dtype)
     axes = _stat_axes(x)
     m = x.size // x.shape[-1]
     g = g.astype(mean.dtype)
@@ -76,7 +77,8 @@ def _train_bwd(eps, res, cotangents):
     return (dx.astype(cotangents[0].dtype), cast_like(d_gamma, gamma), cast_like(d_beta, beta))
 
 
-_train_rule = manual_rule("batch_norm", _train_forward, _train_fwd, _train_bwd, num_args=4)
+_train_rule = manual_rule("batch_norm", _train_forward, _train_fwd, _train_bwd, num_args=5,
+                          num_static=2)
 
 
 # --- evaluation mode: running statistics --------------------------------------------------------
@@ -141,7 +143,8 @@ def _check(x, gamma, beta, running_mean, running_var, train, momentum, eps):
 def _batch_norm_api(train_rule, eval_rule):
     def batch_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, running_mean: jax.Array,
                    running_var: jax.Array, *, train: bool, momentum: float = 0.9,
-                   eps: float = 1e-5) -> Tuple[jax.Array, Tuple[jax.Array, jax.Array]]:
+                   eps: float = 1e-5, residuals: str = "exact"
+                   ) -> Tuple[jax.Array, Tuple[jax.Array, jax.Array]]:
         """Batch normalisation over every axis but the last (channels).
 
         Args:
@@ -152,6 +155,8 @@ def _batch_norm_api(train_rule, eval_rule):
             ``False`` normalises with the running statistics and returns them unchanged.
           momentum: ``new = momentum·old + (1 − momentum)·batch`` (unbiased batch variance).
           eps: added to the variance.
+          residuals: what the training-mode rule keeps of ``x`` for the backward: ``"exact"``,
+            ``"bf16"`` or ``"int8"`` (``jbp._residuals``); ``x̂`` is recomputed from it.
 
         Returns:
           ``(y, (new_running_mean, new_running_var))``, ``y`` shaped like ``x``.
@@ -163,12 +168,13 @@ def _batch_norm_api(train_rule, eval_rule):
         Eval: ``x̂``, ``1/σ``, ``γ``, ``β``.
         """
         _check(x, gamma, beta, running_mean, running_var, train, momentum, eps)
+        _residuals.check(residuals)
         running_mean = lax.stop_gradient(running_mean)
         running_var = lax.stop_gradient(running_var)
         if not train:
             y = eval_rule(x, gamma, beta, running_mean, running_var, float(eps))
             return y, (running_mean, running_var)
-        y, mean, var = train_rule(x, gamma, beta, float(eps))
+        y, mean, var = train_rule(x, gamma, beta, float(eps), residuals)
         mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
         m = x.size // x.shape[-1]
         unbiased_var = var * (m / (m - 1))

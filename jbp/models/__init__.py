@@ -110,7 +110,7 @@ def from_config(cfg) -> Model:
         raise ValueError(f"model.{bad}: only the resnets have this option, not {cfg.name}")
     init_kw = {} if not cfg.name.startswith("resnet") else {"shortcuts": shortcuts,
                                                            "batch_norm": bn}
-    apply_kw = dict(init_kw, remat=remat) if init_kw else {}
+    apply_kw = {"shortcuts": shortcuts, "remat": remat} if init_kw else {}
     if not init_kw and residuals == "exact":
         return model
 
