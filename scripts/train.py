@@ -128,7 +128,11 @@ def main(argv=None) -> int:
               f"{tc.batch_size}", file=sys.stderr)
         return 2
     total_steps = tc.epochs * steps_per_epoch
-    model = models.from_config(cfg.model)
+    try:
+        model = models.from_config(cfg.model)
+    except ValueError as e:                        # an option this model does not have
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     optimizer = train.optimizer_from_config(cfg.optim, total_steps)
     state = train.init_train_state(model, optimizer, jax.random.key(tc.seed), input_shape,
                                    cfg.model.num_classes)
