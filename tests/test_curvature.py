@@ -1,12 +1,19 @@
 """jbp.curvature against the dense Hessian of the autodiff twin of a small model, in float64."""
 
+import importlib.util
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
 import jbp
+import jbp.models
 from jbp import curvature
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tiny_apply(params, state, x, *, train, grad="manual"):
@@ -40,9 +47,6 @@ def _dense_hessian(params, state, x, y):
     return np.asarray(jax.hessian(lambda f: loss(unravel(f)))(flat)), flat, unravel
 
 
-import jbp.models  # noqa: E402
-
-
 def test_hvp_matches_dense_hessian():
     params, state, x, y = _setup()
     h, flat, unravel = _dense_hessian(params, state, x, y)
@@ -63,3 +67,24 @@ def test_top_eigenvalue_and_trace_match_dense_hessian():
     tr, stderr = curvature.hutchinson_trace(loss, params, key=jax.random.key(3), samples=200)
     assert abs(tr - np.trace(h)) <= 4 * stderr, (tr, stderr, np.trace(h))
     assert stderr < 0.5 * abs(np.trace(h))                 # the check is not vacuous
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_curvature_script_on_a_short_run(tmp_path):
+    run = str(tmp_path / "run")
+    assert _script("train").main([
+        "--config", os.path.join(ROOT, "configs", "lenet_mnist.toml"), "--out", run,
+        "--set", "data.train_limit=64", "--set", "data.test_limit=100",
+        "--set", "train.batch_size=32", "--set", "train.epochs=2", "--every", "2"]) == 0
+    assert _script("curvature").main([run, "--batch", "16", "--iters", "3"]) == 0
+    with open(os.path.join(run, "curvature.json")) as f:
+        points = json.load(f)["points"]
+    assert [p["step"] for p in points] == [2, 4]
+    assert all(np.isfinite(p["lambda_max"]) and p["lambda_max"] > 0 for p in points)
+    assert os.path.isfile(os.path.join(run, "curvature.png"))
