@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from jbp.data import DATASETS
-from jbp.models import GRAD_MODES, MODELS
+from jbp.models import GRAD_MODES, MODELS, REMAT, RESIDUALS
 from jbp.parallel import DATA_PARALLEL
 from jbp.train import OPTIMIZERS, PRECISIONS, SCHEDULES
 
@@ -43,6 +43,10 @@ class DataConfig:
 class ModelConfig:
     name: str = "lenet5"              # seed_cnn | lenet5 | resnet20 | resnet18
     num_classes: int = 10
+    remat: str = "none"               # none | blocks: jax.checkpoint each residual block
+    residuals: str = "exact"          # exact | bf16 | int8: what conv/BN rules save (jbp.conv)
+    shortcuts: bool = True            # resnets: False = the plain network (no shortcuts)
+    batch_norm: bool = True           # resnets: False = no batch norm (convolutions get a bias)
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,8 @@ _SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "tr
 _CHOICES = {
     ("data", "dataset"): DATASETS,
     ("model", "name"): MODELS,
+    ("model", "remat"): REMAT,
+    ("model", "residuals"): RESIDUALS,
     ("optim", "optimizer"): OPTIMIZERS,
     ("optim", "schedule"): SCHEDULES,
     ("train", "grad"): GRAD_MODES,

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbp import _checks, _conv_kernels
+from jbp import _checks, _conv_kernels, _residuals
 from jbp import padding as _padding
 from jbp._rule import cast_like, manual_rule
 
@@ -41,6 +41,7 @@ class ConvConfig(NamedTuple):
     padding: Tuple[Tuple[int, int], Tuple[int, int]]
     dilation: Tuple[int, int]
     groups: int
+    residuals: str = "exact"    # what the rule keeps of ``a`` for ∂L/∂W (jbp._residuals)
 
 
 def out_hw(x_shape, w_shape, cfg: ConvConfig) -> Tuple[int, int]:
@@ -152,13 +153,16 @@ def _rule_forward(x, w, b, cfg: ConvConfig):
 
 def _fwd(x, w, b, cfg: ConvConfig):
     # Residuals: the input a (N·H·W·C_in elements) and the kernel W; the bias only for its
-    # dtype/None-ness (C_out elements). Bytes saved = (x.size + w.size + b.size) · itemsize.
-    return _rule_forward(x, w, b, cfg), (x, w, b)
+    # dtype/None-ness (C_out elements). Bytes saved = (x.size + w.size + b.size) · itemsize,
+    # with a kept as cfg.residuals says (bf16: 2 bytes, int8: 1 byte per element + C_in scales).
+    return _rule_forward(x, w, b, cfg), (_residuals.compress(x, cfg.residuals), w, b)
 
 
 def _bwd(cfg: ConvConfig, res, g):
-    """∂L/∂a = input_grad(δ, W), ∂L/∂W = weight_grad(a, δ), ∂L/∂b = Σ_{n,h,w} δ."""
-    x, w, b = res
+    """∂L/∂a = input_grad(δ, W), ∂L/∂W = weight_grad(ã, δ), ∂L/∂b = Σ_{n,h,w} δ, where ã is
+    the kept input (= a for ``residuals="exact"``; ``∂L/∂a`` does not read it)."""
+    kept, w, b = res
+    x = _residuals.decompress(kept, cfg.residuals, w.dtype)
     dx = _on_cpu_if_chosen("input_grad", lambda g, w: input_grad(g, w, x.shape, cfg), (g, w),
                            (x.shape, cfg), x.shape, w.shape, cfg, g.dtype)
     dw = _on_cpu_if_chosen("weight_grad", lambda x, g: weight_grad(x, g, w.shape, cfg), (x, g),
@@ -170,7 +174,8 @@ def _bwd(cfg: ConvConfig, res, g):
 _conv2d_rule = manual_rule("conv2d", _forward, _fwd, _bwd, num_args=4, primal=_rule_forward)
 
 
-def conv_config(x, w, b=None, *, stride=1, padding="SAME", dilation=1, groups=1) -> ConvConfig:
+def conv_config(x, w, b=None, *, stride=1, padding="SAME", dilation=1, groups=1,
+                residuals="exact") -> ConvConfig:
     """Check the arguments of :func:`conv2d` and resolve them to a :class:`ConvConfig`."""
     _checks.require_rank("x", x, 4, "(N, H, W, C_in) in NHWC layout")
     _checks.require_float("x", x)
@@ -208,13 +213,13 @@ def conv_config(x, w, b=None, *, stride=1, padding="SAME", dilation=1, groups=1)
     for axis, what in ((0, "height"), (1, "width")):
         _checks.output_size("w", (h, wd)[axis], k_eff[axis], stride[axis], pads[axis],
                             f"dilated kernel {what}")
-    return ConvConfig(stride, pads, dilation, groups)
+    return ConvConfig(stride, pads, dilation, groups, _residuals.check(residuals))
 
 
 def _conv2d_api(rule, pad):
     def conv2d(x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None, *,
                stride=1, padding="SAME", dilation=1, groups=1,
-               padding_mode: str = "zeros") -> jax.Array:
+               padding_mode: str = "zeros", residuals="exact") -> jax.Array:
         """2-D convolution: ``z = a ⋆ W + b``.
 
         Args:
@@ -228,6 +233,8 @@ def _conv2d_api(rule, pad):
           padding_mode: ``"zeros"``, or ``"reflect"``, ``"replicate"``, ``"circular"``: the
             input is first padded by :func:`jbp.padding.pad` (whose backward folds the padded
             gradient back) and then convolved unpadded, as PyTorch's ``Conv2d`` does.
+          residuals: what the rule keeps of ``x`` for ``∂L/∂W``: ``"exact"``, ``"bf16"`` or
+            ``"int8"`` (per-channel scale; ``jbp._residuals``). The forward is unchanged.
 
         Returns:
           ``z`` of shape ``(N, H_out, W_out, C_out)``.
@@ -238,7 +245,7 @@ def _conv2d_api(rule, pad):
         itemsize`` bytes; ``b`` only for its dtype; the padded ``x`` with a padding mode).
         """
         cfg = conv_config(x, w, b, stride=stride, padding=padding, dilation=dilation,
-                          groups=groups)
+                          groups=groups, residuals=residuals)
         if padding_mode != "zeros":
             if padding_mode not in _padding.MODES:
                 raise ValueError(f"padding_mode: expected 'zeros' or one of {_padding.MODES}, "

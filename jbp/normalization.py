@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbp import _checks
+from jbp import _checks, _residuals
 from jbp._rule import cast_like, compute_dtype, manual_rule
 
 
@@ -82,26 +82,27 @@ def _normalize_batch(x, gamma, beta, eps, axis_name):
     return (gamma * x_hat + beta).astype(x.dtype), mean, var, x_hat, inv_std
 
 
-def _train_forward(x, gamma, beta, eps, axis_name):
+def _train_forward(x, gamma, beta, eps, axis_name=None, residuals="exact"):
     """Returns ``(y, μ, σ²)``; the statistics feed the running-average update."""
     y, mean, var, _, _ = _normalize_batch(x, gamma, beta, eps, axis_name)
     return y, mean, var
 
 
-def _train_fwd(x, gamma, beta, eps, axis_name):
+def _train_fwd(x, gamma, beta, eps, axis_name, residuals):
     y, mean, var, _, inv_std = _normalize_batch(x, gamma, beta, eps, axis_name)
     # Residuals: the input x (M·C values; already in memory, so saving it writes nothing new),
     # μ and 1/σ (C values each), γ and β (C values each; β only for its dtype). The backward
     # recomputes x̂ = (x − μ)/σ inside its own fused passes instead of this forward writing a
-    # second M·C tensor (docs/performance.md).
-    return (y, mean, var), (x, mean, inv_std, gamma, beta)
+    # second M·C tensor (docs/performance.md). ``residuals`` "bf16"/"int8" keep x compressed
+    # (jbp._residuals; then a new M·C tensor of 2 or 1 bytes per value); μ, σ stay exact.
+    return (y, mean, var), (_residuals.compress(x, residuals), mean, inv_std, gamma, beta)
 
 
-def _train_bwd(eps, axis_name, res, cotangents):
+def _train_bwd(eps, axis_name, residuals, res, cotangents):
     # The cotangents of μ and σ² are zero: the public function stops their gradient.
     g, _, _ = cotangents
-    x, mean, inv_std, gamma, beta = res
-    x = x.astype(mean.dtype)
+    kept, mean, inv_std, gamma, beta = res
+    x = _residuals.decompress(kept, residuals, mean.dtype)
     axes = _stat_axes(x)
     m = _count(x, axis_name)
     g = g.astype(mean.dtype)
@@ -116,8 +117,8 @@ def _train_bwd(eps, axis_name, res, cotangents):
     return (dx.astype(cotangents[0].dtype), cast_like(d_gamma, gamma), cast_like(d_beta, beta))
 
 
-_train_rule = manual_rule("batch_norm", _train_forward, _train_fwd, _train_bwd, num_args=5,
-                          num_static=2)
+_train_rule = manual_rule("batch_norm", _train_forward, _train_fwd, _train_bwd, num_args=6,
+                          num_static=3)
 
 
 # --- evaluation mode: running statistics --------------------------------------------------------
@@ -193,6 +194,7 @@ def _batch_norm_api(train_rule, eval_rule):
     def batch_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, running_mean: jax.Array,
                    running_var: jax.Array, *, train: bool, momentum: float = 0.9,
                    eps: float = 1e-5, axis_name: Optional[Hashable] = None,
+                   residuals: str = "exact",
                    ) -> Tuple[jax.Array, Tuple[jax.Array, jax.Array]]:
         """Batch normalisation over every axis but the last (channels).
 
@@ -208,6 +210,8 @@ def _batch_norm_api(train_rule, eval_rule):
             statistics and the backward's sums cover the global batch (synchronised batch
             norm). ``None``: the enclosing :func:`sync_batch_norm` context's, else this
             device's batch alone.
+          residuals: what the training-mode rule keeps of ``x`` for the backward: ``"exact"``,
+            ``"bf16"`` or ``"int8"`` (``jbp._residuals``); ``x̂`` is recomputed from it.
 
         Returns:
           ``(y, (new_running_mean, new_running_var))``, ``y`` shaped like ``x``.
@@ -219,6 +223,7 @@ def _batch_norm_api(train_rule, eval_rule):
         Eval: ``x̂``, ``1/σ``, ``γ``, ``β``.
         """
         _check(x, gamma, beta, running_mean, running_var, train, momentum, eps)
+        _residuals.check(residuals)
         running_mean = lax.stop_gradient(running_mean)
         running_var = lax.stop_gradient(running_var)
         if not train:
@@ -227,7 +232,7 @@ def _batch_norm_api(train_rule, eval_rule):
         if axis_name is None:
             axis_name = _DEFAULT_AXIS.get()
         _check_axis(axis_name)
-        y, mean, var = train_rule(x, gamma, beta, float(eps), axis_name)
+        y, mean, var = train_rule(x, gamma, beta, float(eps), axis_name, residuals)
         mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
         m = _count(x, axis_name)
         unbiased_var = var * (m / (m - 1))

@@ -55,6 +55,9 @@ CONFIGS = {  # name -> (model, batch, input_shape, num_classes)
 }
 QUICK = ("lenet5_b128", "resnet20_b32")
 VARIANTS = ("manual", "autodiff", "lax_reference", "torch")
+# Memory policies of jbp's rules (docs/memory.md), on request only: --variants manual,manual-remat
+MEMORY_VARIANTS = {"manual-remat": {"remat": "blocks"}, "manual-bf16res": {"residuals": "bf16"},
+                   "manual-int8res": {"residuals": "int8"}}
 
 
 def parse_args(argv=None):
@@ -95,9 +98,10 @@ def parse_args(argv=None):
             p.error(f"--configs: unknown {bad}; choose from {', '.join(CONFIGS)}")
     args.config_names = names
     args.variant_names = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    bad = [v for v in args.variant_names if v not in VARIANTS]
+    bad = [v for v in args.variant_names if v not in VARIANTS + tuple(MEMORY_VARIANTS)]
     if bad or "manual" not in args.variant_names:
-        p.error(f"--variants: need 'manual' plus any of {', '.join(VARIANTS)}; got "
+        p.error(f"--variants: need 'manual' plus any of "
+                f"{', '.join(VARIANTS + tuple(MEMORY_VARIANTS))}; got "
                 f"{args.variants!r}")
     return args
 
@@ -188,6 +192,12 @@ def main(argv=None):
         if variant == "lax_reference":
             loss_fn = make_loss(reference_models.lax_apply(model_name), reference_models.lax_loss,
                                 grad="autodiff", precision=args.precision)
+        elif variant in MEMORY_VARIANTS:
+            from jbp import models  # noqa: PLC0415
+            from jbp.config import ModelConfig  # noqa: PLC0415
+            policy = models.from_config(ModelConfig(name=model_name, **MEMORY_VARIANTS[variant]))
+            loss_fn = make_loss(policy.apply, "softmax_cross_entropy", grad="manual",
+                                precision=args.precision)
         else:
             loss_fn = make_loss(apply, "softmax_cross_entropy", grad=variant,
                                 precision=args.precision)

@@ -121,7 +121,7 @@ import numpy as np  # noqa: E402
 from jbp import checkpoint  # noqa: E402
 from jbp import config as config_lib  # noqa: E402
 from jbp import data, parallel, report, train  # noqa: E402
-from jbp.models import get_model  # noqa: E402
+from jbp import models  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "lenet_mnist.toml")
@@ -260,7 +260,11 @@ def main(argv=None) -> int:
               f"{tc.batch_size}", file=sys.stderr)
         return 2
     total_steps = tc.epochs * steps_per_epoch
-    model = get_model(cfg.model.name)
+    try:
+        model = models.from_config(cfg.model)
+    except ValueError as e:                        # an option this model does not have
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     optimizer = train.optimizer_from_config(cfg.optim, total_steps)
     state = train.init_train_state(model, optimizer, jax.random.key(tc.seed), input_shape,
                                    cfg.model.num_classes)

@@ -14,6 +14,11 @@ Both stack *basic blocks*::
 
 Convolutions before batch norm carry no bias (BN's β replaces it). Projection shortcuts are used
 wherever the shape changes.
+
+Options (``jbp.models.from_config``): ``shortcuts=False`` drops every shortcut (identity and
+projection), the *plain* network of He et al.'s Fig. 1; ``batch_norm=False`` drops every batch
+norm (the convolutions then carry a bias); ``remat="blocks"`` wraps each basic block in
+``jax.checkpoint``: its activations are recomputed in the backward instead of kept.
 """
 
 from __future__ import annotations
@@ -27,56 +32,71 @@ from jbp.models import layers
 
 
 def _bn(nn, p, s, x, train):
+    if p is None:                                   # batch_norm=False: nothing to normalise
+        return x, {}
     y, (mean, var) = nn.batch_norm(x, p["gamma"], p["beta"], s["mean"], s["var"], train=train)
     return y, {"mean": mean, "var": var}
 
 
-def _init_block(key, cin, cout, stride):
+def _conv(nn, p, x, **kw):
+    return nn.conv2d(x, p["w"], p.get("b"), **kw)
+
+
+def _init_conv_bn(params, state, key, name, bn_name, kh, cin, cout, bn):
+    params[name] = _init_lib.conv(key, kh, kh, cin, cout, bias=not bn)
+    if bn:
+        params[bn_name], state[bn_name] = _init_lib.batch_norm(cout)
+
+
+def _init_block(key, cin, cout, stride, shortcuts=True, bn=True):
     k1, k2, k3 = jax.random.split(key, 3)
     params, state = {}, {}
-    params["conv1"] = _init_lib.conv(k1, 3, 3, cin, cout, bias=False)
-    params["bn1"], state["bn1"] = _init_lib.batch_norm(cout)
-    params["conv2"] = _init_lib.conv(k2, 3, 3, cout, cout, bias=False)
-    params["bn2"], state["bn2"] = _init_lib.batch_norm(cout)
-    if stride != 1 or cin != cout:
-        params["proj"] = _init_lib.conv(k3, 1, 1, cin, cout, bias=False)
-        params["proj_bn"], state["proj_bn"] = _init_lib.batch_norm(cout)
+    _init_conv_bn(params, state, k1, "conv1", "bn1", 3, cin, cout, bn)
+    _init_conv_bn(params, state, k2, "conv2", "bn2", 3, cout, cout, bn)
+    if shortcuts and (stride != 1 or cin != cout):
+        _init_conv_bn(params, state, k3, "proj", "proj_bn", 1, cin, cout, bn)
     return params, state
 
 
-def _block(nn, p, s, x, stride, train):
+def _block(nn, p, s, x, stride, train, shortcuts=True):
     new = {}
-    h = nn.conv2d(x, p["conv1"]["w"], stride=stride, padding=1)
-    h, new["bn1"] = _bn(nn, p["bn1"], s["bn1"], h, train)
+    h = _conv(nn, p["conv1"], x, stride=stride, padding=1)
+    h, new["bn1"] = _bn(nn, p.get("bn1"), s.get("bn1"), h, train)
     h = nn.relu(h)
-    h = nn.conv2d(h, p["conv2"]["w"], padding=1)
-    h, new["bn2"] = _bn(nn, p["bn2"], s["bn2"], h, train)
+    h = _conv(nn, p["conv2"], h, padding=1)
+    h, new["bn2"] = _bn(nn, p.get("bn2"), s.get("bn2"), h, train)
+    if not shortcuts:
+        return nn.relu(h), {k: v for k, v in new.items() if v}
     if "proj" in p:
-        shortcut = nn.conv2d(x, p["proj"]["w"], stride=stride, padding="VALID")
-        shortcut, new["proj_bn"] = _bn(nn, p["proj_bn"], s["proj_bn"], shortcut, train)
+        shortcut = _conv(nn, p["proj"], x, stride=stride, padding="VALID")
+        shortcut, new["proj_bn"] = _bn(nn, p.get("proj_bn"), s.get("proj_bn"), shortcut, train)
     else:
         shortcut = x
-    return nn.relu(h + shortcut), new
+    return nn.relu(h + shortcut), {k: v for k, v in new.items() if v}
 
 
-def _init_stages(key, cin, spec: Spec):
+def _init_stages(key, cin, spec: "Spec", shortcuts=True, bn=True):
     params, state = [], []
     widths, blocks, strides = spec.widths, spec.blocks, spec.block_strides
     keys = jax.random.split(key, len(widths) * blocks)
     for i, cout in enumerate(widths):
         for j in range(blocks):
             stride = strides[i * blocks + j]
-            p, s = _init_block(keys[i * blocks + j], cin, cout, stride)
+            p, s = _init_block(keys[i * blocks + j], cin, cout, stride, shortcuts, bn)
             params.append(p)
             state.append(s)
             cin = cout
     return params, state
 
 
-def _apply_stages(nn, params, state, h, strides, train):
+def _apply_stages(nn, params, state, h, strides, train, shortcuts=True, remat="none"):
     new_state = []
     for p, s, stride in zip(params, state, strides):
-        h, ns = _block(nn, p, s, h, stride, train)
+        def block(p, s, h, stride=stride):
+            return _block(nn, p, s, h, stride, train, shortcuts)
+        if remat == "blocks":
+            block = jax.checkpoint(block)
+        h, ns = block(p, s, h)
         new_state.append(ns)
     return h, new_state
 
@@ -106,7 +126,7 @@ RESNET20 = Spec("resnet20", 3, 1, 1, False, (16, 32, 64), 3, 4)
 RESNET18 = Spec("resnet18", 7, 2, 3, True, (64, 128, 256, 512), 2, 32)
 
 
-def _init(spec: Spec, key, input_shape, num_classes):
+def _init(spec: Spec, key, input_shape, num_classes, shortcuts=True, batch_norm=True):
     h, w, c = input_shape
     if min(h, w) < spec.min_size:
         raise ValueError(f"input_shape: {spec.name} needs images of at least "
@@ -115,43 +135,47 @@ def _init(spec: Spec, key, input_shape, num_classes):
     width = spec.widths[0]
     params, state = {}, {}
     k = spec.stem_kernel
-    params["stem"] = _init_lib.conv(k_stem, k, k, c, width, bias=False)
-    params["stem_bn"], state["stem_bn"] = _init_lib.batch_norm(width)
-    params["blocks"], state["blocks"] = _init_stages(k_stages, width, spec)
+    _init_conv_bn(params, state, k_stem, "stem", "stem_bn", k, c, width, batch_norm)
+    params["blocks"], state["blocks"] = _init_stages(k_stages, width, spec, shortcuts,
+                                                     batch_norm)
     params["fc"] = _init_lib.dense(k_fc, spec.widths[-1], num_classes, gain=1.0)
     return params, state
 
 
-def _apply(spec: Spec, params, state, x, train, grad):
+def _apply(spec: Spec, params, state, x, train, grad, shortcuts=True, remat="none"):
     nn = layers(grad)
     _init_lib.check_input(x, f"for {spec.name}")
     new = {}
-    h = nn.conv2d(x, params["stem"]["w"], stride=spec.stem_stride, padding=spec.stem_padding)
-    h, new["stem_bn"] = _bn(nn, params["stem_bn"], state["stem_bn"], h, train)
+    h = _conv(nn, params["stem"], x, stride=spec.stem_stride, padding=spec.stem_padding)
+    h, stem_bn = _bn(nn, params.get("stem_bn"), state.get("stem_bn"), h, train)
+    if stem_bn:
+        new["stem_bn"] = stem_bn
     h = nn.relu(h)
     if spec.stem_pool:
         h = nn.max_pool(h, 3, stride=2, padding=1)
     h, new["blocks"] = _apply_stages(nn, params["blocks"], state["blocks"], h,
-                                     spec.block_strides, train)
+                                     spec.block_strides, train, shortcuts, remat)
     h = nn.global_avg_pool(h)
     return nn.dense(h, params["fc"]["w"], params["fc"]["b"]), new
 
 
-def init_resnet20(key, input_shape=(32, 32, 3), num_classes=10):
+def init_resnet20(key, input_shape=(32, 32, 3), num_classes=10, *, shortcuts=True,
+                  batch_norm=True):
     """ResNet-20 parameters and batch-norm state for NHWC images of ``input_shape``."""
-    return _init(RESNET20, key, input_shape, num_classes)
+    return _init(RESNET20, key, input_shape, num_classes, shortcuts, batch_norm)
 
 
-def apply_resnet20(params, state, x, *, train, grad="manual"):
+def apply_resnet20(params, state, x, *, train, grad="manual", shortcuts=True, remat="none"):
     """x (N, H, W, C) -> logits (N, num_classes), new batch-norm state."""
-    return _apply(RESNET20, params, state, x, train, grad)
+    return _apply(RESNET20, params, state, x, train, grad, shortcuts, remat)
 
 
-def init_resnet18(key, input_shape=(224, 224, 3), num_classes=1000):
+def init_resnet18(key, input_shape=(224, 224, 3), num_classes=1000, *, shortcuts=True,
+                  batch_norm=True):
     """ResNet-18 parameters and batch-norm state for NHWC images of ``input_shape``."""
-    return _init(RESNET18, key, input_shape, num_classes)
+    return _init(RESNET18, key, input_shape, num_classes, shortcuts, batch_norm)
 
 
-def apply_resnet18(params, state, x, *, train, grad="manual"):
+def apply_resnet18(params, state, x, *, train, grad="manual", shortcuts=True, remat="none"):
     """x (N, H, W, C) -> logits (N, num_classes), new batch-norm state."""
-    return _apply(RESNET18, params, state, x, train, grad)
+    return _apply(RESNET18, params, state, x, train, grad, shortcuts, remat)
