@@ -17,6 +17,8 @@ import functools
 from types import ModuleType
 from typing import Callable, NamedTuple
 
+from jbp import _residuals
+
 GRAD_MODES = ("manual", "autodiff")
 
 
