@@ -112,11 +112,13 @@ def test_pool_rank(ns):
 def test_dense_shapes(ns):
     x = jnp.zeros((2, 5), jnp.float32)
     with pytest.raises(ValueError, match=r"w: expected shape \(5, out\) to match x features "
-                                         r"in=5, got \(4, 3\)"):
+                                         r"in=5 \(x.shape=\(2, 5\)\), got \(4, 3\)"):
         ns.dense(x, jnp.zeros((4, 3), jnp.float32))
-    with pytest.raises(ValueError, match=r"x: expected a rank-2 array \(N, in\); flatten images "
-                                         r"first with jbp.flatten"):
-        ns.dense(X, jnp.zeros((3, 3), jnp.float32))
+    # Images not flattened: dense works on the last axis (F.linear), so the weight of the
+    # flattened features no longer matches.
+    with pytest.raises(ValueError, match=r"w: expected shape \(3, out\) to match x features "
+                                         r"in=3 \(x.shape=\(2, 8, 8, 3\)\)"):
+        ns.dense(X, jnp.zeros((192, 3), jnp.float32))
 
 
 @pytest.mark.parametrize("rate,error,message", [
