@@ -26,7 +26,8 @@ ONE_PER_LAYER = _first_per_layer()
 # couples the batch; dropout draws its mask for the whole batch shape; losses average the batch).
 PER_EXAMPLE = [c for c in CASES if c.layer in {
     "conv2d", "dense", "flatten", "relu", "leaky_relu", "sigmoid", "tanh", "softmax",
-    "log_softmax", "max_pool", "avg_pool", "global_avg_pool"} and c.config.split()[0] != "1x7->10"]
+    "log_softmax", "max_pool", "avg_pool", "global_avg_pool"} and c.config.split()[0] != "1x7->10"
+    and len(c.shapes[0]) > 0]                                   # a 0-d input has no batch axis
 PER_EXAMPLE += [c for c in CASES if c.layer == "batch_norm" and c.config.endswith("eval")]
 
 

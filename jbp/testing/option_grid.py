@@ -112,7 +112,9 @@ def _bce_option_case(reduction):
                 lambda ns: lambda z, y: ns.sigmoid_binary_cross_entropy(
                     z, y, weight=jnp.asarray(_ELEMENT_WEIGHT),
                     pos_weight=jnp.asarray(_POS_WEIGHT), reduction=reduction),
-                functools.partial(_ref.bce_options, **kw), make=_targets01)
+                functools.partial(_ref.bce_options, **kw), make=_targets01,
+                kwargs=dict(weight=jnp.asarray(_ELEMENT_WEIGHT),
+                            pos_weight=jnp.asarray(_POS_WEIGHT), reduction=reduction))
 
 
 LOSS_OPTION_CASES = [
