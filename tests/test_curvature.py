@@ -87,4 +87,6 @@ def test_curvature_script_on_a_short_run(tmp_path):
         points = json.load(f)["points"]
     assert [p["step"] for p in points] == [2, 4]
     assert all(np.isfinite(p["lambda_max"]) and p["lambda_max"] > 0 for p in points)
-    assert os.path.isfile(os.path.join(run, "curvature.png"))
+    # The plot needs the [plots] extra (matplotlib); CI runs without it.
+    assert os.path.isfile(os.path.join(run, "curvature.png")) == bool(
+        importlib.util.find_spec("matplotlib"))

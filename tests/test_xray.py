@@ -54,7 +54,10 @@ def test_rows_are_the_lenet_calls_in_order(run):
                 "autodiff_residual_bytes", "grad_rel_err", "bwd_fwd_ratio", "flops_fwd"):
         assert all(key in r for r in report["rows"]), key
     assert all(r["fwd_ms"] > 0 and r["bwd_ms"] > 0 for r in report["rows"])
-    assert os.path.getsize(run[-1] / "x.png") > 1000
+    if importlib.util.find_spec("matplotlib"):          # the [plots] extra; CI runs without it
+        assert os.path.getsize(run[-1] / "x.png") > 1000
+    else:
+        assert not os.path.exists(run[-1] / "x.png")
 
 
 def test_parameter_counts_from_the_pytree(run):
