@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbp import _checks
+from jbp import _checks, _residuals
 from jbp._rule import cast_like, manual_rule
 
 
@@ -38,35 +38,42 @@ def _axis(x, axis) -> int:
 
 # --- ReLU ------------------------------------------------------------------------------------
 
-def _relu_forward(x):
+def _relu_forward(x, residuals="exact"):
     # "x <= 0 -> 0, else x": NaN compares false, so NaN propagates (as in PyTorch) instead of
     # being silently zeroed; JAX's derivative of this is 0 at x = 0, as EQUATIONS.md states.
+    del residuals                                 # what the backward keeps; the value is exact
     return jnp.where(x <= 0, jnp.zeros((), x.dtype), x)
 
 
-def _relu_fwd(x):
-    # Residual: the *output* a = max(z, 0), since 1[a > 0] = 1[z > 0] (NaN: both false). In a
-    # network the output is kept alive anyway (the next layer saves its input), so this costs
-    # no memory and no extra write, where a mask would be a new x.size-byte buffer.
+def _relu_fwd(x, residuals):
+    # Residual, "exact": the *output* a = max(z, 0), since 1[a > 0] = 1[z > 0] (NaN: both
+    # false). In a network the next layer keeps a alive anyway (it saves its input), so this
+    # costs no memory. Under a compressed policy ("bf16", "int8") the next layer keeps only a
+    # compressed copy of a, and keeping a itself here would hold the float buffer alive after
+    # all: the residual is then the mask 1[a > 0] (1 byte a value), and the gradient stays exact.
     y = _relu_forward(x)
-    return y, y
+    return y, (y if residuals == "exact" else y > 0)
 
 
-def _relu_bwd(y, g):
-    return (jnp.where(y > 0, g, jnp.zeros((), g.dtype)),)     # δ ⊙ 1[z > 0] = δ ⊙ 1[a > 0]
+def _relu_bwd(residuals, kept, g):
+    mask = kept > 0 if residuals == "exact" else kept
+    return (jnp.where(mask, g, jnp.zeros((), g.dtype)),)      # δ ⊙ 1[z > 0] = δ ⊙ 1[a > 0]
 
 
-_relu_rule = manual_rule("relu", _relu_forward, _relu_fwd, _relu_bwd, num_args=1, num_static=0)
+_relu_rule = manual_rule("relu", _relu_forward, _relu_fwd, _relu_bwd, num_args=2)
 
 
 def _relu_api(rule):
-    def relu(x: jax.Array) -> jax.Array:
+    def relu(x: jax.Array, residuals: str = "exact") -> jax.Array:
         """ReLU ``max(z, 0)``, any shape. Backward ``δ ⊙ 1[z > 0]`` (gradient 0 at ``z = 0``).
 
-        Residuals: the output ``a`` itself (no extra memory where the next layer keeps it).
+        Residuals: ``"exact"`` keeps the output ``a`` itself (no extra memory where the next
+        layer keeps it); the compressed policies of the model (``"bf16"``, ``"int8"``, where the
+        next convolution keeps only a compressed copy of ``a``) keep the boolean mask
+        ``1[a > 0]`` instead (``x.size`` bytes). The gradient is exact under every policy.
         """
         _check(x)
-        return rule(x)
+        return rule(x, _residuals.check(residuals))
 
     return relu
 

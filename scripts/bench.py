@@ -11,7 +11,8 @@ SGD + momentum 0.9 (optax; torch.optim.SGD for PyTorch):
     manual         jbp layers, hand-written backward rules      (jbp.manual)
     autodiff       jbp layers' forward, differentiated by JAX   (jbp.autodiff)
     lax_reference  the network in plain lax/jnp + jax.grad      (jbp.testing.reference_models)
-    torch          PyTorch eager, channels-last                 (if torch is installed)
+    torch          PyTorch eager, channels-last                 (if torch is installed; in a
+                   child process of its own, so that its OpenMP runtime is not jbp's oneDNN's)
 
 A JAX step is one jit-compiled call (forward, backward, optimizer update; donated state). Steps
 are timed in alternating rounds after warm-up: each round gives every variant one untimed step
@@ -39,6 +40,7 @@ import argparse
 import os
 import platform
 import sys
+import time
 
 TUNED_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 _REEXEC_MARK = "JBP_BENCH_REEXEC"
@@ -142,21 +144,21 @@ def main(argv=None):
         sys.exit(f"--device: {device_name!r} is not available here; JAX sees {platforms}")
     device = jax.devices(device_name)[0]
 
-    torch = None
+    # PyTorch runs in a process of its own, started before jbp can load oneDNN: the two would
+    # otherwise share one libgomp (PyTorch's, loaded first), whose spinning workers then slowed
+    # PyTorch up to 2x beside jbp's oneDNN steps, and left oneDNN's workers spinning too
+    # (jbp sets OMP_WAIT_POLICY=PASSIVE only for a libgomp it loads itself; docs/onednn.md).
+    torch_proc = None
+    if args.precision == "bf16" and "torch" in args.variant_names:
+        args.variant_names = [v for v in args.variant_names if v != "torch"]
+        print("note: --precision bf16: skipping the torch variant (it runs float32)",
+              file=sys.stderr)
     if "torch" in args.variant_names:
-        try:
-            import torch  # noqa: PLC0415
-            torch.set_num_threads(args.threads or os.cpu_count())
-        except ImportError:
-            print("note: torch is not installed; skipping the torch variant", file=sys.stderr)
-    torch_device = None
-    if torch is not None:
-        torch_device = "cpu" if device.platform == "cpu" else (
-            "cuda" if torch.cuda.is_available() else None)
-        if torch_device is None:
-            print(f"note: this torch cannot run on {device.platform}; skipping it",
-                  file=sys.stderr)
-    variants = [v for v in args.variant_names if v != "torch" or torch_device]
+        torch_proc = TorchProcess(args.threads or os.cpu_count(), device.platform)
+        if torch_proc.error:
+            print(f"note: {torch_proc.error}; skipping the torch variant", file=sys.stderr)
+            torch_proc = None
+    variants = [v for v in args.variant_names if v != "torch" or torch_proc]
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
@@ -171,9 +173,6 @@ def main(argv=None):
 
     # --- the device's matmul peak in the step's dtype, measured now ------------------------------
     compute_dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32
-    if args.precision == "bf16" and "torch" in variants:
-        variants = [v for v in variants if v != "torch"]
-        log("note: --precision bf16: skipping the torch variant (it runs float32)")
     with jax.default_device(device):
         n = 2048 if device.platform == "cpu" else 8192
         a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(compute_dtype)
@@ -234,8 +233,8 @@ def main(argv=None):
             runners, info = {}, {}
             for v in variants:
                 if v == "torch":
-                    runners[v], info[v] = _torch_runner(torch, torch_device, reference_models,
-                                                        model_name, params, state, x_np, y_np)
+                    runners[v] = torch_proc.build(model_name, params, state, x_np, y_np)
+                    info[v] = {"compile_s": None, "temp_bytes": None}
                     continue
                 step = jax_step(v, model_name, model.apply)
                 carry = [jax.tree.map(jnp.copy, t)
@@ -279,11 +278,8 @@ def main(argv=None):
                 order = variants[r % len(variants):] + variants[:r % len(variants)]
                 for v in order:
                     runners[v]()
-                    block = []
-                    for _ in range(min(args.block, args.steps - len(times[v]))):
-                        t0 = time.perf_counter()
-                        runners[v]()
-                        block.append(1e3 * (time.perf_counter() - t0))
+                    n = min(args.block, args.steps - len(times[v]))
+                    block = torch_proc.timed(n) if v == "torch" else _timed(runners[v], n)
                     times[v] += block
                     round_medians[v].append(float(np.median(block)))
                 log(f"[{cfg_name}] round {r + 1}/{rounds}: " + ", ".join(
@@ -315,8 +311,7 @@ def main(argv=None):
                 rows[-1]["onednn_scratch_bytes"] = _onednn_build.scratch_bytes()
         write_json()
 
-    print(_header(jax, torch if torch_device else None, device, peak_gflops, args,
-                  measured_peak))
+    print(_header(jax, torch_proc, device, peak_gflops, args, measured_peak))
     print(table(rows))
     if args.json:
         print(f"\nwrote {len(rows)} rows to {args.json}")
@@ -346,31 +341,106 @@ def paired_ratios(variant_rounds, manual_rounds):
     return [v / m for v, m in zip(variant_rounds, manual_rounds)]
 
 
-def _torch_runner(torch, device, reference_models, model_name, params, state, x_np, y_np):
-    import torch.nn.functional as F  # noqa: PLC0415
-    module = reference_models.torch_model(model_name, params, state).to(device)
-    module = module.to(memory_format=torch.channels_last).train()
-    opt = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
-    xt = torch.from_numpy(x_np).permute(0, 3, 1, 2).contiguous(
-        memory_format=torch.channels_last).to(device)
-    yt = torch.from_numpy(y_np).long().to(device)
+def _timed(run, n):
+    """``n`` calls of ``run``, each timed (ms)."""
+    block = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        run()
+        block.append(1e3 * (time.perf_counter() - t0))
+    return block
 
-    def run():
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(module(xt), yt)
-        loss.backward()
-        opt.step()
-        return loss.detach().cpu()      # synchronises on GPU
 
-    return run, {"compile_s": None, "temp_bytes": None}
+class TorchProcess:
+    """The PyTorch variant in a child process, driven round by round over a pipe.
+
+    ``build`` sends it a model's parameters and batch and returns a callable for one untimed
+    step (it returns the loss); ``timed(n)`` runs ``n`` steps there and returns the times the
+    child measured itself (ms), so no pipe latency is counted."""
+
+    def __init__(self, threads: int, platform: str):
+        import multiprocessing  # noqa: PLC0415
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_torch_worker, args=(child, threads, platform),
+                                 daemon=True)
+        self._proc.start()
+        child.close()
+        reply = self._conn.recv()
+        self.error = reply.get("error")
+        self.version, self.threads = reply.get("version"), reply.get("threads")
+
+    def _ask(self, *msg):
+        self._conn.send(msg)
+        reply = self._conn.recv()
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    def build(self, model_name, params, state, x_np, y_np):
+        import jax  # noqa: PLC0415
+        import numpy as np  # noqa: PLC0415
+        to_np = lambda tree: jax.tree.map(np.asarray, tree)  # noqa: E731
+        self._ask("build", model_name, to_np(params), to_np(state), x_np, y_np)
+        return lambda: self._ask("step")
+
+    def timed(self, n):
+        return self._ask("timed", n)
+
+
+def _torch_worker(conn, threads, platform):
+    """Child side of :class:`TorchProcess`: PyTorch eager, channels-last, SGD + momentum."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        import torch  # noqa: PLC0415
+        import torch.nn.functional as F  # noqa: PLC0415
+        from jbp.testing import reference_models  # noqa: PLC0415
+    except ImportError as e:
+        conn.send({"error": f"torch is not installed ({e})"})
+        return
+    device = "cpu" if platform == "cpu" else ("cuda" if torch.cuda.is_available() else None)
+    if device is None:
+        conn.send({"error": f"this torch cannot run on {platform}"})
+        return
+    torch.set_num_threads(threads)
+    conn.send({"version": torch.__version__, "threads": torch.get_num_threads()})
+    run = None
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        try:
+            if msg[0] == "build":
+                model_name, params, state, x_np, y_np = msg[1:]
+                module = reference_models.torch_model(model_name, params, state).to(device)
+                module = module.to(memory_format=torch.channels_last).train()
+                opt = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
+                xt = torch.from_numpy(x_np).permute(0, 3, 1, 2).contiguous(
+                    memory_format=torch.channels_last).to(device)
+                yt = torch.from_numpy(y_np).long().to(device)
+
+                def run(module=module, opt=opt, xt=xt, yt=yt):
+                    opt.zero_grad(set_to_none=True)
+                    loss = F.cross_entropy(module(xt), yt)
+                    loss.backward()
+                    opt.step()
+                    return float(loss.detach().cpu())      # synchronises on GPU
+                conn.send(None)
+            elif msg[0] == "step":
+                conn.send(run())
+            else:
+                conn.send(_timed(run, msg[1]))
+        except Exception as e:  # noqa: BLE001  (reported in the parent)
+            conn.send(RuntimeError(f"torch variant: {type(e).__name__}: {e}"))
 
 
 def _header(jax, torch, device, peak, args, measured_peak=None):
     lines = [f"jax {jax.__version__} on {device.platform} ({device.device_kind}), "
              f"{os.cpu_count()} CPU cores"]
     if torch is not None:
-        lines.append(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-                     f"channels-last")
+        lines.append(f"torch {torch.version}, {torch.threads} threads, channels-last, "
+                     f"in its own process")
     env = " ".join(f"{k}={os.environ[k]}" for k in ("GLIBC_TUNABLES", "XLA_FLAGS")
                    if os.environ.get(k))
     source = (f"datasheet peak {peak:.0f} GFLOP/s (--peak-tflops; measured matmul "

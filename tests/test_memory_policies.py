@@ -107,6 +107,54 @@ def test_int8_and_bf16_residuals_are_smaller():
     assert sizes["int8"] == x.size * 1 + 4 * 4 + w.size * 4     # codes + one scale per channel
 
 
+@pytest.mark.parametrize("policy", ["bf16", "int8"])
+def test_relu_keeps_a_mask_under_compressed_policies(policy):
+    """Under a compressed policy the next convolution keeps only a compressed copy of ReLU's
+    output, so ReLU keeps the mask 1[a > 0] (1 byte a value) instead of that float output; its
+    gradient δ ⊙ 1[z > 0] is exact either way."""
+    x = _data(jax.random.key(4), (3, 5, 5, 4))
+    x = x.at[0, 0, 0, 0].set(0.0)                           # the kink: gradient 0 in both
+    g = _data(jax.random.key(5), x.shape)
+    saved, grads = {}, {}
+    for p in ("exact", policy):
+        y, vjp = jax.vjp(lambda x: jbp.relu(x, residuals=p), x)
+        (grads[p],) = vjp(g)
+        saved[p] = jax.tree.leaves(vjp)
+        np.testing.assert_array_equal(y, jnp.maximum(x, 0))
+    np.testing.assert_array_equal(grads[policy], grads["exact"])
+    np.testing.assert_array_equal(grads[policy], jnp.where(x > 0, g, 0))
+    assert [(a.dtype, a.shape) for a in saved["exact"]] == [(x.dtype, x.shape)]
+    assert [(a.dtype, a.shape) for a in saved[policy]] == [(jnp.dtype(bool), x.shape)]
+
+
+def test_compressed_policies_keep_no_float_activation_for_the_backward():
+    """What a resnet's manual gradient saves (the leaves of jax.vjp's closure): under bf16 and
+    int8 no float32 activation is left — only parameters and per-channel statistics — so the
+    saved bytes fall. Before ReLU kept a mask, its float32 output (the next convolution's input)
+    stayed among them and half the activations were still float32."""
+    x = jax.random.normal(jax.random.key(6), (8, 12, 12, 1), jnp.float32)
+    y = jnp.arange(8) % 10
+    params, state = resnet._init(TINY, jax.random.key(0), x.shape[1:], 10)
+    param_bytes = sum(a.nbytes for a in jax.tree.leaves(params))
+    saved = {}
+    for policy in ("exact", "bf16", "int8"):
+        nn = policy_layers("manual", policy)
+
+        def loss(p, nn=nn):
+            logits, _ = resnet._apply(TINY, p, state, x, True, nn)
+            return jbp.softmax_cross_entropy(logits, y)
+        leaves = jax.tree.leaves(jax.vjp(loss, params)[1])
+        saved[policy] = {str(d): sum(a.nbytes for a in leaves if str(a.dtype) == d)
+                         for d in {str(a.dtype) for a in leaves}}
+    activation = x.shape[0] * 12 * 12 * 4                   # one stem-sized activation
+    assert saved["exact"]["float32"] > param_bytes + 4 * activation * 4
+    for policy in ("bf16", "int8"):
+        # Parameters (kernels kept for ∂L/∂a, γ, β) plus C-sized stats: far below one activation.
+        assert saved[policy]["float32"] <= 2 * param_bytes + activation, saved[policy]
+    total = {p: sum(v.values()) for p, v in saved.items()}
+    assert total["int8"] < total["bf16"] < total["exact"], total
+
+
 def test_unknown_policy_is_a_clear_error():
     x = jnp.ones((1, 4, 4, 1))
     with pytest.raises(ValueError, match="residuals: expected one of"):

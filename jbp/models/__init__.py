@@ -69,14 +69,15 @@ RESIDUALS = _residuals.POLICIES
 
 
 class _PolicyLayers:
-    """``nn`` with ``residuals=policy`` bound into the rules that take it (conv2d, batch_norm)."""
+    """``nn`` with ``residuals=policy`` bound into the rules that take it (conv2d, batch_norm,
+    and relu, which then keeps a mask instead of its output)."""
 
     def __init__(self, nn, residuals):
         self._nn, self._residuals = nn, residuals
 
     def __getattr__(self, name):
         fn = getattr(self._nn, name)
-        if name in ("conv2d", "batch_norm"):
+        if name in ("conv2d", "batch_norm", "relu"):
             return functools.partial(fn, residuals=self._residuals)
         return fn
 

@@ -115,7 +115,7 @@ def _away_from_kinks(rng, shapes):
 def _activation_case(name, shape=(2, 5, 4, 3), **kw):
     def call(ns):
         return lambda x: getattr(ns, name)(x, **kw)
-    torch_kw = {"negative_slope": kw["negative_slope"]} if "negative_slope" in kw else kw
+    torch_kw = {k: v for k, v in kw.items() if k != "residuals"}     # jbp's own option
     config = "x".join(map(str, shape)) + "".join(f" {k}={v}" for k, v in kw.items())
     return Case(name, config, (shape,), ("x",), call, _ref.activation(name, **torch_kw),
                 make=_away_from_kinks, kwargs=dict(kw))
@@ -124,6 +124,7 @@ def _activation_case(name, shape=(2, 5, 4, 3), **kw):
 ACTIVATION_CASES = [
     _activation_case("relu"),
     _activation_case("relu", (3, 7)),
+    _activation_case("relu", residuals="int8"),        # the mask residual
     _activation_case("leaky_relu", negative_slope=0.01),
     _activation_case("leaky_relu", (3, 7), negative_slope=0.2),
     _activation_case("sigmoid"),
