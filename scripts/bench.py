@@ -319,11 +319,12 @@ def main(argv=None):
 
 def _conv_backend(variant: str, platform: str) -> str:
     """The convolution kernels a variant's step ran on. Only jbp's manual rule takes oneDNN
-    (float32 on CPU, JBP_CONV_BACKEND / jbp.set_conv_backend; docs/onednn.md); jbp autodiff
+    (float32 on CPU, JBP_CONV_BACKEND / jbp.set_conv_backend; docs/onednn.md), the memory-policy
+    variants (manual-remat, ...) included; jbp autodiff
     and the lax reference differentiate XLA's convolution."""
     if variant == "torch":
         return "torch"
-    if variant != "manual" or platform != "cpu":
+    if not variant.startswith("manual") or platform != "cpu":
         return "xla"
     from jbp._conv_kernels import onednn  # noqa: PLC0415
     return onednn.describe()

@@ -28,10 +28,10 @@ from typing import NamedTuple, Optional
 SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
 TARGETS = ("JbpDnnlConvForward", "JbpDnnlConvInputGrad", "JbpDnnlConvWeightGrad")
 BACKENDS = ("xla", "onednn")
-#: XLA's forms until oneDNN's whole-step speed is measured on a quiet machine: in float32 its
-#: ResNet-20 gradients are 2.5× further from float64 than XLA's (median over leaves,
-#: docs/onednn.md), and its OpenMP teams slow down sharply on a loaded machine.
-DEFAULT_BACKEND = "xla"
+#: oneDNN where it is installed and builds: on a quiet machine its manual train step is 1.4-1.5×
+#: faster than XLA's forms on every ResNet and even on LeNet-5 (docs/onednn.md). "xla" is the
+#: better choice on a heavily shared machine, where OpenMP's static teams stall.
+DEFAULT_BACKEND = "onednn"
 _ENV = "JBP_CONV_BACKEND"
 _FLAGS = ("-O2", "-shared", "-fPIC", "-std=c++17", "-w")
 
