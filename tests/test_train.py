@@ -55,21 +55,41 @@ def test_manual_and_autodiff_steps_agree_lenet(mnist):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
-def test_manual_and_autodiff_steps_agree_resnet20(mnist):
-    """ResNet-20 (batch norm): one step's update and new running statistics agree."""
+def _resnet20_step(mnist, grad, order=None):
     train_set, _ = mnist
     model = get_model("resnet20")
     optimizer = optax.sgd(0.1, momentum=0.9)
     x, y = next(data.batches(train_set, 32, seed=0, **NORM))
-    out = {}
-    for grad in ("manual", "autodiff"):
-        state = train.init_train_state(model, optimizer, jax.random.key(0), (28, 28, 1), 10)
-        out[grad], _ = train.make_train_step(model.apply, optimizer, grad=grad)(state, x, y)
-    compared = lambda s: (s.params, s.model_state, s.opt_state)   # noqa: E731 (rng is a key)
-    for a, b in zip(jax.tree.leaves(compared(out["manual"])),
-                    jax.tree.leaves(compared(out["autodiff"]))):
-        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
-                                   rtol=1e-4, atol=1e-6)
+    if order is not None:
+        x, y = x[order], y[order]
+    state = train.init_train_state(model, optimizer, jax.random.key(0), (28, 28, 1), 10)
+    out, _ = train.make_train_step(model.apply, optimizer, grad=grad)(state, x, y)
+    return [np.asarray(a, np.float64) for a in
+            jax.tree.leaves((out.params, out.model_state, out.opt_state))]  # rng is a key
+
+
+def _worst_rel(a_leaves, b_leaves):
+    return max(float(np.max(np.abs(a - b))) / max(float(np.max(np.abs(b))), 1e-30)
+               for a, b in zip(a_leaves, b_leaves))
+
+
+def test_manual_and_autodiff_steps_agree_resnet20(mnist):
+    """ResNet-20 (batch norm): one step's update and new running statistics agree. On XLA's
+    forms the rules sum in autodiff's order: 1e-4. On oneDNN they do not, and batch norm's
+    cancellations amplify float32 rounding: the bound is then twice autodiff's own difference
+    when the same batch comes in another order (the float32 floor, as in scripts/compare.py)."""
+    from jbp._conv_kernels import onednn
+    auto = _resnet20_step(mnist, "autodiff")
+    try:
+        onednn.set_conv_backend("xla")
+        assert _worst_rel(_resnet20_step(mnist, "manual"), auto) <= 1e-4
+    finally:
+        onednn.set_conv_backend(None)
+    if onednn.describe().startswith("onednn"):
+        order = np.random.default_rng(0).permutation(32)
+        floor = _worst_rel(_resnet20_step(mnist, "autodiff", order), auto)
+        assert 0 < floor
+        assert _worst_rel(_resnet20_step(mnist, "manual"), auto) <= max(1e-4, 2 * floor), floor
 
 
 @pytest.mark.parametrize("name", train.OPTIMIZERS)

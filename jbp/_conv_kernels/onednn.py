@@ -35,6 +35,7 @@ from jax import lax
 from jax.custom_batching import custom_vmap
 
 from jbp._conv_kernels import _onednn_build as build
+from jbp._rule import _varying_axes
 from jbp._conv_kernels._onednn_build import (  # noqa: F401  (re-exported)
     OneDNNUnavailableWarning, conv_backend, describe, set_conv_backend)
 
@@ -81,8 +82,13 @@ def _ffi(target, shape, a, b, cfg):
     if build.library() is None:  # builds and registers the handlers on first use
         raise RuntimeError(f"jbp: the oneDNN convolution kernels are unavailable "
                            f"({build.unavailable_reason()}); select_*() returns None then")
-    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32),
-                            vmap_method="sequential")(a, b, **_attrs(cfg))
+    out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32),
+                           vmap_method="sequential")(a, b, **_attrs(cfg))
+    # Under shard_map an FFI result is not typed as varying over the mesh axes its operands vary
+    # over, and lax.platform_dependent then refused it beside the XLA branch ("manual axis types
+    # do not match"): give it the operands' axes.
+    axes = _varying_axes(a) | _varying_axes(b)
+    return lax.pcast(out, tuple(sorted(axes, key=str)), to="varying") if axes else out
 
 
 FORWARD, INPUT_GRAD, WEIGHT_GRAD = 0, 1, 2          # indices into build.TARGETS
