@@ -134,10 +134,16 @@ def _match_axes(ct, primal_axes: Optional[frozenset]):
     extra = ct_axes - primal_axes
     if extra:
         ct = lax.psum(ct, tuple(sorted(extra, key=str)))
-    missing = primal_axes - _varying_axes(ct)
+    return make_varying(ct, primal_axes)
+
+
+def make_varying(x, axes: frozenset):
+    """``x``, broadcast (``pcast(..., to="varying")``) over those of the manual mesh ``axes``
+    it does not vary over yet; ``x`` itself when there are none (always, outside shard_map)."""
+    missing = axes - _varying_axes(x)
     if missing:
-        ct = lax.pcast(ct, tuple(sorted(missing, key=str)), to="varying")
-    return ct
+        x = lax.pcast(x, tuple(sorted(missing, key=str)), to="varying")
+    return x
 
 
 def manual_rule(name: str, forward: Callable, fwd: Callable, bwd: Callable, *,

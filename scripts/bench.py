@@ -394,7 +394,6 @@ def _torch_worker(conn, threads, platform):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         import torch  # noqa: PLC0415
-        import torch.nn.functional as F  # noqa: PLC0415
         from jbp.testing import reference_models  # noqa: PLC0415
     except ImportError as e:
         conn.send({"error": f"torch is not installed ({e})"})
@@ -413,20 +412,7 @@ def _torch_worker(conn, threads, platform):
             return
         try:
             if msg[0] == "build":
-                model_name, params, state, x_np, y_np = msg[1:]
-                module = reference_models.torch_model(model_name, params, state).to(device)
-                module = module.to(memory_format=torch.channels_last).train()
-                opt = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
-                xt = torch.from_numpy(x_np).permute(0, 3, 1, 2).contiguous(
-                    memory_format=torch.channels_last).to(device)
-                yt = torch.from_numpy(y_np).long().to(device)
-
-                def run(module=module, opt=opt, xt=xt, yt=yt):
-                    opt.zero_grad(set_to_none=True)
-                    loss = F.cross_entropy(module(xt), yt)
-                    loss.backward()
-                    opt.step()
-                    return float(loss.detach().cpu())      # synchronises on GPU
+                run = _torch_runner(torch, device, reference_models, *msg[1:])
                 conn.send(None)
             elif msg[0] == "step":
                 conn.send(run())
@@ -434,6 +420,27 @@ def _torch_worker(conn, threads, platform):
                 conn.send(_timed(run, msg[1]))
         except Exception as e:  # noqa: BLE001  (reported in the parent)
             conn.send(RuntimeError(f"torch variant: {type(e).__name__}: {e}"))
+
+
+def _torch_runner(torch, device, reference_models, model_name, params, state, x_np, y_np):
+    """A callable that runs one PyTorch training step of ``model_name`` from ``params``/``state``
+    on the batch (eager, channels-last, SGD + momentum 0.9) and returns the loss."""
+    import torch.nn.functional as F  # noqa: PLC0415
+    module = reference_models.torch_model(model_name, params, state).to(device)
+    module = module.to(memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
+    xt = torch.from_numpy(x_np).permute(0, 3, 1, 2).contiguous(
+        memory_format=torch.channels_last).to(device)
+    yt = torch.from_numpy(y_np).long().to(device)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(module(xt), yt)
+        loss.backward()
+        opt.step()
+        return float(loss.detach().cpu())      # synchronises on GPU
+
+    return run
 
 
 def _header(jax, torch, device, peak, args, measured_peak=None):

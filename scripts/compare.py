@@ -11,11 +11,12 @@
 Exits 1 if any step-0 leaf differs by more than --rtol (max rel error). The default in float32
 is measured, not fixed: max(1e-3, 2 × the float32 floor), the floor being how far autodiff's own
 gradient moves when the same batch is fed in another order (the same sums, another summation
-order; printed). On ResNet-20's first MNIST batch that floor is 9e-3 to 1.5e-2 (by the order) on its worst leaf — the
-gradients at initialisation cancel heavily in batch norm — while jbp's rules on XLA's forms
-differ from autodiff by 1.1e-4 (they share its summation order) and on oneDNN by 9.1e-3 (they do
-not); LeNet-5 has no batch norm, a floor of ~1e-6, and keeps the 1e-3. A wrong rule differs by
-O(1) (and its cosine drops); --x64 (below) compares the rules themselves, default 1e-9.
+order; printed). On ResNet-20's first MNIST batch that floor is 9e-3 to 1.5e-2 (by the order)
+on its worst leaf — the gradients at initialisation cancel heavily in batch norm — while jbp's
+rules on XLA's forms differ from autodiff by 1.1e-4 (they share its summation order) and on
+oneDNN by 9.1e-3 (they do not); LeNet-5 has no batch norm, a floor of ~3e-7, and keeps the
+1e-3. A wrong rule differs by O(1) (and its cosine drops); --x64 (below) compares the rules
+themselves, default 1e-9.
 
 --x64 runs both in float64: the rules are then compared at ~1e-12 instead of float32 rounding,
 which shows how much of any divergence over many steps is float32 rounding amplified by training.

@@ -35,7 +35,7 @@ from jax import lax
 from jax.custom_batching import custom_vmap
 
 from jbp._conv_kernels import _onednn_build as build
-from jbp._rule import _varying_axes
+from jbp._rule import _varying_axes, make_varying
 from jbp._conv_kernels._onednn_build import (  # noqa: F401  (re-exported)
     OneDNNUnavailableWarning, conv_backend, describe, set_conv_backend)
 
@@ -87,8 +87,7 @@ def _ffi(target, shape, a, b, cfg):
     # Under shard_map an FFI result is not typed as varying over the mesh axes its operands vary
     # over, and lax.platform_dependent then refused it beside the XLA branch ("manual axis types
     # do not match"): give it the operands' axes.
-    axes = _varying_axes(a) | _varying_axes(b)
-    return lax.pcast(out, tuple(sorted(axes, key=str)), to="varying") if axes else out
+    return make_varying(out, _varying_axes(a) | _varying_axes(b))
 
 
 FORWARD, INPUT_GRAD, WEIGHT_GRAD = 0, 1, 2          # indices into build.TARGETS
