@@ -27,12 +27,15 @@ An argument passes when ``max_abs <= atol`` or ``max_rel <= rtol``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+if TYPE_CHECKING:
+    from jbp.accuracy import Float32Check
 
 DEFAULT_TOLERANCES = {
     # (rtol, atol) per comparison and dtype
@@ -66,10 +69,16 @@ class GradCheck:
     rtol: float
     atol: float
     detail: str = ""
+    #: float32 checks of :func:`versus_autodiff`: both VJPs against float64 (the verdict).
+    float64: Optional["Float32Check"] = None
 
     @property
     def ok(self) -> bool:
         return all(a.ok for a in self.args)
+
+    @property
+    def names(self) -> list:
+        return [a.name for a in self.args]
 
     @property
     def max_abs(self) -> float:
@@ -89,6 +98,8 @@ class GradCheck:
         for a in self.args:
             lines.append(f"  {a.name:<{w}} {a.max_abs:>10.2e} {a.max_rel:>10.2e} "
                          f"{a.cosine:>12.9f}  {'ok' if a.ok else 'FAIL'}")
+        if self.float64 is not None:
+            return "\n".join(lines + [str(self.float64)])
         lines.append(f"  tolerance: max abs <= {self.atol:g} or max rel <= {self.rtol:g}: "
                      f"{'ok' if self.ok else 'FAIL'}")
         return "\n".join(lines)
@@ -193,20 +204,44 @@ def versus_autodiff(manual_fn: Callable, autodiff_fn: Callable, args, *,
 
     Every array of ``args`` (positional arguments, each a pytree of arrays, or one pytree) is
     differentiated (close over the rest). Outputs may be pytrees.
+
+    float32 without ``rtol``/``atol``: each VJP is measured against the float64 VJP of
+    ``autodiff_fn`` at the same (exactly widened) inputs and cotangent, and a leaf passes when
+    the manual error is within ``jbp.accuracy.FACTOR`` times autodiff's own plus
+    ``jbp.accuracy.ULPS`` (:func:`jbp.accuracy.judge`; ``GradCheck.float64`` holds that table).
+    The rows still show manual against autodiff. Other dtypes, or explicit tolerances: manual
+    against autodiff within ``rtol``/``atol``.
     """
     manual_leaf_fn, leaves, names = _on_leaves(manual_fn, args, names)
     autodiff_leaf_fn, _, _ = _on_leaves(autodiff_fn, args, None)
     out, manual_vjp = jax.vjp(manual_leaf_fn, *leaves)
     ref_out, autodiff_vjp = jax.vjp(autodiff_leaf_fn, *leaves)
     u = random_cotangent(out, seed)
-    key = ("autodiff", _dtype_name(leaves))
+    dtype = _dtype_name(leaves)
+    key = ("autodiff", dtype)
     if key not in DEFAULT_TOLERANCES and (rtol is None or atol is None):
         raise TypeError(f"versus_autodiff: no default tolerance for dtype {key[1]}; pass rtol "
                         f"and atol")
     default_rtol, default_atol = DEFAULT_TOLERANCES.get(key, (rtol, atol))
-    return compare(label, "autodiff", manual_vjp(u), autodiff_vjp(u), names,
-                   rtol=default_rtol if rtol is None else rtol,
-                   atol=default_atol if atol is None else atol, detail=_dtype_name(leaves))
+    got, want = manual_vjp(u), autodiff_vjp(u)
+    check = compare(label, "autodiff", got, want, names,
+                    rtol=default_rtol if rtol is None else rtol,
+                    atol=default_atol if atol is None else atol, detail=dtype)
+    if dtype != "float32" or rtol is not None or atol is not None:
+        return check
+    from jbp import accuracy  # noqa: PLC0415 (accuracy imports the models lazily)
+    with jax.enable_x64(True):
+        wide = [jnp.asarray(a, jnp.float64) if jnp.issubdtype(jnp.result_type(a), jnp.floating)
+                else a for a in leaves]
+        reference = jax.vjp(autodiff_leaf_fn, *wide)[1](
+            jax.tree.map(lambda c: jnp.asarray(c, jnp.float64), u))
+    verdict = accuracy.judge(jax.tree.leaves(got), jax.tree.leaves(want),
+                             jax.tree.leaves(reference), check.names, label=label,
+                             detail="float32")
+    rows = tuple(replace(a, ok=v.ok and bool(np.isfinite(a.max_abs)))
+                 for a, v in zip(check.args, verdict.rows))
+    return GradCheck(label, "autodiff", rows, check.rtol, check.atol,
+                     f"float32, judged against float64", float64=verdict)
 
 
 def _require_float64(leaves, names):

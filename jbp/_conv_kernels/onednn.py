@@ -35,6 +35,7 @@ from jax import lax
 from jax.custom_batching import custom_vmap
 
 from jbp._conv_kernels import _onednn_build as build
+from jbp._conv_kernels import tuning
 from jbp._rule import _varying_axes, make_varying
 from jbp._conv_kernels._onednn_build import (  # noqa: F401  (re-exported)
     OneDNNUnavailableWarning, conv_backend, describe, set_conv_backend)
@@ -223,9 +224,17 @@ def select_input_grad(x_shape, w_shape, cfg, dtype) -> Optional[dict]:
 
 
 def select_weight_grad(x_shape, w_shape, cfg, dtype) -> Optional[dict]:
-    """float32 k×k kernels (k > 1): oneDNN's JIT kernels, 1.0-3× faster than XLA's forms."""
-    ok = not _pointwise(w_shape) and _supported(_WEIGHT_GRAD, x_shape, w_shape, cfg, dtype)
+    """float32 k×k kernels (k > 1): oneDNN's JIT kernels, 1.0-3× faster than XLA's forms,
+    except narrow inputs summed over many products, where oneDNN rounds worse (tuning)."""
+    ok = (not _pointwise(w_shape) and not _narrow_long_sum(x_shape, w_shape, cfg)
+          and _supported(_WEIGHT_GRAD, x_shape, w_shape, cfg, dtype))
     return {} if ok else None
+
+
+def _narrow_long_sum(x_shape, w_shape, cfg) -> bool:
+    oh, ow = _out_hw(x_shape, w_shape, cfg)
+    return (w_shape[2] * cfg.groups < tuning.ONEDNN_WEIGHT_GRAD_MIN_CIN
+            and x_shape[0] * oh * ow >= tuning.ONEDNN_WEIGHT_GRAD_MAX_PRODUCTS)
 
 
 def select(x_shape, w_shape, cfg, dtype) -> Optional[dict]:
