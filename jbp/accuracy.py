@@ -12,17 +12,16 @@ gradient of the same computation**. Per leaf ``ℓ`` with reference ``r``::
     ok   ⇔ e(manual) <= FACTOR · e(autodiff) + ULPS · ε₃₂     (FACTOR 8, ULPS 16, ε₃₂ = 2⁻²³)
 
 that is, the manual gradient is as accurate as autodiff's, up to a small factor (another
-summation order may round somewhat worse: oneDNN's long sums measured up to 10× XLA's on
-LeNet-5's first weight gradient, 1.5e-6 against 1.4e-7) and a floor of a few ulps where
-autodiff happens to be exact. A rule that is wrong by more than rounding can explain (a weight
-gradient scaled by 1 + 1e-3, one kernel tap dropped) fails: ``tests/test_accuracy.py``.
+summation order may round somewhat worse) and a floor of a few ulps where autodiff happens to be
+exact; docs/precision.md has the measurements behind both numbers. A rule wrong by more than
+rounding can explain (a weight gradient scaled by 1 + 1e-3, one kernel tap dropped) fails:
+``tests/test_accuracy.py``.
 
 **The same side of every kink.** A float32 forward and a float64 forward can land on different
 sides of a ReLU (an input within rounding of 0) or pick another winner in a max pool (two inputs
 within rounding of each other). The two gradients then differ by a whole δ entry, not by
-rounding, and in a ResNet such a switch somewhere in the batch is common (measured: 2 of 4 MNIST
-batches of 32 on ResNet-20 at initialisation, for oneDNN's forward). So the reference of each
-float32 run is the float64 gradient *on the branches that run took*: :func:`gradients` records
+rounding, and in a ResNet such a switch somewhere in the batch is common. So the reference of
+each float32 run is the float64 gradient *on the branches that run took*: :func:`gradients` records
 every ``relu`` mask and ``max_pool`` argmax of the float32 forward, and :func:`reference`
 replays them in float64 (``relu(x) = 1[recorded] ⊙ x``, ``max_pool(x) = x[recorded index]``),
 so both sides differentiate the same piecewise-smooth branch. Other kinked layers (leaky ReLU,

@@ -3,6 +3,13 @@
 float32 tests pass float32 arrays explicitly; enabling x64 does not change their dtype.
 """
 
-import jax
+import os
+
+# Under pytest-xdist (-n 2: one worker per core) each worker's oneDNN kernels run on one OpenMP
+# thread, so two workers' teams never spin against each other on two cores (docs/onednn.md).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
