@@ -13,3 +13,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject's addopts): one worker per core this process may use, at most 4."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:                  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 4))

@@ -3,6 +3,7 @@ references.
 
 - manual == jax.grad of the jbp.autodiff twin, float32 (tight) and float64 (~1e-10);
 - manual == central finite differences in float64 (full Jacobian or random directions);
+- output and manual gradients == PyTorch autograd in float64, where the case has a twin;
 - the primal computed by the rule's fwd equals the plain call and the autodiff forward (to
   float64 rounding where the rule has its own forward: conv2d's split form on CPU);
 - gradient dtype == input dtype (float32, float64, bfloat16);
@@ -32,6 +33,23 @@ def test_manual_matches_autodiff(case, dtype):
                                        names=case.names)
     assert result.ok, str(result)
     assert all(a.cosine > 1 - 1e-6 for a in result.args), str(result)
+
+
+def test_manual_matches_pytorch(case):
+    """The output and the manual VJP against PyTorch autograd of ``case.torch``, float64, under
+    one random cotangent: the PyTorch column of scripts/gradcheck.py, case by case."""
+    pytest.importorskip("torch")
+    if case.torch is None:
+        pytest.skip(f"{case.id}: no PyTorch twin")
+    from jbp.testing.torch_reference import torch_vjp
+    args64 = case.args(jnp.float64)
+    out, vjp = jax.vjp(case.fn(jbp), *args64)
+    u = gradcheck.random_cotangent(out)
+    torch_out, torch_grads = torch_vjp(case, args64, u)
+    rtol, atol = gradcheck.DEFAULT_TOLERANCES[("pytorch", "float64")]
+    result = gradcheck.compare("manual", "pytorch", [out, *vjp(u)], [torch_out, *torch_grads],
+                               ["output", *case.names], rtol=rtol, atol=atol)
+    assert result.ok, str(result)
 
 
 def test_manual_matches_finite_differences(case):
