@@ -34,6 +34,7 @@ in both dtypes, so nothing needs pinning there); docs/precision.md shows the mea
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -77,7 +78,7 @@ class Float32Check:
     @property
     def worst(self) -> LeafAccuracy:
         """The leaf closest to (or furthest past) its bound."""
-        return max(self.rows, key=lambda r: r.error / r.bound)
+        return max(self.rows, key=lambda r: r.error / r.bound if r.bound > 0 else math.inf)
 
     def __str__(self) -> str:
         title = f"{self.label} vs float64, beside autodiff vs float64"
@@ -121,13 +122,15 @@ def judge(got, autodiff, reference, names: Sequence[str], *, autodiff_reference=
     """
     autodiff_reference = reference if autodiff_reference is None else autodiff_reference
     columns = (got, autodiff, reference, autodiff_reference)
-    if len({len(names), *map(len, columns)}) != 1:
+    if not names or len({len(names), *map(len, columns)}) != 1:
         raise ValueError(f"judge: {len(names)} names for {[len(c) for c in columns]} leaves")
     rows = []
     for name, g, a, r, ra in zip(names, *columns):
         error, autodiff_error = relative_error(g, r), relative_error(a, ra)
         bound = factor * autodiff_error + ulps * EPS32
-        rows.append(LeafAccuracy(name, error, autodiff_error, bound, bool(error <= bound)))
+        # A non-finite autodiff gradient would make any bound infinite: nothing is judged then.
+        ok = math.isfinite(error) and math.isfinite(autodiff_error) and error <= bound
+        rows.append(LeafAccuracy(name, error, autodiff_error, bound, bool(ok)))
     return Float32Check(label, tuple(rows), factor, ulps, detail)
 
 
@@ -197,35 +200,57 @@ def _float64(tree):
                         if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a, tree)
 
 
-def reference(apply: Callable, params, state, x, y, branches: List, *,
-              loss: str = "softmax_cross_entropy"):
-    """The float64 gradient (JAX's derivative of ``jbp.autodiff``'s forward) on ``branches``,
-    the kinks a float32 run of :func:`gradients` took. Float64 is enabled for this call only."""
+@functools.lru_cache(maxsize=None)
+def _reference_fn(apply: Callable, loss: str):
+    """The jitted float64 gradient on replayed branches, one per model and loss: the branches
+    are arguments, so the manual and autodiff references share one compiled program."""
     import jbp.autodiff  # noqa: PLC0415
 
-    with jax.enable_x64(True):
-        def objective(params, state, x):
+    def grad64(params, state, x, y, branches):
+        def objective(params):
             nn = _Kinks(jbp.autodiff, replay=branches)
             logits, _ = apply(params, state, x, train=True, grad=nn)
             if len(nn.branches) != len(branches):
                 raise ValueError(f"the reference forward took {len(nn.branches)} kinks, the "
                                  f"recorded run {len(branches)}: not the same model")
             return getattr(nn, loss)(logits, y)
+        return jax.grad(objective)(params)
+
+    return jax.jit(grad64)
+
+
+def reference(apply: Callable, params, state, x, y, branches: List, *,
+              loss: str = "softmax_cross_entropy"):
+    """The float64 gradient (JAX's derivative of ``jbp.autodiff``'s forward) on ``branches``,
+    the kinks a float32 run of :func:`gradients` took. Float64 is enabled for this call only."""
+    with jax.enable_x64(True):
         params64, state64, x64 = _float64((params, state, x))
-        return jax.jit(jax.grad(objective))(params64, state64, x64)
+        return _reference_fn(apply, loss)(params64, state64, x64, y, list(branches))
+
+
+def side(apply: Callable, params, state, x, y, *, grad: str,
+         loss: str = "softmax_cross_entropy"):
+    """One float32 gradient (``grad="manual"`` or ``"autodiff"``) and its float64 reference on
+    its own branches: ``(grads, reference)``."""
+    _, grads, branches = gradients(apply, params, state, x, y, grad=grad, loss=loss)
+    return grads, reference(apply, params, state, x, y, branches, loss=loss)
 
 
 def check_model(apply: Callable, params, state, x, y, *, loss: str = "softmax_cross_entropy",
-                factor: float = FACTOR, ulps: float = ULPS, detail: str = ""):
+                factor: float = FACTOR, ulps: float = ULPS, detail: str = "", autodiff=None):
     """jbp's float32 gradient of a model's training loss against autodiff's, both against
-    float64 on their own branches: ``(Float32Check, manual grads, autodiff grads)``."""
+    float64 on their own branches: ``(Float32Check, manual grads, autodiff grads)``.
+
+    ``apply`` is a ``jbp.models`` apply taking ``grad=`` a layer namespace. Not for models
+    wrapped in ``jax.checkpoint`` (``model.remat``: the recorded branches would leave the
+    checkpoint) nor with random layers (dropout draws other numbers in float64). ``autodiff``:
+    a :func:`side` of ``grad="autodiff"`` computed before (it does not depend on the
+    convolution backend, which only the hand-written rules consult)."""
     from jbp.train import leaf_names  # noqa: PLC0415
-    runs = {g: gradients(apply, params, state, x, y, grad=g, loss=loss)
-            for g in ("manual", "autodiff")}
-    refs = {g: reference(apply, params, state, x, y, runs[g][2], loss=loss) for g in runs}
-    names = leaf_names(runs["manual"][1])
-    check = judge(jax.tree.leaves(runs["manual"][1]), jax.tree.leaves(runs["autodiff"][1]),
-                  jax.tree.leaves(refs["manual"]), names,
-                  autodiff_reference=jax.tree.leaves(refs["autodiff"]), factor=factor,
-                  ulps=ulps, detail=detail)
-    return check, runs["manual"][1], runs["autodiff"][1]
+    manual = side(apply, params, state, x, y, grad="manual", loss=loss)
+    autodiff = autodiff or side(apply, params, state, x, y, grad="autodiff", loss=loss)
+    check = judge(jax.tree.leaves(manual[0]), jax.tree.leaves(autodiff[0]),
+                  jax.tree.leaves(manual[1]), leaf_names(manual[0]),
+                  autodiff_reference=jax.tree.leaves(autodiff[1]), factor=factor, ulps=ulps,
+                  detail=detail)
+    return check, manual[0], autodiff[0]

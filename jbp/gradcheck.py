@@ -21,7 +21,9 @@ its own row, named by its tree path: ``params['conv1']['w']`` with ``names=["par
 Error measures per argument, for a computed gradient ``a`` and a reference ``r``:
 ``max_abs = max |a − r|``; ``max_rel = max |a − r| / max |r|`` (relative to the reference's
 largest entry, so entries near zero do not blow it up); ``cosine = ⟨a, r⟩ / (‖a‖ ‖r‖)``.
-An argument passes when ``max_abs <= atol`` or ``max_rel <= rtol``.
+An argument passes when ``max_abs <= atol`` or ``max_rel <= rtol``, except in
+:func:`versus_autodiff`'s float32 check, which judges both gradients against float64
+(:mod:`jbp.accuracy`).
 """
 
 from __future__ import annotations

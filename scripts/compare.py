@@ -4,7 +4,7 @@
     python scripts/compare.py --config configs/resnet20_mnist.toml --steps 200 --out runs/cmp
 
 1. Step 0: the gradient of the training loss on the first batch, from jbp's hand-written rules
-   and from JAX (jbp.autodiff), per parameter leaf: max abs / max rel error and cosine.
+   and from JAX (jbp.autodiff), per parameter leaf: each one's error against float64 (below).
 2. Then both train K steps from the same initial state on the same batches; prints the per-step
    loss divergence |manual − autodiff| / |autodiff| and writes an overlay plot (compare.png).
 

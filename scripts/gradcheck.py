@@ -9,7 +9,9 @@ For each case of ``jbp.testing.grid.CASES`` (a layer and one configuration) this
 - vs PyTorch: forward and autograd gradients of ``torch.nn.functional`` in float64, when torch is
   installed (``n/a`` where PyTorch has no identical operation, e.g. dropout's RNG).
 
-Each cell is "max abs / max rel" error (see ``jbp.gradcheck``). Exits 1 if any case fails.
+Each cell is "max abs / max rel" error against that reference (see ``jbp.gradcheck``); the
+float32 column passes or fails by jbp.accuracy's verdict (manual and autodiff each against
+float64). Exits 1 if any case fails.
 
     python scripts/gradcheck.py                 # the whole grid
     python scripts/gradcheck.py --layer conv2d  # one layer

@@ -10,9 +10,40 @@ import os
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import json  # noqa: E402
+import time  # noqa: E402
+
 import jax  # noqa: E402
+import jax.monitoring  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+
+# Where the suite's time goes (docs/testing.md): with JBP_TEST_STATS=DIR each process of the
+# run (each xdist worker) writes DIR/<worker>.json: its wall time and the count and seconds of
+# the programs it traced, lowered and compiled (docs/testing.md adds them up).
+_STATS_DIR = os.environ.get("JBP_TEST_STATS")
+_compile_events = {}
+
+
+def _on_duration(name, seconds, **_):
+    count, total = _compile_events.get(name, (0, 0.0))
+    _compile_events[name] = (count + 1, total + seconds)
+
+
+if _STATS_DIR:
+    jax.monitoring.register_event_duration_secs_listener(_on_duration)
+    _START = time.perf_counter()
+
+
+def pytest_sessionfinish(session):
+    if not _STATS_DIR:
+        return
+    os.makedirs(_STATS_DIR, exist_ok=True)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    with open(os.path.join(_STATS_DIR, f"{worker}.json"), "w") as f:
+        json.dump({"wall_s": time.perf_counter() - _START,
+                   "events": {k: {"count": c, "seconds": t}
+                              for k, (c, t) in sorted(_compile_events.items())}}, f, indent=1)
 
 
 def pytest_xdist_auto_num_workers(config):

@@ -58,8 +58,8 @@ PATCH_MAX_ROW, PATCH_STRIDED_MIN_ROW, PATCH_WIDE_MIN_CIN, PATCH_WIDE_MAX_PIXELS 
 
 # --- oneDNN ----------------------------------------------------------------------------------
 #: oneDNN's weight gradient for fewer than ONEDNN_WEIGHT_GRAD_MIN_CIN input channels sums each
-#: entry's N·H_out·W_out products with 5-20x XLA's float32 rounding error (14x at 100k products
-#: on MNIST's stems, 40x on ResNet-20's stem after batch norm: docs/precision.md); from
+#: entry's N·H_out·W_out products with 14-20x XLA's float32 rounding error (21-42x on ResNet-20's
+#: stem after batch norm: docs/precision.md); from
 #: ONEDNN_WEIGHT_GRAD_MAX_PRODUCTS products on, such layers keep XLA's forms.
 ONEDNN_WEIGHT_GRAD_MIN_CIN, ONEDNN_WEIGHT_GRAD_MAX_PRODUCTS = 16, 8192
 
