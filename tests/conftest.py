@@ -19,7 +19,7 @@ import jax.monitoring  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 
 # Where the suite's time goes (docs/testing.md): with JBP_TEST_STATS=DIR each process of the
-# run (each xdist worker) writes DIR/<worker>.json: its wall time and the count and seconds of
+# run (each xdist worker) writes DIR/<worker>-<pid>.json: its wall time and the count and seconds of
 # the programs it traced, lowered and compiled (docs/testing.md adds them up).
 _STATS_DIR = os.environ.get("JBP_TEST_STATS")
 _compile_events = {}
@@ -40,7 +40,7 @@ def pytest_sessionfinish(session):
         return
     os.makedirs(_STATS_DIR, exist_ok=True)
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    with open(os.path.join(_STATS_DIR, f"{worker}.json"), "w") as f:
+    with open(os.path.join(_STATS_DIR, f"{worker}-{os.getpid()}.json"), "w") as f:
         json.dump({"wall_s": time.perf_counter() - _START,
                    "events": {k: {"count": c, "seconds": t}
                               for k, (c, t) in sorted(_compile_events.items())}}, f, indent=1)
