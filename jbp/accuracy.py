@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -195,7 +195,9 @@ def gradients(apply: Callable, params, state, x, y, *, grad: str = "manual",
     return jax.jit(run)(params, state, x, y)
 
 
-def _float64(tree):
+def widen(tree):
+    """Every floating array of ``tree`` in float64 (exact: float32 values widen without
+    rounding); integer arrays as they are. Call under ``jax.enable_x64(True)``."""
     return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64)
                         if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a, tree)
 
@@ -224,22 +226,30 @@ def reference(apply: Callable, params, state, x, y, branches: List, *,
     """The float64 gradient (JAX's derivative of ``jbp.autodiff``'s forward) on ``branches``,
     the kinks a float32 run of :func:`gradients` took. Float64 is enabled for this call only."""
     with jax.enable_x64(True):
-        params64, state64, x64 = _float64((params, state, x))
+        params64, state64, x64 = widen((params, state, x))
         return _reference_fn(apply, loss)(params64, state64, x64, y, list(branches))
 
 
+class Side(NamedTuple):
+    """One float32 run of a model's training loss and its float64 reference."""
+
+    loss: Any          # the float32 loss value
+    grads: Any         # its float32 gradient (the params pytree)
+    reference: Any     # the float64 gradient on the branches this run took
+
+
 def side(apply: Callable, params, state, x, y, *, grad: str,
-         loss: str = "softmax_cross_entropy"):
+         loss: str = "softmax_cross_entropy") -> Side:
     """One float32 gradient (``grad="manual"`` or ``"autodiff"``) and its float64 reference on
-    its own branches: ``(grads, reference)``."""
-    _, grads, branches = gradients(apply, params, state, x, y, grad=grad, loss=loss)
-    return grads, reference(apply, params, state, x, y, branches, loss=loss)
+    its own branches."""
+    value, grads, branches = gradients(apply, params, state, x, y, grad=grad, loss=loss)
+    return Side(value, grads, reference(apply, params, state, x, y, branches, loss=loss))
 
 
 def check_model(apply: Callable, params, state, x, y, *, loss: str = "softmax_cross_entropy",
                 factor: float = FACTOR, ulps: float = ULPS, detail: str = "", autodiff=None):
     """jbp's float32 gradient of a model's training loss against autodiff's, both against
-    float64 on their own branches: ``(Float32Check, manual grads, autodiff grads)``.
+    float64 on their own branches: ``(Float32Check, manual Side, autodiff Side)``.
 
     ``apply`` is a ``jbp.models`` apply taking ``grad=`` a layer namespace. Not for models
     wrapped in ``jax.checkpoint`` (``model.remat``: the recorded branches would leave the
@@ -249,8 +259,8 @@ def check_model(apply: Callable, params, state, x, y, *, loss: str = "softmax_cr
     from jbp.train import leaf_names  # noqa: PLC0415
     manual = side(apply, params, state, x, y, grad="manual", loss=loss)
     autodiff = autodiff or side(apply, params, state, x, y, grad="autodiff", loss=loss)
-    check = judge(jax.tree.leaves(manual[0]), jax.tree.leaves(autodiff[0]),
-                  jax.tree.leaves(manual[1]), leaf_names(manual[0]),
-                  autodiff_reference=jax.tree.leaves(autodiff[1]), factor=factor, ulps=ulps,
-                  detail=detail)
-    return check, manual[0], autodiff[0]
+    check = judge(jax.tree.leaves(manual.grads), jax.tree.leaves(autodiff.grads),
+                  jax.tree.leaves(manual.reference), leaf_names(manual.grads),
+                  autodiff_reference=jax.tree.leaves(autodiff.reference), factor=factor,
+                  ulps=ulps, detail=detail)
+    return check, manual, autodiff

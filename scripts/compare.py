@@ -97,32 +97,31 @@ def main(argv=None) -> int:
 
     # --- 1. step-0 gradients --------------------------------------------------------------
     x0, y0 = next(batch_stream())
-    grads = {}
-    for g in ("manual", "autodiff"):
-        fn = train.make_grad_fn(model.apply, grad=g)
-        grads[g] = fn(states[g].params, states[g].model_state, x0, y0)
-    names = train.leaf_names(grads["manual"][1])
     backend = onednn.describe()
     detail = f"{cfg.model.name}, step 0, batch {tc.batch_size}, {np.dtype(dtype).name}"
-    print(f"{cfg.name}: {cfg.model.name} in {np.dtype(dtype).name}, step-0 gradients on one "
-          f"batch of {tc.batch_size}, convolutions: {backend} "
-          f"(loss manual {float(grads['manual'][0]):.6f}, autodiff "
-          f"{float(grads['autodiff'][0]):.6f})")
     if args.rtol is None and args.x64:
         args.rtol = 1e-9
     if args.rtol is None:      # float32: each gradient against float64 (jbp.accuracy)
-        check, _, _ = accuracy.check_model(model.apply, states["manual"].params,
-                                           states["manual"].model_state, x0, y0, detail=detail)
-        print(str(check).replace("\n", "\n  "))
+        check, *sides = accuracy.check_model(model.apply, states["manual"].params,
+                                             states["manual"].model_state, x0, y0,
+                                             detail=detail)
+        loss0 = [float(s.loss) for s in sides]
         step0 = [{"leaf": r.name, "error": r.error, "autodiff_error": r.autodiff_error,
                   "bound": r.bound} for r in check.rows]
     else:
-        check = gradcheck.compare("manual", "autodiff", jax.tree.leaves(grads["manual"][1]),
-                                  jax.tree.leaves(grads["autodiff"][1]), names, rtol=args.rtol,
-                                  atol=0.0, detail=detail)
-        print(str(check).replace("\n", "\n  "))
+        grads = [train.make_grad_fn(model.apply, grad=g)(states[g].params,
+                                                          states[g].model_state, x0, y0)
+                 for g in ("manual", "autodiff")]
+        loss0 = [float(value) for value, _ in grads]
+        check = gradcheck.compare("manual", "autodiff", *(jax.tree.leaves(g) for _, g in grads),
+                                  train.leaf_names(grads[0][1]), rtol=args.rtol, atol=0.0,
+                                  detail=detail)
         step0 = [{"leaf": a.name, "max_abs": a.max_abs, "max_rel": a.max_rel,
                   "cosine": a.cosine} for a in check.args]
+    print(f"{cfg.name}: {cfg.model.name} in {np.dtype(dtype).name}, step-0 gradients on one "
+          f"batch of {tc.batch_size}, convolutions: {backend} "
+          f"(loss manual {loss0[0]:.6f}, autodiff {loss0[1]:.6f})")
+    print(str(check).replace("\n", "\n  "))
     print(f"  step 0: {'ok' if check.ok else 'FAIL'}\n")
 
     # --- 2. K training steps each, same batches ----------------------------------------------
