@@ -6,15 +6,15 @@ differentiated by JAX; ``jbp.manual`` is an alias namespace of the hand-written 
 Images are NHWC, convolution kernels HWIO.
 """
 
-from jbp.activations import leaky_relu, log_softmax, relu, sigmoid, softmax, tanh
-from jbp.conv import conv2d
-from jbp.dropout import dropout
-from jbp.linear import dense, flatten
+from jbp.layers.activations import leaky_relu, log_softmax, relu, sigmoid, softmax, tanh
+from jbp.layers.conv import conv2d
+from jbp.layers.dropout import dropout
+from jbp.layers.linear import dense, flatten
 from jbp.losses import mse, sigmoid_binary_cross_entropy, softmax_cross_entropy
-from jbp.normalization import batch_norm
-from jbp.adaptive_pooling import adaptive_avg_pool, global_avg_pool
-from jbp.padding import pad
-from jbp.pooling import avg_pool, max_pool, max_unpool
+from jbp.layers.normalization import batch_norm
+from jbp.layers.adaptive_pooling import adaptive_avg_pool, global_avg_pool
+from jbp.layers.padding import pad
+from jbp.layers.pooling import avg_pool, max_pool, max_unpool
 
 from jbp import autodiff, manual  # noqa: E402  (namespaces built from the modules above)
 from jbp import init  # noqa: E402  (He/LeCun/Glorot initialisers)

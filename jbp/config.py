@@ -44,7 +44,7 @@ class ModelConfig:
     name: str = "lenet5"              # seed_cnn | lenet5 | resnet20 | resnet18
     num_classes: int = 10
     remat: str = "none"               # none | blocks: jax.checkpoint each residual block
-    residuals: str = "exact"          # exact | bf16 | int8: what conv/BN rules save (jbp.conv)
+    residuals: str = "exact"          # exact | bf16 | int8: what conv/BN rules save (jbp.layers.conv)
     shortcuts: bool = True            # resnets: False = the plain network (no shortcuts)
     batch_norm: bool = True           # resnets: False = no batch norm (convolutions get a bias)
 

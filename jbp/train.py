@@ -33,7 +33,7 @@ import numpy as np
 import optax
 
 from jbp.models import Model, layers
-from jbp.normalization import sync_batch_norm
+from jbp.layers.normalization import sync_batch_norm
 from jbp.parallel import DATA_AXIS
 
 #: ``make_train_step(precision=...)`` values: the dtype of the forward and backward passes.

@@ -32,7 +32,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_ops import MODEL_CONVS  # noqa: E402
 
 from jbp import _conv_kernels as kernels  # noqa: E402
-from jbp import conv as conv_lib  # noqa: E402
+from jbp.layers import conv as conv_lib  # noqa: E402
 from jbp._conv_kernels import onednn  # noqa: E402
 
 _DEFAULT_BATCH = {"lenet5": 128, "resnet20": 128, "resnet18": 16}
@@ -120,7 +120,7 @@ def shapes(argv_models, batch, repeats, out_json):
 
 _PROBE = r"""
 import ctypes, os, sys, time, numpy as np, jax, jax.numpy as jnp
-from jbp.conv import conv_config
+from jbp.layers.conv import conv_config
 from jbp._conv_kernels import onednn
 from jbp._conv_kernels import _onednn_build as build
 assert build.library() is not None, build.unavailable_reason()

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbp import _conv_kernels as kernels
-from jbp import conv as conv_lib
+from jbp.layers import conv as conv_lib
 from jbp._conv_kernels import block_forms, tap_forms
 
 # (model, input (H, W, C_in), kernel, C_out, stride, padding), as the models build them.

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jbp import accuracy, conv, data
+from jbp import accuracy, data
+from jbp.layers import conv
 from jbp._conv_kernels import onednn
 from jbp.models import get_model
 

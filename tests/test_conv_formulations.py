@@ -1,5 +1,5 @@
 """The faster formulations of jbp._conv_kernels' table, each checked in float64 against
-XLA's convolution (``jbp.conv.correlate``) and JAX's derivative of it (jax.vjp), on shapes chosen
+XLA's convolution (``jbp.layers.conv.correlate``) and JAX's derivative of it (jax.vjp), on shapes chosen
 to hit their edge cases: odd sizes, asymmetric padding, strides larger than the kernel,
 dilation, batch sizes that do not divide the tap chunk. The public ``conv2d`` on these paths is
 also covered by the gradcheck grid (jbp/testing/grid.py) and the PyTorch oracle."""
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zlib
 
-from jbp import conv as C
+from jbp.layers import conv as C
 from jbp._conv_kernels import FORMS, block_forms as B, choose, is_pointwise, tap_forms as T, tuning
 from jbp.testing.grid import CONV_CASES
 from jbp._conv_kernels.onednn import set_conv_backend

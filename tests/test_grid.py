@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import jbp
-from jbp import _conv_kernels, conv, gradcheck
+from jbp import _conv_kernels, gradcheck
+from jbp.layers import conv
 from jbp.testing.grid import CASES
 
 IDS = [c.id for c in CASES]

@@ -59,7 +59,7 @@ def test_tiling_windows_take_the_reshape_backward_with_the_same_answer(window, h
     """Windows that tile the input (stride = window, no padding, no remainder) route δ by one
     compare-and-select on a (N, H_out, KH, W_out, KW, C) view; the general per-tap scatter
     must give the same array, ties included."""
-    from jbp import pooling as P
+    from jbp.layers import pooling as P
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.integers(0, 3, (2, *hw, 3)).astype(np.float32))   # many ties
     cfg = P.pool_config(x, window, None, "VALID")
@@ -72,7 +72,7 @@ def test_tiling_windows_take_the_reshape_backward_with_the_same_answer(window, h
 
 
 def test_windows_that_do_not_tile_keep_the_scatter_backward():
-    from jbp import pooling as P
+    from jbp.layers import pooling as P
     x = jnp.zeros((1, 7, 7, 1))
     assert not P._tiles(P.pool_config(x, 2, None, "VALID"))        # a row and column left over
     assert not P._tiles(P.pool_config(x, 3, 2, "VALID"))           # overlapping

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jbp.conv import conv_config
+from jbp.layers.conv import conv_config
 from jbp._conv_kernels import _onednn_build as build
 from jbp._conv_kernels import onednn
 
@@ -306,7 +306,7 @@ def test_grid_reaches_the_oneDNN_form_of_each_equation():
 _FALLBACK = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     import jbp
-    from jbp.conv import conv_config
+    from jbp.layers.conv import conv_config
     from jbp._conv_kernels import onednn
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 6, 6, 3)), jnp.float32)
     w = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 3, 4)), jnp.float32)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import jbp
-from jbp import conv, gradcheck
+from jbp import gradcheck
+from jbp.layers import conv
 from jbp.testing.grid import CASES
 
 

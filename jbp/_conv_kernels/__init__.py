@@ -1,6 +1,6 @@
 """The faster formulations of conv2d's equations on CPU, chosen from one table.
 
-``jbp.conv`` holds the rule: the equations, the forward, the residuals and the backward, each
+``jbp.layers.conv`` holds the rule: the equations, the forward, the residuals and the backward, each
 equation as one generic XLA convolution. XLA:CPU runs some shapes of those convolutions slowly
 (docs/performance.md says which and why), so for each equation this package lists other
 formulations of the same sum, each with the predicate that selects it:
@@ -10,7 +10,7 @@ formulations of the same sum, each with the predicate that selects it:
 
 ``select(x_shape, w_shape, cfg, dtype)`` returns the form's keyword parameters (a dict, empty
 for none) where the form measured faster, else ``None``. :func:`choose` takes the first form
-whose predicate answers, once per call; ``jbp.conv`` emits ``lax.platform_dependent`` only
+whose predicate answers, once per call; ``jbp.layers.conv`` emits ``lax.platform_dependent`` only
 then, so CUDA and TPU lowerings always see the generic convolution. A form's ``fn`` takes the
 generic function's arguments plus its parameters:
 
@@ -30,7 +30,7 @@ from typing import Callable, NamedTuple, Optional, Tuple
 
 import jax.numpy as jnp
 
-from jbp import conv
+from jbp.layers import conv
 from jbp._conv_kernels import block_forms, onednn, tap_forms, tuning
 
 

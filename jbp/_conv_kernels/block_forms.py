@@ -1,8 +1,8 @@
 """Convolutions over re-blocked inputs: blocks of columns (thin layers) and split taps (3×3).
 
-Each function computes one equation of ``jbp.conv`` with other XLA operations than
+Each function computes one equation of ``jbp.layers.conv`` with other XLA operations than
 ``lax.conv_general_dilated``; the table in ``jbp._conv_kernels`` says where each one is used,
-and docs/performance.md what it measured. ``cfg`` is a ``jbp.conv.ConvConfig``.
+and docs/performance.md what it measured. ``cfg`` is a ``jbp.layers.conv.ConvConfig``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jbp import conv
+from jbp.layers import conv
 from jbp._conv_kernels import tuning
 from jbp._conv_kernels.tap_forms import (patch_matmul, patch_matrix, sum_over_batch_chunks,
                                          tap_views, chunked_weight_grad)

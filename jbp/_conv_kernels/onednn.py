@@ -9,7 +9,7 @@ Equations (EQUATIONS.md, "Convolution"), stride ``s``, dilation ``d``, padded in
 
 ``F`` is bilinear and each map is linear in each argument, so each op's ``jax.custom_jvp``
 rule is the op applied to the tangents (``dz = F(da, W) + F(a, dW)`` and likewise), the tangent
-terms computed by jbp.conv's generic XLA convolutions, which JAX can transpose. Evaluated — as
+terms computed by jbp.layers.conv's generic XLA convolutions, which JAX can transpose. Evaluated — as
 jbp's manual rule does in its forward (correlate) and backward (input_grad, weight_grad) — they
 run on oneDNN; differentiated (grad of grad, Hessian-vector products, ``jax.jvp``,
 ``jax.hessian``) the extra terms run on XLA.
@@ -18,7 +18,7 @@ run on oneDNN; differentiated (grad of grad, Hessian-vector products, ``jax.jvp`
 folded into ``N``: one call. A batched kernel, and the per-example weight gradient, loop over the
 batch (``lax.map``), one call per example.
 
-These functions have the signatures of the generic forms in ``jbp.conv`` and must only run on
+These functions have the signatures of the generic forms in ``jbp.layers.conv`` and must only run on
 CPU (``lax.platform_dependent``); :func:`select_forward` & co. say whether a case can take them.
 """
 
@@ -114,7 +114,7 @@ def _raw(kind: int, cfg, static=None):
 # --- the three equations: oneDNN when evaluated, XLA's convolutions when differentiated ----------
 #
 # Each op is bilinear, so its JVP is the op itself applied to the tangents: for correlate,
-# dz = F(da, W) + F(a, dW), and likewise for the other two. The tangent terms use jbp.conv's
+# dz = F(da, W) + F(a, dW), and likewise for the other two. The tangent terms use jbp.layers.conv's
 # generic XLA convolutions (correlate / input_grad / weight_grad), which JAX can transpose: so
 # forward mode (jax.jvp, jax.hessian = jacfwd∘jacrev), reverse mode over them (grad of grad,
 # Hessian-vector products) and vmap all work. jbp's manual rule calls these ops as primals —
@@ -122,7 +122,7 @@ def _raw(kind: int, cfg, static=None):
 # first-order gradient runs on oneDNN; only the extra terms of a second derivative run on XLA.
 
 def _generic():
-    from jbp import conv  # jbp.conv imports this package: import late
+    from jbp.layers import conv  # jbp.layers.conv imports this package: import late
     return conv
 
 

@@ -1,8 +1,8 @@
 """Convolution gradients as matmuls over kernel taps, stride phases and patch matrices.
 
-Each function computes one equation of ``jbp.conv`` (named in its docstring) with other XLA
+Each function computes one equation of ``jbp.layers.conv`` (named in its docstring) with other XLA
 operations than ``lax.conv_general_dilated``; the table in ``jbp._conv_kernels`` says where each
-one is used, and docs/performance.md what it measured. ``cfg`` is a ``jbp.conv.ConvConfig``;
+one is used, and docs/performance.md what it measured. ``cfg`` is a ``jbp.layers.conv.ConvConfig``;
 ``a`` is the padded input and ``δ = ∂L/∂z``.
 """
 
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jbp import conv
+from jbp.layers import conv
 from jbp._conv_kernels import tuning
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -154,7 +154,7 @@ def tap_input_grad(g, w, x_shape, cfg):
 
 def batch_chunked_weight_grad(x, g, w_shape, cfg, chunk: int):
     """∂L/∂W = Σ_chunks δ_chunk ⋆ a_chunk: the sum over n split into chunks of ``chunk`` images,
-    each chunk's sum one XLA convolution (``jbp.conv.weight_grad``), the chunks unrolled.
+    each chunk's sum one XLA convolution (``jbp.layers.conv.weight_grad``), the chunks unrolled.
 
     The weight-gradient convolution contracts over the batch, so XLA:CPU first transposes the
     whole input to put N innermost; per chunk the transpose and the convolution stay in cache,

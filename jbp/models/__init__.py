@@ -84,7 +84,7 @@ class _PolicyLayers:
 
 def policy_layers(grad, residuals: str = "exact"):
     """The layer namespace of ``grad`` whose convolution and batch-norm rules save their input
-    for the backward as ``residuals`` (``"exact"``, ``"bf16"``, ``"int8"``; jbp.conv)."""
+    for the backward as ``residuals`` (``"exact"``, ``"bf16"``, ``"int8"``; jbp.layers.conv)."""
     if residuals not in RESIDUALS:
         raise ValueError(f"residuals: expected one of {RESIDUALS}, got {residuals!r}")
     nn = layers(grad)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jbp import pooling as _pooling
+from jbp.layers import pooling as _pooling
 from jbp.testing import torch_reference as _ref
 from jbp.testing.case import Case  # re-exported: jbp.testing.grid.Case
 from jbp.testing.option_grid import LOSS_OPTION_CASES, OPTION_CASES
@@ -61,7 +61,7 @@ CONV_CASES = [
     _conv_case((5, 5), 3, 2, 5, padding="VALID"),                 # kernel = input size
     _conv_case((6, 6), 3, 4, 3, bias=False),
     _conv_case((11, 10), 1, 2, 4, stride=3, padding="SAME"),
-    # Shapes that take jbp's CPU-specialised backward formulations (jbp.conv, _cpu_*_grad;
+    # Shapes that take jbp's CPU-specialised backward formulations (jbp.layers.conv, _cpu_*_grad;
     # tests/test_conv_formulations.py checks that every form is reached):
     _conv_case((10, 7), 3, 4, 1, stride=3, padding="VALID"),      # 1x1 stride 3, odd: dW matmul
     _conv_case((33, 32), 4, 6, 1, stride=2, padding="VALID"),     # 1x1, 17x16 δ: dW and dx matmul

@@ -12,7 +12,7 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-from jbp import pooling as _pooling
+from jbp.layers import pooling as _pooling
 from jbp.testing import torch_reference as _ref
 from jbp.testing.case import Case
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jbp import conv as _conv
-from jbp import pooling as _pooling
+from jbp.layers import conv as _conv
+from jbp.layers import pooling as _pooling
 
 
 def _torch():

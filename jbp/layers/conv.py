@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jbp import _checks, _conv_kernels, _residuals
-from jbp import padding as _padding
+from jbp.layers import padding as _padding
 from jbp._rule import cast_like, manual_rule
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -231,7 +231,7 @@ def _conv2d_api(rule, pad):
             ``((top, bottom), (left, right))``.
           groups: feature groups; ``groups == C_in`` is a depthwise convolution.
           padding_mode: ``"zeros"``, or ``"reflect"``, ``"replicate"``, ``"circular"``: the
-            input is first padded by :func:`jbp.padding.pad` (whose backward folds the padded
+            input is first padded by :func:`jbp.layers.padding.pad` (whose backward folds the padded
             gradient back) and then convolved unpadded, as PyTorch's ``Conv2d`` does.
           residuals: what the rule keeps of ``x`` for ``∂L/∂W``: ``"exact"``, ``"bf16"`` or
             ``"int8"`` (per-channel scale; ``jbp._residuals``). The forward is unchanged.
@@ -239,7 +239,7 @@ def _conv2d_api(rule, pad):
         Returns:
           ``z`` of shape ``(N, H_out, W_out, C_out)``.
 
-        Backward (hand-written in ``jbp.conv``): ``∂L/∂W = δ ⋆ a``, ``∂L/∂b = Σ_{n,h,w} δ``, and
+        Backward (hand-written in ``jbp.layers.conv``): ``∂L/∂W = δ ⋆ a``, ``∂L/∂b = Σ_{n,h,w} δ``, and
         ``∂L/∂a`` = full convolution of the stride-dilated ``δ`` with ``W`` rotated 180° and
         channels swapped. Residuals: ``x``, ``w`` and ``b`` (``(x.size + w.size + C_out) ·
         itemsize`` bytes; ``b`` only for its dtype; the padded ``x`` with a padding mode).

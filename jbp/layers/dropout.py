@@ -3,7 +3,7 @@
 Forward (training): ``y = x ⊙ m / (1 − p)`` with ``m ~ Bernoulli(1 − p)`` per element.
 Backward: ``∂L/∂x = δ ⊙ m / (1 − p)`` — the same mask, the same scale. In evaluation mode, or with
 ``p = 0``, dropout is the identity. The mask is drawn from ``key`` outside the rule, so
-``jbp.dropout`` and ``jbp.autodiff.dropout`` drop the same elements for the same key.
+``jbp.layers.dropout`` and ``jbp.autodiff.dropout`` drop the same elements for the same key.
 """
 
 from __future__ import annotations

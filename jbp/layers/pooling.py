@@ -6,7 +6,7 @@ Equations (EQUATIONS.md, "Pooling"), ``δ = ∂L/∂z`` for each pooled output::
     average pool:    ∂L/∂a[p] = Σ_{windows w ∋ p} δ[w] / |w|
     max unpool:      z[idx[q]] = a[q],   ∂L/∂a[q] = δ[idx[q]]
 
-(Global and adaptive average pooling: ``jbp.adaptive_pooling``.)
+(Global and adaptive average pooling: ``jbp.layers.adaptive_pooling``.)
 
 Overlapping windows (e.g. 3×3 stride 2) accumulate: a cell that lies in several windows receives
 the sum of their contributions. Padding is virtual: −∞ for max pooling, 0 for average pooling; the

@@ -75,7 +75,7 @@ def _dense_api(rule):
         Returns:
           ``z``, shape ``(..., out)``.
 
-        Backward (``jbp.linear``): ``∂L/∂W = aᵀ δ``, ``∂L/∂b = Σ_n δ_n``, ``∂L/∂a = δ Wᵀ``.
+        Backward (``jbp.layers.linear``): ``∂L/∂W = aᵀ δ``, ``∂L/∂b = Σ_n δ_n``, ``∂L/∂a = δ Wᵀ``.
         Residuals: ``a``, ``W`` and ``b`` (``(N·in + in·out + out) · itemsize`` bytes).
         """
         _check_dense(x, w, b)
