@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jbp.policy import LayerPolicy, policy
+
 #: How many times autodiff's own float32 error a manual leaf may have.
 FACTOR = 8.0
 #: The floor, in float32 ulps (ε₃₂ = 2⁻²³) relative to the leaf's largest entry.
@@ -181,13 +183,14 @@ class _Kinks:
 def gradients(apply: Callable, params, state, x, y, *, grad: str = "manual",
               loss: str = "softmax_cross_entropy"):
     """One float32 train-mode gradient: ``(loss, grads, branches)``, ``branches`` being every
-    ReLU mask and max-pool index of its forward (for :func:`reference`)."""
-    from jbp.models import layers  # noqa: PLC0415 (jbp.models imports the layers)
+    ReLU mask and max-pool index of its forward (for :func:`reference`). ``grad``:
+    ``"manual"``, ``"autodiff"`` or a :class:`jbp.LayerPolicy`."""
+    layers = policy(grad)
 
     def run(params, state, x, y):
         def objective(params):
-            nn = _Kinks(layers(grad))
-            logits, _ = apply(params, state, x, train=True, grad=nn)
+            nn = _Kinks(layers)
+            logits, _ = apply(params, state, x, train=True, layers=nn)
             return getattr(nn, loss)(logits, y), nn.branches
         (value, branches), g = jax.value_and_grad(objective, has_aux=True)(params)
         return value, g, branches
@@ -206,12 +209,10 @@ def widen(tree):
 def _reference_fn(apply: Callable, loss: str):
     """The jitted float64 gradient on replayed branches, one per model and loss: the branches
     are arguments, so the manual and autodiff references share one compiled program."""
-    import jbp.autodiff  # noqa: PLC0415
-
     def grad64(params, state, x, y, branches):
         def objective(params):
-            nn = _Kinks(jbp.autodiff, replay=branches)
-            logits, _ = apply(params, state, x, train=True, grad=nn)
+            nn = _Kinks(LayerPolicy("autodiff"), replay=branches)
+            logits, _ = apply(params, state, x, train=True, layers=nn)
             if len(nn.branches) != len(branches):
                 raise ValueError(f"the reference forward took {len(nn.branches)} kinks, the "
                                  f"recorded run {len(branches)}: not the same model")
@@ -251,7 +252,7 @@ def check_model(apply: Callable, params, state, x, y, *, loss: str = "softmax_cr
     """jbp's float32 gradient of a model's training loss against autodiff's, both against
     float64 on their own branches: ``(Float32Check, manual Side, autodiff Side)``.
 
-    ``apply`` is a ``jbp.models`` apply taking ``grad=`` a layer namespace. Not for models
+    ``apply`` is a ``jbp.models`` apply (it takes ``layers=``, a layer policy). Not for models
     wrapped in ``jax.checkpoint`` (``model.remat``: the recorded branches would leave the
     checkpoint) nor with random layers (dropout draws other numbers in float64). ``autodiff``:
     a :func:`side` of ``grad="autodiff"`` computed before (it does not depend on the

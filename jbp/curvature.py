@@ -18,16 +18,18 @@ from typing import Callable, Tuple
 import jax
 import jax.numpy as jnp
 
-from jbp.models import layers
+from jbp.policy import policy
 
 
-def train_loss(apply: Callable, model_state, x, y, *, grad: str = "manual",
+def train_loss(apply: Callable, model_state, x, y, *, grad="manual",
                loss: str = "softmax_cross_entropy") -> Callable:
-    """``θ -> L(θ)``: the model's train-mode loss (batch statistics) on the batch ``(x, y)``."""
-    loss_fn = getattr(layers(grad), loss)
+    """``θ -> L(θ)``: the model's train-mode loss (batch statistics) on the batch ``(x, y)``;
+    ``grad``: ``"manual"``, ``"autodiff"`` or a :class:`jbp.LayerPolicy`."""
+    layers = policy(grad)
+    loss_fn = getattr(layers, loss)
 
     def objective(params):
-        logits, _ = apply(params, model_state, x, train=True, grad=grad)
+        logits, _ = apply(params, model_state, x, train=True, layers=layers)
         return loss_fn(logits, y)
 
     return objective

@@ -14,7 +14,8 @@ under ``jax.shard_map`` over that axis, so every layer sees its device's shard o
 picks its CPU formulation from the per-device shape. The loss is the mean over the global batch
 (``pmean`` of the shards' means, the shards being equal), so the gradient of every replicated
 parameter is the ``psum`` of the shards' contributions (JAX inserts it for autodiff,
-``jbp._rule`` for the manual rules), and batch norm is synchronised (``axis_name="data"``).
+``jbp._rule`` for the manual rules), and batch norm is synchronised (the step runs the model
+with ``LayerPolicy(axis_name="data")``).
 Parameters, optimiser state and batch-norm statistics stay replicated. docs/scaling.md.
 
 Precision (``precision="bf16"``): float32 master parameters and optimiser state; the step casts
@@ -25,6 +26,7 @@ logits, and hands float32 gradients to the optimiser.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -32,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jbp.models import Model, layers
-from jbp.layers.normalization import sync_batch_norm
+from jbp.models import Model
+from jbp.policy import LayerPolicy, policy
 from jbp.parallel import DATA_AXIS
 
 #: ``make_train_step(precision=...)`` values: the dtype of the forward and backward passes.
@@ -120,19 +122,23 @@ def make_optimizer(name: str, schedule: Union[float, optax.Schedule], *, momentu
 
 # --- steps ------------------------------------------------------------------------------------
 
-def _loss_fn(loss: Union[str, Callable], grad: str) -> Callable:
-    """A loss by name is taken from the same namespace as the model's layers."""
-    return getattr(layers(grad), loss) if isinstance(loss, str) else loss
+def _loss_fn(loss: Union[str, Callable], layers: LayerPolicy) -> Callable:
+    """A loss by name is taken from the same layer policy as the model's layers."""
+    return getattr(layers, loss) if isinstance(loss, str) else loss
 
 
 def make_loss(apply: Callable, loss: Union[str, Callable] = "softmax_cross_entropy", *,
-              grad: str = "manual", precision: str = "f32") -> Callable:
+              grad: Union[str, LayerPolicy] = "manual", precision: str = "f32") -> Callable:
     """``loss(params, model_state, x, y) -> (loss, (logits, new_model_state))``, train mode.
+
+    ``grad``: the layers the model runs with, ``"manual"``, ``"autodiff"`` or a
+    :class:`jbp.LayerPolicy` (which also carries the residual policy and batch norm's mesh axis).
 
     ``precision="bf16"`` casts floating parameters and ``x`` to bfloat16 before the model and
     its logits to float32 before the loss (module docstring); ``"f32"`` leaves dtypes alone.
     """
-    loss_fn = _loss_fn(loss, grad)
+    layers = policy(grad)
+    loss_fn = _loss_fn(loss, layers)
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {tuple(PRECISIONS)}, got {precision!r}")
     dtype = PRECISIONS[precision]
@@ -140,7 +146,7 @@ def make_loss(apply: Callable, loss: Union[str, Callable] = "softmax_cross_entro
     def objective(params, model_state, x, y):
         if dtype != jnp.float32:
             params, x = _cast_floats(params, dtype), _cast_floats(x, dtype)
-        logits, new_state = apply(params, model_state, x, train=True, grad=grad)
+        logits, new_state = apply(params, model_state, x, train=True, layers=layers)
         if dtype != jnp.float32:
             logits = logits.astype(jnp.float32)
         return loss_fn(logits, y), (logits, new_state)
@@ -188,7 +194,8 @@ def _data_parallel(step: Callable, mesh, donate: bool) -> Callable:
 
 def make_train_step(apply: Callable, optimizer: optax.GradientTransformation,
                     loss: Union[str, Callable] = "softmax_cross_entropy", *,
-                    grad: str = "manual", donate: bool = True, check_finite: bool = True,
+                    grad: Union[str, LayerPolicy] = "manual", donate: bool = True,
+                    check_finite: bool = True,
                     mesh=None, precision: str = "f32") -> Callable:
     """A jit-compiled ``step(state, x, y) -> (state, metrics)``.
 
@@ -207,17 +214,17 @@ def make_train_step(apply: Callable, optimizer: optax.GradientTransformation,
     the compiled step; reading ``finite`` costs the caller one scalar transfer. With ``donate``
     the input state's buffers are reused for the output (do not touch the old state after).
     """
-    objective = make_loss(apply, loss, grad=grad, precision=precision)
     axis = None if mesh is None else DATA_AXIS
+    layers = dataclasses.replace(policy(grad), axis_name=axis) if axis else policy(grad)
+    objective = make_loss(apply, loss, grad=layers, precision=precision)
 
     def global_objective(params, model_state, x, y):
         loss_value, aux = objective(params, model_state, x, y)
         return (loss_value if axis is None else jax.lax.pmean(loss_value, axis)), aux
 
     def step(state: TrainState, x, y):
-        with sync_batch_norm(axis):
-            (loss_value, (logits, model_state)), grads = jax.value_and_grad(
-                global_objective, has_aux=True)(state.params, state.model_state, x, y)
+        (loss_value, (logits, model_state)), grads = jax.value_and_grad(
+            global_objective, has_aux=True)(state.params, state.model_state, x, y)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         rng, _ = jax.random.split(state.rng)
@@ -248,7 +255,7 @@ def leaf_names(tree) -> list:
 
 
 def make_grad_fn(apply: Callable, loss: Union[str, Callable] = "softmax_cross_entropy", *,
-                 grad: str = "manual") -> Callable:
+                 grad: Union[str, LayerPolicy] = "manual") -> Callable:
     """A jit-compiled ``(params, model_state, x, y) -> (loss, grads)`` (train-mode forward)."""
     objective = make_loss(apply, loss, grad=grad)
 
@@ -260,7 +267,7 @@ def make_grad_fn(apply: Callable, loss: Union[str, Callable] = "softmax_cross_en
 
 
 def make_eval_step(apply: Callable, loss: Union[str, Callable] = "softmax_cross_entropy", *,
-                   grad: str = "manual") -> Callable:
+                   grad: Union[str, LayerPolicy] = "manual") -> Callable:
     """A jit-compiled ``eval_step(state, x, y) -> {"loss_sum", "correct", "count",
     "bad_labels"}`` (eval mode).
 
@@ -268,10 +275,11 @@ def make_eval_step(apply: Callable, loss: Union[str, Callable] = "softmax_cross_
     ``bad_labels`` counts integer labels outside ``[0, K)``, which the compiled step cannot
     raise for (their loss is NaN, and they never count as correct); :func:`evaluate` raises.
     """
-    loss_fn = _loss_fn(loss, grad)
+    layers = policy(grad)
+    loss_fn = _loss_fn(loss, layers)
 
     def eval_step(state: TrainState, x, y):
-        logits, _ = apply(state.params, state.model_state, x, train=False, grad=grad)
+        logits, _ = apply(state.params, state.model_state, x, train=False, layers=layers)
         n = x.shape[0]
         bad = ((y < 0) | (y >= logits.shape[-1])) if jnp.issubdtype(y.dtype, jnp.integer) \
             else jnp.zeros((), bool)

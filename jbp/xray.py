@@ -6,8 +6,8 @@
 How it works, in three passes over one real batch ``(x, y)`` (train mode):
 
 1. **Find the calls.** The model's ``apply`` runs eagerly on an instrumented layer namespace
-   (``apply(..., grad=<recorder>)``; every model takes its layers from
-   ``jbp.models.layers(grad)``), which records each call: layer name, arguments, output. A call
+   (``apply(..., layers=<recorder>)``, a wrapper of the run's :class:`jbp.LayerPolicy`: every
+   model takes its layers from the policy it receives), which records each call: layer name, arguments, output. A call
    is named by the parameters it receives (``blocks[3].conv1`` for the kernel at
    ``params["blocks"][3]["conv1"]["w"]``); a call without parameters by the last named call
    before it plus its own name (``blocks[3].bn1.relu``). The loss is the last row.
@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jbp.models import layers
+from jbp.policy import LayerPolicy
 
 _NAMED = ("w", "b", "gamma", "beta")
 
@@ -129,8 +129,8 @@ class _Recorder:
 def record(apply: Callable, params, state, x, y, *, loss: str = "softmax_cross_entropy",
            nn=None) -> List[Call]:
     """Pass 1: the model's layer calls (eager, train mode) and the loss call."""
-    rec = _Recorder(nn or layers("manual"), _owners(params))
-    logits, _ = apply(params, state, x, train=True, grad=rec)
+    rec = _Recorder(nn or LayerPolicy("manual"), _owners(params))
+    logits, _ = apply(params, state, x, train=True, layers=rec)
     getattr(rec, loss)(logits, y)
     rec.calls[-1] = rec.calls[-1]._replace(path="loss")
     return rec.calls
@@ -143,8 +143,8 @@ def cotangents(apply: Callable, params, state, x, y, calls: List[Call], *,
     probes[-1] = np.zeros((), np.float32)
 
     def objective(probes):
-        rec = _Recorder(nn or layers("manual"), probes=probes)
-        logits, _ = apply(params, state, x, train=True, grad=rec)
+        rec = _Recorder(nn or LayerPolicy("manual"), probes=probes)
+        logits, _ = apply(params, state, x, train=True, layers=rec)
         return getattr(rec, loss)(logits, y)
 
     return jax.jit(jax.grad(objective))(probes)
@@ -242,14 +242,14 @@ def xray(apply: Callable, params, state, x, y, *, repeats: int = 5,
          progress: Optional[Callable[[str], None]] = None) -> Report:
     """X-ray of ``apply`` (a model's apply function) on the batch ``(x, y)``.
 
-    ``manual`` is the namespace whose rules are measured (default ``jbp.manual``; pass
-    ``jbp.models.policy_layers(...)`` to see a residual policy); the reference is always
-    ``jbp.autodiff``. ``repeats=0`` skips the timing (and XLA's FLOP counts): the ``*_ms``
+    ``manual`` is the :class:`jbp.LayerPolicy` whose rules are measured (default
+    ``LayerPolicy("manual")``; pass ``LayerPolicy("manual", residuals="int8")`` to see a residual
+    policy); the reference is always ``jbp.autodiff``. ``repeats=0`` skips the timing (and XLA's FLOP counts): the ``*_ms``
     fields are then None. Returns a :class:`Report`: one dict per call (keys in :data:`COLUMNS`)
     and the totals.
     """
-    manual = manual or layers("manual")
-    auto = layers("autodiff")
+    manual = manual or LayerPolicy("manual")
+    auto = LayerPolicy("autodiff")
     calls = record(apply, params, state, x, y, loss=loss, nn=manual)
     deltas = cotangents(apply, params, state, x, y, calls, loss=loss, nn=manual)
     rows = []

@@ -118,7 +118,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jbp import checkpoint  # noqa: E402
+from jbp import LayerPolicy, checkpoint  # noqa: E402
 from jbp import config as config_lib  # noqa: E402
 from jbp import data, parallel, report, train  # noqa: E402
 from jbp import models  # noqa: E402
@@ -262,6 +262,7 @@ def main(argv=None) -> int:
     total_steps = tc.epochs * steps_per_epoch
     try:
         model = models.from_config(cfg.model)
+        layers = LayerPolicy(tc.grad, residuals=cfg.model.residuals)
     except ValueError as e:                        # an option this model does not have
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -287,10 +288,10 @@ def main(argv=None) -> int:
         return 2
     if mesh is not None:
         state = parallel.replicate(state, mesh)
-    train_step = train.make_train_step(model.apply, optimizer, grad=tc.grad,
+    train_step = train.make_train_step(model.apply, optimizer, grad=layers,
                                        check_finite=tc.check_finite, mesh=mesh,
                                        precision=tc.precision)
-    eval_step = train.make_eval_step(model.apply, grad=tc.grad)
+    eval_step = train.make_eval_step(model.apply, grad=layers)
     names = train.leaf_names(state.params)
 
     def save(epoch, batch):

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from jbp import config as config_lib  # noqa: E402
+from jbp import LayerPolicy, config as config_lib  # noqa: E402
 from jbp import data, models, xray  # noqa: E402
 
 
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
                              seed=cfg.train.seed))
     params, state = model.init(jax.random.key(cfg.train.seed), x.shape[1:],
                                cfg.model.num_classes)
-    nn = models.policy_layers("manual", cfg.model.residuals)
+    nn = LayerPolicy("manual", cfg.model.residuals)
     print(f"{cfg.name}: {cfg.model.name}, batch {batch}, residuals {cfg.model.residuals}, "
           f"{args.repeats} timed runs per layer", file=sys.stderr)
     report = xray.xray(model.apply, params, state, x, y, repeats=args.repeats, manual=nn,

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jbp import accuracy, data
+from jbp import LayerPolicy, accuracy, data
 from jbp.layers import conv
 from jbp._conv_kernels import onednn
 from jbp.models import get_model
@@ -103,9 +103,8 @@ def test_one_tap_dropped_fails_on_resnet20(monkeypatch):
     assert len(kernels) == 19 and all(not r.ok for r in kernels), str(check)
 
 
-def _tiny_apply(params, state, x, *, train, grad):
-    from jbp.models import layers
-    nn = layers(grad)
+def _tiny_apply(params, state, x, *, train, layers):
+    nn = layers
     h = nn.relu(nn.dense(x, params["w1"]))
     return nn.dense(h, params["w2"]), state
 
@@ -142,7 +141,7 @@ def test_reference_replays_max_pool_and_equals_float64_autodiff():
 
         def loss(p):
             logits, _ = model.apply(p, state, jnp.asarray(x, jnp.float64), train=True,
-                                    grad="autodiff")
+                                    layers=LayerPolicy("autodiff"))
             return jbp.autodiff.softmax_cross_entropy(logits, y)
         plain = jax.grad(loss)(p64)
     for a, b in zip(jax.tree.leaves(pinned), jax.tree.leaves(plain)):

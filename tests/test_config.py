@@ -6,6 +6,7 @@ import tomllib
 
 import pytest
 
+import jbp
 from jbp import config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,7 +95,7 @@ def test_every_choice_the_config_accepts_runs():
     for name in config._CHOICES[("model", "name")]:
         assert models.get_model(config.from_dict({"model": {"name": name}}).model.name).name == name
     for grad in config._CHOICES[("train", "grad")]:
-        models.layers(config.from_dict({"train": {"grad": grad}}).train.grad)
+        jbp.LayerPolicy(config.from_dict({"train": {"grad": grad}}).train.grad)
     for dataset in config._CHOICES[("data", "dataset")]:
         cfg = config.from_dict({"data": {"dataset": dataset, "path": "/nonexistent/x"}}).data
         with pytest.raises(data.DataError) as err:

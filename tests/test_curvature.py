@@ -16,9 +16,9 @@ from jbp import curvature
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _tiny_apply(params, state, x, *, train, grad="manual"):
+def _tiny_apply(params, state, x, *, train, layers=jbp.LayerPolicy()):
     """conv 3×3 (1->2) -> batch norm -> relu -> max-pool 2 -> flatten -> dense (3 classes)."""
-    nn = jbp.models.layers(grad)
+    nn = layers
     h = nn.conv2d(x, params["conv"]["w"], params["conv"]["b"])
     h, _ = nn.batch_norm(h, params["bn"]["gamma"], params["bn"]["beta"], state["mean"],
                          state["var"], train=train)

@@ -37,8 +37,8 @@ def test_plain_nobn_gradients_match_autodiff():
 
     def grads(grad):
         def loss(p):
-            logits, _ = model.apply(p, state, x, train=True, grad=grad)
-            return getattr(jbp.models.layers(grad), "softmax_cross_entropy")(logits, y)
+            logits, _ = model.apply(p, state, x, train=True, layers=jbp.LayerPolicy(grad))
+            return jbp.LayerPolicy(grad).softmax_cross_entropy(logits, y)
         return jax.tree.leaves(jax.jit(jax.grad(loss))(params))
 
     for a, b in zip(grads("manual"), grads("autodiff")):

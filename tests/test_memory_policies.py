@@ -14,7 +14,8 @@ import pytest
 
 import jbp
 from jbp import _residuals
-from jbp.models import from_config, policy_layers, resnet
+from jbp import LayerPolicy
+from jbp.models import resnet
 from jbp.config import ModelConfig
 
 SLACK = 1e-12
@@ -138,7 +139,7 @@ def test_compressed_policies_keep_no_float_activation_for_the_backward():
     param_bytes = sum(a.nbytes for a in jax.tree.leaves(params))
     saved = {}
     for policy in ("exact", "bf16", "int8"):
-        nn = policy_layers("manual", policy)
+        nn = LayerPolicy("manual", policy)
 
         def loss(p, nn=nn):
             logits, _ = resnet._apply(TINY, p, state, x, True, nn)
@@ -170,7 +171,7 @@ def _tiny_grads(remat, jit):
     params, state = resnet._init(TINY, jax.random.key(0), x.shape[1:], 10)
 
     def loss(p):
-        logits, _ = resnet._apply(TINY, p, state, x, True, "manual", True, remat)
+        logits, _ = resnet._apply(TINY, p, state, x, True, LayerPolicy(), True, remat)
         return jbp.softmax_cross_entropy(logits, y)
 
     return jax.tree.leaves((jax.jit(jax.grad(loss)) if jit else jax.grad(loss))(params))
@@ -203,8 +204,7 @@ def test_int8_model_gradients_close_to_exact():
             return jbp.softmax_cross_entropy(logits, y)
         return jax.tree.leaves(jax.jit(jax.grad(loss))(params))
 
-    for a, b in zip(grads("manual"), grads(policy_layers("manual", "int8"))):
+    for a, b in zip(grads(LayerPolicy("manual")), grads(LayerPolicy("manual", "int8"))):
         assert float(jnp.max(jnp.abs(a - b))) <= 0.05 * float(jnp.max(jnp.abs(a))) + 1e-7
-    model = from_config(ModelConfig(name="resnet20", residuals="int8"))
     with pytest.raises(ValueError, match="policy of jbp's rules"):
-        model.apply(params, state, x, train=True, grad="autodiff")
+        LayerPolicy("autodiff", residuals="int8")

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jbp import gradcheck, train
+from jbp import LayerPolicy, gradcheck, train
 from jbp.models import MODELS, get_model
 
 SHAPES = {"seed_cnn": (6, 6, 1), "lenet5": (28, 28, 1), "resnet20": (12, 12, 3),
@@ -58,7 +58,8 @@ def test_manual_gradients_match_autodiff_float64(name, train_mode):
 
     def loss(grad):
         def f(p):
-            logits, new_state = model.apply(p, state, x, train=train_mode, grad=grad)
+            logits, new_state = model.apply(p, state, x, train=train_mode,
+                                              layers=LayerPolicy(grad))
             ns = __import__("jbp").manual if grad == "manual" else __import__("jbp").autodiff
             return ns.softmax_cross_entropy(logits, y), new_state
         return f
@@ -91,7 +92,9 @@ def test_bad_model_arguments():
     model = get_model("lenet5")
     params, state = model.init(jax.random.key(0), (28, 28, 1), 10)
     with pytest.raises(ValueError, match=r"grad: expected one of \('manual', 'autodiff'\)"):
-        model.apply(params, state, jnp.ones((1, 28, 28, 1)), train=True, grad="forward")
+        LayerPolicy("forward")
+    with pytest.raises(TypeError, match=r"layers: expected a jbp.LayerPolicy"):
+        model.apply(params, state, jnp.ones((1, 28, 28, 1)), train=True, layers="autodiff")
     with pytest.raises(ValueError, match=r"x: expected a batch of NHWC images"):
         model.apply(params, state, jnp.ones((28, 28, 1), jnp.float32), train=True)
     with pytest.raises(TypeError, match=r"w: dtype float32 differs from x dtype float64"):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jbp import config as config_lib
-from jbp import data
+from jbp import LayerPolicy, data
 from jbp.models import get_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,7 +95,8 @@ def test_gradients_small_error_and_norms_match_jax_grad(run):
 
     def loss(p):
         import jbp.autodiff as ad
-        logits, _ = model.apply(p, state, jnp.asarray(x), train=True, grad="autodiff")
+        logits, _ = model.apply(p, state, jnp.asarray(x), train=True,
+                                layers=LayerPolicy("autodiff"))
         return ad.softmax_cross_entropy(logits, jnp.asarray(y))
 
     g = jax.grad(loss)(params)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jbp import _checks, _residuals
+from jbp._registry import layer
 from jbp._rule import cast_like, manual_rule
 
 
@@ -63,23 +64,17 @@ def _relu_bwd(residuals, kept, g):
 _relu_rule = manual_rule("relu", _relu_forward, _relu_fwd, _relu_bwd, num_args=2)
 
 
-def _relu_api(rule):
-    def relu(x: jax.Array, residuals: str = "exact") -> jax.Array:
-        """ReLU ``max(z, 0)``, any shape. Backward ``δ ⊙ 1[z > 0]`` (gradient 0 at ``z = 0``).
+@layer(_relu_rule, options=("residuals",))
+def relu(rule, x: jax.Array, residuals: str = "exact") -> jax.Array:
+    """ReLU ``max(z, 0)``, any shape. Backward ``δ ⊙ 1[z > 0]`` (gradient 0 at ``z = 0``).
 
-        Residuals: ``"exact"`` keeps the output ``a`` itself (no extra memory where the next
-        layer keeps it); the compressed policies of the model (``"bf16"``, ``"int8"``, where the
-        next convolution keeps only a compressed copy of ``a``) keep the boolean mask
-        ``1[a > 0]`` instead (``x.size`` bytes). The gradient is exact under every policy.
-        """
-        _check(x)
-        return rule(x, _residuals.check(residuals))
-
-    return relu
-
-
-relu = _relu_api(_relu_rule)
-autodiff_relu = _relu_api(_relu_rule.forward)
+    Residuals: ``"exact"`` keeps the output ``a`` itself (no extra memory where the next
+    layer keeps it); the compressed policies of the model (``"bf16"``, ``"int8"``, where the
+    next convolution keeps only a compressed copy of ``a``) keep the boolean mask
+    ``1[a > 0]`` instead (``x.size`` bytes). The gradient is exact under every policy.
+    """
+    _check(x)
+    return rule(x, _residuals.check(residuals))
 
 
 # --- Leaky ReLU ------------------------------------------------------------------------------
@@ -100,23 +95,17 @@ def _leaky_bwd(slope, mask, g):
 _leaky_rule = manual_rule("leaky_relu", _leaky_forward, _leaky_fwd, _leaky_bwd, num_args=2)
 
 
-def _leaky_api(rule):
-    def leaky_relu(x: jax.Array, negative_slope: float = 0.01) -> jax.Array:
-        """Leaky ReLU: ``z`` for ``z > 0``, else ``α z`` with ``α = negative_slope``. Any shape.
+@layer(_leaky_rule)
+def leaky_relu(rule, x: jax.Array, negative_slope: float = 0.01) -> jax.Array:
+    """Leaky ReLU: ``z`` for ``z > 0``, else ``α z`` with ``α = negative_slope``. Any shape.
 
-        Backward ``δ ⊙ (1[z > 0] + α 1[z ≤ 0])`` (slope ``α`` at ``z = 0``).
-        Residuals: a boolean mask ``z > 0`` (``x.size`` bytes).
-        """
-        _check(x)
-        if not isinstance(negative_slope, (int, float)) or isinstance(negative_slope, bool):
-            raise TypeError(f"negative_slope: expected a Python float, got {negative_slope!r}")
-        return rule(x, float(negative_slope))
-
-    return leaky_relu
-
-
-leaky_relu = _leaky_api(_leaky_rule)
-autodiff_leaky_relu = _leaky_api(_leaky_rule.forward)
+    Backward ``δ ⊙ (1[z > 0] + α 1[z ≤ 0])`` (slope ``α`` at ``z = 0``).
+    Residuals: a boolean mask ``z > 0`` (``x.size`` bytes).
+    """
+    _check(x)
+    if not isinstance(negative_slope, (int, float)) or isinstance(negative_slope, bool):
+        raise TypeError(f"negative_slope: expected a Python float, got {negative_slope!r}")
+    return rule(x, float(negative_slope))
 
 
 # --- Sigmoid and tanh --------------------------------------------------------------------------
@@ -150,35 +139,25 @@ def _tanh_bwd(y, g):
 _tanh_rule = manual_rule("tanh", jnp.tanh, _tanh_fwd, _tanh_bwd, num_args=1, num_static=0)
 
 
-def _sigmoid_api(rule):
-    def sigmoid(x: jax.Array) -> jax.Array:
-        """Logistic sigmoid ``σ(z) = 1 / (1 + e^{−z})``, any shape.
+@layer(_sigmoid_rule)
+def sigmoid(rule, x: jax.Array) -> jax.Array:
+    """Logistic sigmoid ``σ(z) = 1 / (1 + e^{−z})``, any shape.
 
-        Backward ``δ ⊙ σ(z)(1 − σ(z))`` from the saved output (not recomputed).
-        Residuals: ``σ(z)`` (``x.size · itemsize`` bytes).
-        """
-        _check(x)
-        return rule(x)
-
-    return sigmoid
+    Backward ``δ ⊙ σ(z)(1 − σ(z))`` from the saved output (not recomputed).
+    Residuals: ``σ(z)`` (``x.size · itemsize`` bytes).
+    """
+    _check(x)
+    return rule(x)
 
 
-def _tanh_api(rule):
-    def tanh(x: jax.Array) -> jax.Array:
-        """Hyperbolic tangent, any shape. Backward ``δ ⊙ (1 − tanh(z)²)`` from the saved output.
+@layer(_tanh_rule)
+def tanh(rule, x: jax.Array) -> jax.Array:
+    """Hyperbolic tangent, any shape. Backward ``δ ⊙ (1 − tanh(z)²)`` from the saved output.
 
-        Residuals: ``tanh(z)`` (``x.size · itemsize`` bytes).
-        """
-        _check(x)
-        return rule(x)
-
-    return tanh
-
-
-sigmoid = _sigmoid_api(_sigmoid_rule)
-autodiff_sigmoid = _sigmoid_api(_sigmoid_rule.forward)
-tanh = _tanh_api(_tanh_rule)
-autodiff_tanh = _tanh_api(_tanh_rule.forward)
+    Residuals: ``tanh(z)`` (``x.size · itemsize`` bytes).
+    """
+    _check(x)
+    return rule(x)
 
 
 # --- Softmax and log-softmax ------------------------------------------------------------------
@@ -233,33 +212,23 @@ def _along_axis(rule, x, axis):
     return rule(x, axis)
 
 
-def _softmax_api(rule):
-    def softmax(x: jax.Array, axis: int = -1) -> jax.Array:
-        """Softmax ``ŷ_k = e^{z_k} / Σ_j e^{z_j}`` along ``axis``, any shape.
+@layer(_softmax_rule)
+def softmax(rule, x: jax.Array, axis: int = -1) -> jax.Array:
+    """Softmax ``ŷ_k = e^{z_k} / Σ_j e^{z_j}`` along ``axis``, any shape.
 
-        Backward ``ŷ ⊙ (δ − Σ_k δ_k ŷ_k)``. Residuals: ``ŷ`` (``x.size · itemsize`` bytes).
-        For a loss, prefer :func:`jbp.softmax_cross_entropy` on the logits (fused and stable).
-        """
-        _check(x)
-        return _along_axis(rule, x, _axis(x, axis))
-
-    return softmax
+    Backward ``ŷ ⊙ (δ − Σ_k δ_k ŷ_k)``. Residuals: ``ŷ`` (``x.size · itemsize`` bytes).
+    For a loss, prefer :func:`jbp.softmax_cross_entropy` on the logits (fused and stable).
+    """
+    _check(x)
+    return _along_axis(rule, x, _axis(x, axis))
 
 
-def _log_softmax_api(rule):
-    def log_softmax(x: jax.Array, axis: int = -1) -> jax.Array:
-        """``log ŷ = z − logsumexp(z)`` along ``axis``, any shape; stable for large logits.
+@layer(_log_softmax_rule)
+def log_softmax(rule, x: jax.Array, axis: int = -1) -> jax.Array:
+    """``log ŷ = z − logsumexp(z)`` along ``axis``, any shape; stable for large logits.
 
-        Backward ``δ − ŷ Σ_k δ_k`` with ``ŷ = exp(output)``.
-        Residuals: the output (``x.size · itemsize`` bytes).
-        """
-        _check(x)
-        return _along_axis(rule, x, _axis(x, axis))
-
-    return log_softmax
-
-
-softmax = _softmax_api(_softmax_rule)
-autodiff_softmax = _softmax_api(_softmax_rule.forward)
-log_softmax = _log_softmax_api(_log_softmax_rule)
-autodiff_log_softmax = _log_softmax_api(_log_softmax_rule.forward)
+    Backward ``δ − ŷ Σ_k δ_k`` with ``ŷ = exp(output)``.
+    Residuals: the output (``x.size · itemsize`` bytes).
+    """
+    _check(x)
+    return _along_axis(rule, x, _axis(x, axis))

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbp import _checks
+from jbp._registry import layer
 from jbp._rule import manual_rule
 
 
@@ -59,33 +60,27 @@ _adaptive_rule = manual_rule("adaptive_avg_pool", _adaptive_forward, _adaptive_f
                              _adaptive_bwd, num_args=2)
 
 
-def _adaptive_api(rule):
-    def adaptive_avg_pool(x: jax.Array, output_size) -> jax.Array:
-        """Average pooling to a given output size, PyTorch's ``AdaptiveAvgPool2d`` bins.
+@layer(_adaptive_rule)
+def adaptive_avg_pool(rule, x: jax.Array, output_size) -> jax.Array:
+    """Average pooling to a given output size, PyTorch's ``AdaptiveAvgPool2d`` bins.
 
-        Args:
-          x: shape ``(N, H, W, C)``, H and W >= 1.
-          output_size: int or ``(H_out, W_out)``; any size >= 1 (bins overlap where it does
-            not divide the input; larger than the input repeats cells).
+    Args:
+      x: shape ``(N, H, W, C)``, H and W >= 1.
+      output_size: int or ``(H_out, W_out)``; any size >= 1 (bins overlap where it does
+        not divide the input; larger than the input repeats cells).
 
-        Returns:
-          shape ``(N, H_out, W_out, C)``.
+    Returns:
+      shape ``(N, H_out, W_out, C)``.
 
-        Backward: ``∂L/∂a[h, w] = Σ_{bins (i, j) ∋ (h, w)} δ[i, j] / (|bin_i|·|bin_j|)``.
-        Residuals: none (0 bytes).
-        """
-        _checks.require_rank("x", x, 4, "(N, H, W, C) in NHWC layout")
-        _checks.require_float("x", x)
-        out_hw = _checks.pair("output_size", output_size)
-        if min(x.shape[1:3]) < 1:
-            raise ValueError(f"x: adaptive pooling needs H, W >= 1, got shape {tuple(x.shape)}")
-        return rule(x, AdaptiveConfig(tuple(x.shape[1:3]), out_hw))
-
-    return adaptive_avg_pool
-
-
-adaptive_avg_pool = _adaptive_api(_adaptive_rule)
-autodiff_adaptive_avg_pool = _adaptive_api(_adaptive_rule.forward)
+    Backward: ``∂L/∂a[h, w] = Σ_{bins (i, j) ∋ (h, w)} δ[i, j] / (|bin_i|·|bin_j|)``.
+    Residuals: none (0 bytes).
+    """
+    _checks.require_rank("x", x, 4, "(N, H, W, C) in NHWC layout")
+    _checks.require_float("x", x)
+    out_hw = _checks.pair("output_size", output_size)
+    if min(x.shape[1:3]) < 1:
+        raise ValueError(f"x: adaptive pooling needs H, W >= 1, got shape {tuple(x.shape)}")
+    return rule(x, AdaptiveConfig(tuple(x.shape[1:3]), out_hw))
 
 
 # --- Global average pooling -----------------------------------------------------------------
@@ -109,18 +104,12 @@ _global_rule = manual_rule("global_avg_pool", _global_forward, _global_fwd, _glo
                            num_args=2)
 
 
-def _global_api(rule):
-    def global_avg_pool(x: jax.Array) -> jax.Array:
-        """Mean over the spatial axes: ``(N, H, W, C) -> (N, C)``.
+@layer(_global_rule)
+def global_avg_pool(rule, x: jax.Array) -> jax.Array:
+    """Mean over the spatial axes: ``(N, H, W, C) -> (N, C)``.
 
-        Backward ``∂L/∂a[n,h,w,c] = δ[n,c] / (H·W)``. Residuals: none (0 bytes).
-        """
-        _checks.require_rank("x", x, 4, "(N, H, W, C) in NHWC layout")
-        _checks.require_float("x", x)
-        return rule(x, tuple(x.shape[1:3]))
-
-    return global_avg_pool
-
-
-global_avg_pool = _global_api(_global_rule)
-autodiff_global_avg_pool = _global_api(_global_rule.forward)
+    Backward ``∂L/∂a[n,h,w,c] = δ[n,c] / (H·W)``. Residuals: none (0 bytes).
+    """
+    _checks.require_rank("x", x, 4, "(N, H, W, C) in NHWC layout")
+    _checks.require_float("x", x)
+    return rule(x, tuple(x.shape[1:3]))

@@ -29,6 +29,7 @@ from jax import lax
 
 from jbp import _checks, _conv_kernels, _residuals
 from jbp.layers import padding as _padding
+from jbp._registry import layer
 from jbp._rule import cast_like, manual_rule
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -216,46 +217,40 @@ def conv_config(x, w, b=None, *, stride=1, padding="SAME", dilation=1, groups=1,
     return ConvConfig(stride, pads, dilation, groups, _residuals.check(residuals))
 
 
-def _conv2d_api(rule, pad):
-    def conv2d(x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None, *,
-               stride=1, padding="SAME", dilation=1, groups=1,
-               padding_mode: str = "zeros", residuals="exact") -> jax.Array:
-        """2-D convolution: ``z = a ⋆ W + b``.
+@layer(_conv2d_rule, _padding.pad, options=("residuals",))
+def conv2d(rule, pad, x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None, *,
+           stride=1, padding="SAME", dilation=1, groups=1,
+           padding_mode: str = "zeros", residuals="exact") -> jax.Array:
+    """2-D convolution: ``z = a ⋆ W + b``.
 
-        Args:
-          x: input ``a``, shape ``(N, H, W, C_in)``.
-          w: kernel ``W``, shape ``(KH, KW, C_in // groups, C_out)``.
-          b: optional bias, shape ``(C_out,)``.
-          stride, dilation: int or ``(sh, sw)``.
-          padding: ``"SAME"`` (output ``ceil(H / sh)``), ``"VALID"``, an int, or
-            ``((top, bottom), (left, right))``.
-          groups: feature groups; ``groups == C_in`` is a depthwise convolution.
-          padding_mode: ``"zeros"``, or ``"reflect"``, ``"replicate"``, ``"circular"``: the
-            input is first padded by :func:`jbp.layers.padding.pad` (whose backward folds the padded
-            gradient back) and then convolved unpadded, as PyTorch's ``Conv2d`` does.
-          residuals: what the rule keeps of ``x`` for ``∂L/∂W``: ``"exact"``, ``"bf16"`` or
-            ``"int8"`` (per-channel scale; ``jbp._residuals``). The forward is unchanged.
+    Args:
+      x: input ``a``, shape ``(N, H, W, C_in)``.
+      w: kernel ``W``, shape ``(KH, KW, C_in // groups, C_out)``.
+      b: optional bias, shape ``(C_out,)``.
+      stride, dilation: int or ``(sh, sw)``.
+      padding: ``"SAME"`` (output ``ceil(H / sh)``), ``"VALID"``, an int, or
+        ``((top, bottom), (left, right))``.
+      groups: feature groups; ``groups == C_in`` is a depthwise convolution.
+      padding_mode: ``"zeros"``, or ``"reflect"``, ``"replicate"``, ``"circular"``: the
+        input is first padded by :func:`jbp.layers.padding.pad` (whose backward folds the padded
+        gradient back) and then convolved unpadded, as PyTorch's ``Conv2d`` does.
+      residuals: what the rule keeps of ``x`` for ``∂L/∂W``: ``"exact"``, ``"bf16"`` or
+        ``"int8"`` (per-channel scale; ``jbp._residuals``). The forward is unchanged.
 
-        Returns:
-          ``z`` of shape ``(N, H_out, W_out, C_out)``.
+    Returns:
+      ``z`` of shape ``(N, H_out, W_out, C_out)``.
 
-        Backward (hand-written in ``jbp.layers.conv``): ``∂L/∂W = δ ⋆ a``, ``∂L/∂b = Σ_{n,h,w} δ``, and
-        ``∂L/∂a`` = full convolution of the stride-dilated ``δ`` with ``W`` rotated 180° and
-        channels swapped. Residuals: ``x``, ``w`` and ``b`` (``(x.size + w.size + C_out) ·
-        itemsize`` bytes; ``b`` only for its dtype; the padded ``x`` with a padding mode).
-        """
-        cfg = conv_config(x, w, b, stride=stride, padding=padding, dilation=dilation,
-                          groups=groups, residuals=residuals)
-        if padding_mode != "zeros":
-            if padding_mode not in _padding.MODES:
-                raise ValueError(f"padding_mode: expected 'zeros' or one of {_padding.MODES}, "
-                                 f"got {padding_mode!r}")
-            x = pad(x, cfg.padding, padding_mode)
-            cfg = cfg._replace(padding=((0, 0), (0, 0)))
-        return rule(x, w, b, cfg)
-
-    return conv2d
-
-
-conv2d = _conv2d_api(_conv2d_rule, _padding.pad)
-autodiff_conv2d = _conv2d_api(_conv2d_rule.forward, _padding.autodiff_pad)
+    Backward (hand-written in ``jbp.layers.conv``): ``∂L/∂W = δ ⋆ a``, ``∂L/∂b = Σ_{n,h,w} δ``, and
+    ``∂L/∂a`` = full convolution of the stride-dilated ``δ`` with ``W`` rotated 180° and
+    channels swapped. Residuals: ``x``, ``w`` and ``b`` (``(x.size + w.size + C_out) ·
+    itemsize`` bytes; ``b`` only for its dtype; the padded ``x`` with a padding mode).
+    """
+    cfg = conv_config(x, w, b, stride=stride, padding=padding, dilation=dilation,
+                      groups=groups, residuals=residuals)
+    if padding_mode != "zeros":
+        if padding_mode not in _padding.MODES:
+            raise ValueError(f"padding_mode: expected 'zeros' or one of {_padding.MODES}, "
+                             f"got {padding_mode!r}")
+        x = pad(x, cfg.padding, padding_mode)
+        cfg = cfg._replace(padding=((0, 0), (0, 0)))
+    return rule(x, w, b, cfg)

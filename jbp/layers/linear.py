@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbp import _checks
+from jbp._registry import layer
 from jbp._rule import cast_like, manual_rule
 
 
@@ -61,34 +62,28 @@ def _check_dense(x, w, b):
             raise TypeError(f"b: dtype {b.dtype} differs from x dtype {x.dtype}")
 
 
-def _dense_api(rule):
-    def dense(x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None) -> jax.Array:
-        """Fully connected layer ``z = a W + b``.
+@layer(_dense_rule)
+def dense(rule, x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None) -> jax.Array:
+    """Fully connected layer ``z = a W + b``.
 
-        Args:
-          x: ``a``, shape ``(..., in)``: any leading axes (PyTorch's ``F.linear``), which the
-            rule sees flattened into one batch axis N; images: flatten them with
-            :func:`jbp.flatten` first.
-          w: ``W``, shape ``(in, out)`` (PyTorch's weight transposed).
-          b: optional bias, shape ``(out,)``.
+    Args:
+      x: ``a``, shape ``(..., in)``: any leading axes (PyTorch's ``F.linear``), which the
+        rule sees flattened into one batch axis N; images: flatten them with
+        :func:`jbp.flatten` first.
+      w: ``W``, shape ``(in, out)`` (PyTorch's weight transposed).
+      b: optional bias, shape ``(out,)``.
 
-        Returns:
-          ``z``, shape ``(..., out)``.
+    Returns:
+      ``z``, shape ``(..., out)``.
 
-        Backward (``jbp.layers.linear``): ``∂L/∂W = aᵀ δ``, ``∂L/∂b = Σ_n δ_n``, ``∂L/∂a = δ Wᵀ``.
-        Residuals: ``a``, ``W`` and ``b`` (``(N·in + in·out + out) · itemsize`` bytes).
-        """
-        _check_dense(x, w, b)
-        if x.ndim == 2:
-            return rule(x, w, b, None)
-        z = rule(x.reshape(-1, x.shape[-1]), w, b, None)     # N = the product of leading axes
-        return z.reshape(*x.shape[:-1], w.shape[1])
-
-    return dense
-
-
-dense = _dense_api(_dense_rule)
-autodiff_dense = _dense_api(_dense_rule.forward)
+    Backward (``jbp.layers.linear``): ``∂L/∂W = aᵀ δ``, ``∂L/∂b = Σ_n δ_n``, ``∂L/∂a = δ Wᵀ``.
+    Residuals: ``a``, ``W`` and ``b`` (``(N·in + in·out + out) · itemsize`` bytes).
+    """
+    _check_dense(x, w, b)
+    if x.ndim == 2:
+        return rule(x, w, b, None)
+    z = rule(x.reshape(-1, x.shape[-1]), w, b, None)     # N = the product of leading axes
+    return z.reshape(*x.shape[:-1], w.shape[1])
 
 
 # --- flatten ---------------------------------------------------------------------------------
@@ -108,20 +103,14 @@ def _flatten_bwd(shape, _res, g):
 _flatten_rule = manual_rule("flatten", _flatten_forward, _flatten_fwd, _flatten_bwd, num_args=2)
 
 
-def _flatten_api(rule):
-    def flatten(x: jax.Array) -> jax.Array:
-        """Flatten every axis but the first: ``(N, d1, d2, ...) -> (N, d1·d2·...)``.
+@layer(_flatten_rule)
+def flatten(rule, x: jax.Array) -> jax.Array:
+    """Flatten every axis but the first: ``(N, d1, d2, ...) -> (N, d1·d2·...)``.
 
-        NHWC order is kept (row-major), so an NHWC image flattens H, then W, then C.
-        Backward: ``δ`` reshaped to the input shape. Residuals: none (0 bytes).
-        """
-        _checks.require_array("x", x)
-        if x.ndim < 1:
-            raise ValueError(f"x: expected at least a batch axis, got a scalar")
-        return rule(x, tuple(x.shape))
-
-    return flatten
-
-
-flatten = _flatten_api(_flatten_rule)
-autodiff_flatten = _flatten_api(_flatten_rule.forward)
+    NHWC order is kept (row-major), so an NHWC image flattens H, then W, then C.
+    Backward: ``δ`` reshaped to the input shape. Residuals: none (0 bytes).
+    """
+    _checks.require_array("x", x)
+    if x.ndim < 1:
+        raise ValueError(f"x: expected at least a batch axis, got a scalar")
+    return rule(x, tuple(x.shape))

@@ -24,8 +24,6 @@ global-batch equation, not an average of per-device statistics.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from typing import Hashable, Optional, Tuple
 
 import jax
@@ -33,29 +31,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from jbp import _checks, _residuals
+from jbp._registry import layer
 from jbp._rule import cast_like, compute_dtype, manual_rule
 
 
 def _stat_axes(x):
     return tuple(range(x.ndim - 1))
-
-
-_DEFAULT_AXIS = contextvars.ContextVar("jbp_batch_norm_axis", default=None)
-
-
-@contextlib.contextmanager
-def sync_batch_norm(axis_name: Optional[Hashable]):
-    """Within this context, ``batch_norm`` calls that pass no ``axis_name`` use this one.
-
-    ``jbp.train.make_train_step(..., mesh=...)`` traces the model under
-    ``sync_batch_norm("data")``, so a model written without mesh axes gets the global batch's
-    statistics. It acts at trace time (the calls it affects are those traced inside it).
-    """
-    token = _DEFAULT_AXIS.set(axis_name)
-    try:
-        yield
-    finally:
-        _DEFAULT_AXIS.reset(token)
 
 
 def _global_sum(v, axes, axis_name):
@@ -190,58 +171,50 @@ def _check_axis(axis_name):
                          f"with that axis, or pass axis_name=None") from err
 
 
-def _batch_norm_api(train_rule, eval_rule):
-    def batch_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, running_mean: jax.Array,
-                   running_var: jax.Array, *, train: bool, momentum: float = 0.9,
-                   eps: float = 1e-5, axis_name: Optional[Hashable] = None,
-                   residuals: str = "exact",
-                   ) -> Tuple[jax.Array, Tuple[jax.Array, jax.Array]]:
-        """Batch normalisation over every axis but the last (channels).
+@layer(_train_rule, _eval_rule, options=("residuals", "axis_name"))
+def batch_norm(train_rule, eval_rule, x: jax.Array, gamma: jax.Array, beta: jax.Array, running_mean: jax.Array,
+               running_var: jax.Array, *, train: bool, momentum: float = 0.9,
+               eps: float = 1e-5, axis_name: Optional[Hashable] = None,
+               residuals: str = "exact",
+               ) -> Tuple[jax.Array, Tuple[jax.Array, jax.Array]]:
+    """Batch normalisation over every axis but the last (channels).
 
-        Args:
-          x: shape ``(N, ..., C)``, e.g. ``(N, H, W, C)`` or ``(N, C)``.
-          gamma, beta: scale ``γ`` and shift ``β``, shape ``(C,)``.
-          running_mean, running_var: running statistics, shape ``(C,)``; state, no gradient.
-          train: ``True`` normalises with batch statistics and updates the running ones;
-            ``False`` normalises with the running statistics and returns them unchanged.
-          momentum: ``new = momentum·old + (1 − momentum)·batch`` (unbiased batch variance).
-          eps: added to the variance.
-          axis_name: a ``jax.shard_map`` mesh axis (or tuple of axes) the batch is split over:
-            statistics and the backward's sums cover the global batch (synchronised batch
-            norm). ``None``: the enclosing :func:`sync_batch_norm` context's, else this
-            device's batch alone.
-          residuals: what the training-mode rule keeps of ``x`` for the backward: ``"exact"``,
-            ``"bf16"`` or ``"int8"`` (``jbp._residuals``); ``x̂`` is recomputed from it.
+    Args:
+      x: shape ``(N, ..., C)``, e.g. ``(N, H, W, C)`` or ``(N, C)``.
+      gamma, beta: scale ``γ`` and shift ``β``, shape ``(C,)``.
+      running_mean, running_var: running statistics, shape ``(C,)``; state, no gradient.
+      train: ``True`` normalises with batch statistics and updates the running ones;
+        ``False`` normalises with the running statistics and returns them unchanged.
+      momentum: ``new = momentum·old + (1 − momentum)·batch`` (unbiased batch variance).
+      eps: added to the variance.
+      axis_name: a ``jax.shard_map`` mesh axis (or tuple of axes) the batch is split over:
+        statistics and the backward's sums cover the global batch (synchronised batch
+        norm). ``None``: this device's batch alone. A model receives it through its
+        ``jbp.LayerPolicy(axis_name=...)`` (the data-parallel train step sets ``"data"``).
+      residuals: what the training-mode rule keeps of ``x`` for the backward: ``"exact"``,
+        ``"bf16"`` or ``"int8"`` (``jbp._residuals``); ``x̂`` is recomputed from it.
 
-        Returns:
-          ``(y, (new_running_mean, new_running_var))``, ``y`` shaped like ``x``.
+    Returns:
+      ``(y, (new_running_mean, new_running_var))``, ``y`` shaped like ``x``.
 
-        Backward: train ``∂L/∂x = (γ / (M √(σ² + ε))) · (M δ − Σ δ − x̂ ⊙ Σ(δ ⊙ x̂))``,
-        ``∂L/∂γ = Σ δ ⊙ x̂``, ``∂L/∂β = Σ δ``; eval ``∂L/∂x = δ γ / √(σ²_run + ε)``.
-        Residuals (train): ``x``, ``μ``, ``1/σ``, ``γ`` and ``β`` (``M·C`` values of ``x``'s
-        dtype plus ``4C``; ``x̂`` is recomputed in the backward).
-        Eval: ``x̂``, ``1/σ``, ``γ``, ``β``.
-        """
-        _check(x, gamma, beta, running_mean, running_var, train, momentum, eps)
-        _residuals.check(residuals)
-        running_mean = lax.stop_gradient(running_mean)
-        running_var = lax.stop_gradient(running_var)
-        if not train:
-            y = eval_rule(x, gamma, beta, running_mean, running_var, float(eps))
-            return y, (running_mean, running_var)
-        if axis_name is None:
-            axis_name = _DEFAULT_AXIS.get()
-        _check_axis(axis_name)
-        y, mean, var = train_rule(x, gamma, beta, float(eps), axis_name, residuals)
-        mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
-        m = _count(x, axis_name)
-        unbiased_var = var * (m / (m - 1))
-        new_mean = momentum * running_mean + (1 - momentum) * mean.astype(running_mean.dtype)
-        new_var = momentum * running_var + (1 - momentum) * unbiased_var.astype(running_var.dtype)
-        return y, (new_mean.astype(running_mean.dtype), new_var.astype(running_var.dtype))
-
-    return batch_norm
-
-
-batch_norm = _batch_norm_api(_train_rule, _eval_rule)
-autodiff_batch_norm = _batch_norm_api(_train_rule.forward, _eval_rule.forward)
+    Backward: train ``∂L/∂x = (γ / (M √(σ² + ε))) · (M δ − Σ δ − x̂ ⊙ Σ(δ ⊙ x̂))``,
+    ``∂L/∂γ = Σ δ ⊙ x̂``, ``∂L/∂β = Σ δ``; eval ``∂L/∂x = δ γ / √(σ²_run + ε)``.
+    Residuals (train): ``x``, ``μ``, ``1/σ``, ``γ`` and ``β`` (``M·C`` values of ``x``'s
+    dtype plus ``4C``; ``x̂`` is recomputed in the backward).
+    Eval: ``x̂``, ``1/σ``, ``γ``, ``β``.
+    """
+    _check(x, gamma, beta, running_mean, running_var, train, momentum, eps)
+    _residuals.check(residuals)
+    running_mean = lax.stop_gradient(running_mean)
+    running_var = lax.stop_gradient(running_var)
+    if not train:
+        y = eval_rule(x, gamma, beta, running_mean, running_var, float(eps))
+        return y, (running_mean, running_var)
+    _check_axis(axis_name)
+    y, mean, var = train_rule(x, gamma, beta, float(eps), axis_name, residuals)
+    mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
+    m = _count(x, axis_name)
+    unbiased_var = var * (m / (m - 1))
+    new_mean = momentum * running_mean + (1 - momentum) * mean.astype(running_mean.dtype)
+    new_var = momentum * running_var + (1 - momentum) * unbiased_var.astype(running_var.dtype)
+    return y, (new_mean.astype(running_mean.dtype), new_var.astype(running_var.dtype))

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbp import _checks
+from jbp._registry import layer
 from jbp._rule import manual_rule
 
 MODES = ("reflect", "replicate", "circular")
@@ -106,27 +107,21 @@ def pad_config(x, padding, mode: str) -> PadConfig:
     return PadConfig(mode, pads, hw)
 
 
-def _pad_api(rule):
-    def pad(x: jax.Array, padding, mode: str = "reflect") -> jax.Array:
-        """Pad the spatial axes of NHWC ``x`` by copying its own cells.
+@layer(_pad_rule)
+def pad(rule, x: jax.Array, padding, mode: str = "reflect") -> jax.Array:
+    """Pad the spatial axes of NHWC ``x`` by copying its own cells.
 
-        Args:
-          x: shape ``(N, H, W, C)``.
-          padding: an int, or ``((top, bottom), (left, right))``.
-          mode: ``"reflect"`` (the edge is not repeated; each pad < the axis' size),
-            ``"replicate"`` (the edge repeated) or ``"circular"`` (wrap around; each pad <= the
-            axis' size), as PyTorch's ``F.pad`` modes.
+    Args:
+      x: shape ``(N, H, W, C)``.
+      padding: an int, or ``((top, bottom), (left, right))``.
+      mode: ``"reflect"`` (the edge is not repeated; each pad < the axis' size),
+        ``"replicate"`` (the edge repeated) or ``"circular"`` (wrap around; each pad <= the
+        axis' size), as PyTorch's ``F.pad`` modes.
 
-        Returns:
-          shape ``(N, top + H + bottom, left + W + right, C)``.
+    Returns:
+      shape ``(N, top + H + bottom, left + W + right, C)``.
 
-        Backward: ``∂L/∂a[h, w] = Σ δ`` over the padded cells that copy ``(h, w)``, the cell's
-        own included. Residuals: none (0 bytes).
-        """
-        return rule(x, pad_config(x, padding, mode))
-
-    return pad
-
-
-pad = _pad_api(_pad_rule)
-autodiff_pad = _pad_api(_pad_rule.forward)
+    Backward: ``∂L/∂a[h, w] = Σ δ`` over the padded cells that copy ``(h, w)``, the cell's
+    own included. Residuals: none (0 bytes).
+    """
+    return rule(x, pad_config(x, padding, mode))

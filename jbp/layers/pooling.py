@@ -34,6 +34,7 @@ import numpy as np
 from jax import lax
 
 from jbp import _checks
+from jbp._registry import layer
 from jbp._rule import manual_rule
 
 
@@ -197,46 +198,40 @@ def _max_bwd(cfg: PoolConfig, idx, g):
 _max_pool_rule = manual_rule("max_pool", _max_forward, _max_fwd, _max_bwd, num_args=2)
 
 
-def _max_pool_api(rule):
-    def max_pool(x: jax.Array, window, stride=None, padding="VALID", *, dilation=1,
-                 ceil_mode: bool = False, return_indices: bool = False):
-        """2-D max pooling over NHWC ``x``.
+@layer(_max_pool_rule)
+def max_pool(rule, x: jax.Array, window, stride=None, padding="VALID", *, dilation=1,
+             ceil_mode: bool = False, return_indices: bool = False):
+    """2-D max pooling over NHWC ``x``.
 
-        Args:
-          x: shape ``(N, H, W, C)``.
-          window: int or ``(KH, KW)``.
-          stride: int or pair; defaults to ``window``.
-          padding: ``"VALID"``, ``"SAME"``, an int, or ``((top, bottom), (left, right))``;
-            padded cells are ``−∞`` and each pad must be smaller than the (dilated) window.
-          dilation: int or pair: tap (i, j) reads cell ``(h·s + i·d, w·s + j·d)``.
-          ceil_mode: PyTorch's: ``H_out = ⌈(H + pads − (K−1)·d − 1) / s⌉ + 1`` (a last, partial
-            window where the input leaves a remainder, unless it would start past the input).
-          return_indices: also return PyTorch's indices: for each output, the row-major
-            index ``h·W + w`` of its maximum in the unpadded input, int32, shape of the output
-            (for :func:`jbp.max_unpool`; not differentiable).
+    Args:
+      x: shape ``(N, H, W, C)``.
+      window: int or ``(KH, KW)``.
+      stride: int or pair; defaults to ``window``.
+      padding: ``"VALID"``, ``"SAME"``, an int, or ``((top, bottom), (left, right))``;
+        padded cells are ``−∞`` and each pad must be smaller than the (dilated) window.
+      dilation: int or pair: tap (i, j) reads cell ``(h·s + i·d, w·s + j·d)``.
+      ceil_mode: PyTorch's: ``H_out = ⌈(H + pads − (K−1)·d − 1) / s⌉ + 1`` (a last, partial
+        window where the input leaves a remainder, unless it would start past the input).
+      return_indices: also return PyTorch's indices: for each output, the row-major
+        index ``h·W + w`` of its maximum in the unpadded input, int32, shape of the output
+        (for :func:`jbp.max_unpool`; not differentiable).
 
-        Returns:
-          shape ``(N, H_out, W_out, C)``; with ``return_indices``, ``(output, indices)``.
+    Returns:
+      shape ``(N, H_out, W_out, C)``; with ``return_indices``, ``(output, indices)``.
 
-        Backward: each window's ``δ`` goes to its maximum, other cells get 0, overlapping windows
-        accumulate. Ties: the first maximum in row-major window order takes all of ``δ``.
-        Residuals: the int8 tap index of each window's maximum (``N·H_out·W_out·C`` bytes;
-        int16 for windows over 127 cells).
-        """
-        if not isinstance(return_indices, bool):
-            raise TypeError(f"return_indices: expected a bool, got {return_indices!r}")
-        cfg = pool_config(x, window, stride, padding, dilation=dilation, ceil_mode=ceil_mode)
-        y = rule(x, cfg)
-        if not return_indices:
-            return y
-        x0, y0 = lax.stop_gradient(x), lax.stop_gradient(y)
-        return y, flat_indices(_first_max_tap(x0, y0, cfg), cfg)
-
-    return max_pool
-
-
-max_pool = _max_pool_api(_max_pool_rule)
-autodiff_max_pool = _max_pool_api(_max_pool_rule.forward)
+    Backward: each window's ``δ`` goes to its maximum, other cells get 0, overlapping windows
+    accumulate. Ties: the first maximum in row-major window order takes all of ``δ``.
+    Residuals: the int8 tap index of each window's maximum (``N·H_out·W_out·C`` bytes;
+    int16 for windows over 127 cells).
+    """
+    if not isinstance(return_indices, bool):
+        raise TypeError(f"return_indices: expected a bool, got {return_indices!r}")
+    cfg = pool_config(x, window, stride, padding, dilation=dilation, ceil_mode=ceil_mode)
+    y = rule(x, cfg)
+    if not return_indices:
+        return y
+    x0, y0 = lax.stop_gradient(x), lax.stop_gradient(y)
+    return y, flat_indices(_first_max_tap(x0, y0, cfg), cfg)
 
 
 # --- Average pooling --------------------------------------------------------------------------
@@ -287,32 +282,26 @@ def _avg_bwd(cfg: AvgConfig, _res, g):
 _avg_pool_rule = manual_rule("avg_pool", _avg_forward, _avg_fwd, _avg_bwd, num_args=2)
 
 
-def _avg_pool_api(rule):
-    def avg_pool(x: jax.Array, window, stride=None, padding="VALID",
-                 count_include_pad: bool = True, *, ceil_mode: bool = False) -> jax.Array:
-        """2-D average pooling over NHWC ``x``; arguments as :func:`max_pool`, padding is 0.
+@layer(_avg_pool_rule)
+def avg_pool(rule, x: jax.Array, window, stride=None, padding="VALID",
+             count_include_pad: bool = True, *, ceil_mode: bool = False) -> jax.Array:
+    """2-D average pooling over NHWC ``x``; arguments as :func:`max_pool`, padding is 0.
 
-        ``count_include_pad=True`` (PyTorch's default) divides every window by ``KH·KW``;
-        ``False`` divides by the number of real (unpadded) cells in the window. With
-        ``ceil_mode`` (PyTorch's) the last, partial window divides by its cells inside the
-        padded input (``count_include_pad``) or by its real cells, never by the overhang.
+    ``count_include_pad=True`` (PyTorch's default) divides every window by ``KH·KW``;
+    ``False`` divides by the number of real (unpadded) cells in the window. With
+    ``ceil_mode`` (PyTorch's) the last, partial window divides by its cells inside the
+    padded input (``count_include_pad``) or by its real cells, never by the overhang.
 
-        Returns:
-          shape ``(N, H_out, W_out, C)``.
+    Returns:
+      shape ``(N, H_out, W_out, C)``.
 
-        Backward: each cell of window ``w`` receives ``δ[w] / |w|``; overlapping windows
-        accumulate. Residuals: none (0 bytes).
-        """
-        if not isinstance(count_include_pad, bool):
-            raise TypeError(f"count_include_pad: expected a bool, got {count_include_pad!r}")
-        cfg = pool_config(x, window, stride, padding, ceil_mode=ceil_mode)
-        return rule(x, AvgConfig(cfg, count_include_pad))
-
-    return avg_pool
-
-
-avg_pool = _avg_pool_api(_avg_pool_rule)
-autodiff_avg_pool = _avg_pool_api(_avg_pool_rule.forward)
+    Backward: each cell of window ``w`` receives ``δ[w] / |w|``; overlapping windows
+    accumulate. Residuals: none (0 bytes).
+    """
+    if not isinstance(count_include_pad, bool):
+        raise TypeError(f"count_include_pad: expected a bool, got {count_include_pad!r}")
+    cfg = pool_config(x, window, stride, padding, ceil_mode=ceil_mode)
+    return rule(x, AvgConfig(cfg, count_include_pad))
 
 
 # --- Max unpooling ----------------------------------------------------------------------------
@@ -349,47 +338,41 @@ _max_unpool_rule = manual_rule("max_unpool", _unpool_forward, _unpool_fwd, _unpo
                                num_args=3)
 
 
-def _max_unpool_api(rule):
-    def max_unpool(x: jax.Array, indices: jax.Array, window, stride=None, padding=0,
-                   output_size=None) -> jax.Array:
-        """Place each value of ``x`` at its max-pooling index (PyTorch's ``max_unpool2d``).
+@layer(_max_unpool_rule)
+def max_unpool(rule, x: jax.Array, indices: jax.Array, window, stride=None, padding=0,
+               output_size=None) -> jax.Array:
+    """Place each value of ``x`` at its max-pooling index (PyTorch's ``max_unpool2d``).
 
-        Args:
-          x: pooled values, shape ``(N, H, W, C)``.
-          indices: ``max_pool(..., return_indices=True)``'s indices, int, shape of ``x``.
-          window, stride, padding: the pooling's (int or pair; ``stride`` defaults to
-            ``window``, ``padding`` an int or pair); they give the default output size
-            ``(H − 1)·s − 2p + K``.
-          output_size: ``(H_out, W_out)``, overriding the default.
+    Args:
+      x: pooled values, shape ``(N, H, W, C)``.
+      indices: ``max_pool(..., return_indices=True)``'s indices, int, shape of ``x``.
+      window, stride, padding: the pooling's (int or pair; ``stride`` defaults to
+        ``window``, ``padding`` an int or pair); they give the default output size
+        ``(H − 1)·s − 2p + K``.
+      output_size: ``(H_out, W_out)``, overriding the default.
 
-        Returns:
-          shape ``(N, H_out, W_out, C)``: zeros but at the indices. Where windows overlapped
-          and share a maximum, its index appears twice and the cell holds the value once (as
-          in PyTorch), and the backward gives each copy that cell's ``δ`` (as PyTorch; JAX's
-          derivative of the write credits one copy only).
+    Returns:
+      shape ``(N, H_out, W_out, C)``: zeros but at the indices. Where windows overlapped
+      and share a maximum, its index appears twice and the cell holds the value once (as
+      in PyTorch), and the backward gives each copy that cell's ``δ`` (as PyTorch; JAX's
+      derivative of the write credits one copy only).
 
-        Backward: ``∂L/∂a[q] = δ[idx[q]]``, a gather at the indices; none for ``indices``.
-        Residuals: the indices (``N·H·W·C · 4`` bytes).
-        """
-        _checks.require_rank("x", x, 4, "(N, H, W, C) in NHWC layout")
-        _checks.require_float("x", x)
-        _checks.require_array("indices", indices)
-        if tuple(indices.shape) != tuple(x.shape):
-            raise ValueError(f"indices: expected the shape of x {tuple(x.shape)}, got "
-                             f"{tuple(indices.shape)}")
-        if not jnp.issubdtype(indices.dtype, jnp.integer):
-            raise TypeError(f"indices: expected an integer array, got dtype {indices.dtype}")
-        window = _checks.pair("window", window)
-        stride = window if stride is None else _checks.pair("stride", stride)
-        pad = _checks.pair("padding", padding, minimum=0)
-        if output_size is None:
-            output_size = tuple((x.shape[1 + a] - 1) * stride[a] - 2 * pad[a] + window[a]
-                                for a in (0, 1))
-        out_hw = _checks.pair("output_size", output_size)
-        return rule(x, indices.astype(jnp.int32), UnpoolConfig(out_hw))
-
-    return max_unpool
-
-
-max_unpool = _max_unpool_api(_max_unpool_rule)
-autodiff_max_unpool = _max_unpool_api(_max_unpool_rule.forward)
+    Backward: ``∂L/∂a[q] = δ[idx[q]]``, a gather at the indices; none for ``indices``.
+    Residuals: the indices (``N·H·W·C · 4`` bytes).
+    """
+    _checks.require_rank("x", x, 4, "(N, H, W, C) in NHWC layout")
+    _checks.require_float("x", x)
+    _checks.require_array("indices", indices)
+    if tuple(indices.shape) != tuple(x.shape):
+        raise ValueError(f"indices: expected the shape of x {tuple(x.shape)}, got "
+                         f"{tuple(indices.shape)}")
+    if not jnp.issubdtype(indices.dtype, jnp.integer):
+        raise TypeError(f"indices: expected an integer array, got dtype {indices.dtype}")
+    window = _checks.pair("window", window)
+    stride = window if stride is None else _checks.pair("stride", stride)
+    pad = _checks.pair("padding", padding, minimum=0)
+    if output_size is None:
+        output_size = tuple((x.shape[1 + a] - 1) * stride[a] - 2 * pad[a] + window[a]
+                            for a in (0, 1))
+    out_hw = _checks.pair("output_size", output_size)
+    return rule(x, indices.astype(jnp.int32), UnpoolConfig(out_hw))

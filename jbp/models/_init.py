@@ -18,6 +18,15 @@ def dense(key, fan_in, fan_out, *, gain=2.0, dtype=jnp.float32):
     return _init.dense(key, fan_in, fan_out, scheme=_BY_GAIN[gain], dtype=dtype)
 
 
+def check_layers(layers):
+    """The namespace a model takes its layers from: a ``jbp.LayerPolicy`` (or a wrapper of one,
+    such as the X-ray's recorder); a string is a mistake worth naming."""
+    if isinstance(layers, str) or not hasattr(layers, "conv2d"):
+        raise TypeError(f"layers: expected a jbp.LayerPolicy, e.g. LayerPolicy('manual') or "
+                        f"LayerPolicy('autodiff'), got {layers!r}")
+    return layers
+
+
 def check_input(x, input_shape_hint: str):
     if getattr(x, "ndim", None) != 4:
         raise ValueError(f"x: expected a batch of NHWC images (N, H, W, C) {input_shape_hint}, "

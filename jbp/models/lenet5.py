@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import jax
 
-from jbp.models import _init, layers
+from jbp.models import Model, _init
+from jbp.policy import LayerPolicy
 
 
 def _features(h, w):
@@ -35,10 +36,10 @@ def init(key, input_shape=(28, 28, 1), num_classes=10):
     return params, {}
 
 
-def apply(params, state, x, *, train, grad="manual"):
+def apply(params, state, x, *, train, layers=LayerPolicy()):
     """x (N, H, W, C) -> logits (N, num_classes); no state (no batch norm)."""
     del train
-    nn = layers(grad)
+    nn = _init.check_layers(layers)
     _init.check_input(x, "for lenet5")
     p = params
     h = nn.max_pool(nn.relu(nn.conv2d(x, p["conv1"]["w"], p["conv1"]["b"], padding="SAME")), 2)
@@ -47,3 +48,6 @@ def apply(params, state, x, *, train, grad="manual"):
     h = nn.relu(nn.dense(h, p["fc1"]["w"], p["fc1"]["b"]))
     h = nn.relu(nn.dense(h, p["fc2"]["w"], p["fc2"]["b"]))
     return nn.dense(h, p["fc3"]["w"], p["fc3"]["b"]), state
+
+
+MODEL = Model("lenet5", init, apply)

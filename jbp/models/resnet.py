@@ -28,7 +28,8 @@ from typing import NamedTuple, Tuple
 import jax
 
 from jbp.models import _init as _init_lib
-from jbp.models import layers
+from jbp.models import Model
+from jbp.policy import LayerPolicy
 
 
 def _bn(nn, p, s, x, train):
@@ -142,8 +143,8 @@ def _init(spec: Spec, key, input_shape, num_classes, shortcuts=True, batch_norm=
     return params, state
 
 
-def _apply(spec: Spec, params, state, x, train, grad, shortcuts=True, remat="none"):
-    nn = layers(grad)
+def _apply(spec: Spec, params, state, x, train, layers, shortcuts=True, remat="none"):
+    nn = _init_lib.check_layers(layers)
     _init_lib.check_input(x, f"for {spec.name}")
     new = {}
     h = _conv(nn, params["stem"], x, stride=spec.stem_stride, padding=spec.stem_padding)
@@ -165,9 +166,10 @@ def init_resnet20(key, input_shape=(32, 32, 3), num_classes=10, *, shortcuts=Tru
     return _init(RESNET20, key, input_shape, num_classes, shortcuts, batch_norm)
 
 
-def apply_resnet20(params, state, x, *, train, grad="manual", shortcuts=True, remat="none"):
+def apply_resnet20(params, state, x, *, train, layers=LayerPolicy(), shortcuts=True,
+                   remat="none"):
     """x (N, H, W, C) -> logits (N, num_classes), new batch-norm state."""
-    return _apply(RESNET20, params, state, x, train, grad, shortcuts, remat)
+    return _apply(RESNET20, params, state, x, train, layers, shortcuts, remat)
 
 
 def init_resnet18(key, input_shape=(224, 224, 3), num_classes=1000, *, shortcuts=True,
@@ -176,6 +178,12 @@ def init_resnet18(key, input_shape=(224, 224, 3), num_classes=1000, *, shortcuts
     return _init(RESNET18, key, input_shape, num_classes, shortcuts, batch_norm)
 
 
-def apply_resnet18(params, state, x, *, train, grad="manual", shortcuts=True, remat="none"):
+def apply_resnet18(params, state, x, *, train, layers=LayerPolicy(), shortcuts=True,
+                   remat="none"):
     """x (N, H, W, C) -> logits (N, num_classes), new batch-norm state."""
-    return _apply(RESNET18, params, state, x, train, grad, shortcuts, remat)
+    return _apply(RESNET18, params, state, x, train, layers, shortcuts, remat)
+
+
+_OPTIONS = frozenset({"shortcuts", "batch_norm", "remat"})
+RESNET20_MODEL = Model("resnet20", init_resnet20, apply_resnet20, _OPTIONS)
+RESNET18_MODEL = Model("resnet18", init_resnet18, apply_resnet18, _OPTIONS)

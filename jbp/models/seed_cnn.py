@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import jax
 
-from jbp.models import _init, layers
+from jbp.models import Model, _init
+from jbp.policy import LayerPolicy
 
 
 def init(key, input_shape=(2, 2, 1), num_classes=3):
@@ -21,11 +22,14 @@ def init(key, input_shape=(2, 2, 1), num_classes=3):
     return params, {}
 
 
-def apply(params, state, x, *, train, grad="manual"):
+def apply(params, state, x, *, train, layers=LayerPolicy()):
     """x (N, H, W, C) -> logits (N, num_classes); no state (no batch norm)."""
     del train                                  # no dropout or batch norm
-    nn = layers(grad)
+    nn = _init.check_layers(layers)
     _init.check_input(x, "for seed_cnn")
     z1 = nn.conv2d(x, params["conv"]["w"], params["conv"]["b"], padding="VALID")
     a1 = nn.relu(z1)
     return nn.dense(nn.flatten(a1), params["fc"]["w"], params["fc"]["b"]), state
+
+
+MODEL = Model("seed_cnn", init, apply)
