@@ -48,9 +48,7 @@ def compress(a, policy: str):
 
 def decompress(kept, policy: str, dtype):
     """``ã`` in ``dtype`` from what :func:`compress` kept."""
-    if policy == "exact":
-        return kept.astype(dtype)
-    if policy == "bf16":
-        return kept.astype(dtype)
-    q, scale = kept
-    return (q.astype(dtype) * scale.astype(dtype)).astype(dtype)
+    if policy == "int8":
+        q, scale = kept
+        return (q.astype(dtype) * scale.astype(dtype)).astype(dtype)
+    return kept.astype(dtype)                    # "exact", "bf16": a cast

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from jbp.data import DATASETS
-from jbp.models import GRAD_MODES, MODELS, REMAT, RESIDUALS
+from jbp.models import GRAD_MODES, MODELS, OPTION_DEFAULTS, REMAT, RESIDUALS, get_model
 from jbp.parallel import DATA_PARALLEL
 from jbp.train import OPTIMIZERS, PRECISIONS, SCHEDULES
 
@@ -187,7 +187,8 @@ def to_dict(cfg: Config) -> Dict[str, Any]:
 
 
 def to_toml(cfg: Config) -> str:
-    """The config as TOML text (the resolved config a run records)."""
+    """The config as TOML text (the resolved config a run records). A model option the model
+    does not have (``Model.options``: LeNet-5 has no ``shortcuts``) is left out at its default."""
     def value(v):
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -197,6 +198,10 @@ def to_toml(cfg: Config) -> str:
             return "[" + ", ".join(value(x) for x in v) + "]"
         return repr(v)
     d = to_dict(cfg)
+    options = get_model(cfg.model.name).options if cfg.model.name in MODELS else OPTION_DEFAULTS
+    for option, default in OPTION_DEFAULTS.items():
+        if option not in options and d["model"].get(option) == default:
+            del d["model"][option]
     lines = [f"name = {value(d.pop('name'))}"]
     for section, table in d.items():
         lines.append(f"\n[{section}]")

@@ -7,10 +7,10 @@ How it works, in three passes over one real batch ``(x, y)`` (train mode):
 
 1. **Find the calls.** The model's ``apply`` runs eagerly on an instrumented layer namespace
    (``apply(..., layers=<recorder>)``, a wrapper of the run's :class:`jbp.LayerPolicy`: every
-   model takes its layers from the policy it receives), which records each call: layer name, arguments, output. A call
-   is named by the parameters it receives (``blocks[3].conv1`` for the kernel at
-   ``params["blocks"][3]["conv1"]["w"]``); a call without parameters by the last named call
-   before it plus its own name (``blocks[3].bn1.relu``). The loss is the last row.
+   model takes its layers from the policy it receives), which records each call: layer name,
+   arguments, output. A call is named by the parameters it receives (``blocks[3].conv1`` for
+   the kernel at ``params["blocks"][3]["conv1"]["w"]``); a call without parameters by the last
+   named call before it plus its own name (``blocks[3].bn1.relu``). The loss is the last row.
 2. **Cotangents.** The forward runs again under ``jax.grad`` with a zero probe ``e_k`` added to
    every call's output; ``∂L/∂e_k = δ_k`` is the cotangent that call receives in the full model.
 3. **Each call alone.** With its recorded inputs, ``jax.vjp`` of the call through jbp's rule and
@@ -244,9 +244,9 @@ def xray(apply: Callable, params, state, x, y, *, repeats: int = 5,
 
     ``manual`` is the :class:`jbp.LayerPolicy` whose rules are measured (default
     ``LayerPolicy("manual")``; pass ``LayerPolicy("manual", residuals="int8")`` to see a residual
-    policy); the reference is always ``jbp.autodiff``. ``repeats=0`` skips the timing (and XLA's FLOP counts): the ``*_ms``
-    fields are then None. Returns a :class:`Report`: one dict per call (keys in :data:`COLUMNS`)
-    and the totals.
+    policy); the reference is always ``jbp.autodiff``. ``repeats=0`` skips the timing (and
+    XLA's FLOP counts): the ``*_ms`` fields are then None. Returns a :class:`Report`: one dict
+    per call (keys in :data:`COLUMNS`) and the totals.
     """
     manual = manual or LayerPolicy("manual")
     auto = LayerPolicy("autodiff")

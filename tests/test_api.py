@@ -126,3 +126,40 @@ def test_readme_snippets_run():
     assert "'accuracy'" in printed and "vs autodiff" in printed and "FAIL" not in printed
     accuracy = float(re.search(r"'accuracy': ([0-9.]+)", printed).group(1))
     assert accuracy > 0.9          # one epoch of Adam on the shipped subset
+
+
+def test_a_layer_is_declared_once(monkeypatch):
+    """@layer makes the hand-written function, its autodiff twin and the table entry from one
+    body: the twin runs the rule's plain forward (JAX's derivative), the signature drops the
+    rule parameters, and a policy binds only the options the layer declares."""
+    from jbp import _registry, _rule
+    monkeypatch.setattr(_registry, "REGISTRY", dict(_registry.REGISTRY))
+    rule = _rule.manual_rule("double", lambda x, s: 2 * x, lambda x, s: (2 * x, None),
+                             lambda s, res, g: (3 * g,), num_args=2)   # a wrong rule, on purpose
+
+    @_registry.layer(rule, options=("residuals",))
+    def double_for_test(rule, x, *, residuals="exact"):
+        """Backward 3δ (wrong on purpose). Residuals: none."""
+        return rule(x, residuals)
+
+    entry = _registry.layers()["double_for_test"]
+    assert entry.manual is double_for_test and entry.options == {"residuals"}
+    assert list(inspect.signature(double_for_test).parameters) == ["x", "residuals"]
+    x = jnp.ones(3)
+    assert float(jax.grad(lambda x: jnp.sum(entry.manual(x)))(x)[0]) == 3.0     # the rule
+    assert float(jax.grad(lambda x: jnp.sum(entry.autodiff(x)))(x)[0]) == 2.0   # JAX's
+    bound = jbp.LayerPolicy("manual", residuals="int8").double_for_test
+    assert bound.keywords == {"residuals": "int8"}
+
+
+def test_layer_policy_binds_each_option_where_declared():
+    policy = jbp.LayerPolicy("manual", residuals="bf16", axis_name="data")
+    assert policy.conv2d.keywords == {"residuals": "bf16"}
+    assert policy.batch_norm.keywords == {"residuals": "bf16", "axis_name": "data"}
+    assert policy.dense is jbp.dense and jbp.LayerPolicy("autodiff").dense is jbp.autodiff.dense
+    assert jbp.LayerPolicy().conv2d is jbp.conv2d            # defaults bind nothing
+    with pytest.raises(AttributeError, match="no layer 'conv3d'"):
+        jbp.LayerPolicy().conv3d
+    with pytest.raises(ValueError, match="residuals"):
+        jbp.LayerPolicy("manual", residuals="fp8")
+    assert hash(policy) == hash(jbp.LayerPolicy("manual", "bf16", "data"))   # a static argument

@@ -103,3 +103,10 @@ def test_every_choice_the_config_accepts_runs():
         assert "unknown dataset" not in str(err.value)
     with pytest.raises(config.ConfigError, match="expected one of"):
         config.from_dict({"optim": {"optimizer": "lion"}})
+
+
+def test_saved_config_lists_only_the_models_options():
+    lenet = config.to_toml(config.from_dict({"model": {"name": "lenet5"}}))
+    resnet = config.to_toml(config.from_dict({"model": {"name": "resnet20"}}))
+    for option in ("shortcuts", "batch_norm", "remat"):
+        assert f"\n{option} = " not in lenet and f"\n{option} = " in resnet

@@ -172,8 +172,9 @@ def _check_axis(axis_name):
 
 
 @layer(_train_rule, _eval_rule, options=("residuals", "axis_name"))
-def batch_norm(train_rule, eval_rule, x: jax.Array, gamma: jax.Array, beta: jax.Array, running_mean: jax.Array,
-               running_var: jax.Array, *, train: bool, momentum: float = 0.9,
+def batch_norm(train_rule, eval_rule, x: jax.Array, gamma: jax.Array, beta: jax.Array,
+               running_mean: jax.Array, running_var: jax.Array, *, train: bool,
+               momentum: float = 0.9,
                eps: float = 1e-5, axis_name: Optional[Hashable] = None,
                residuals: str = "exact",
                ) -> Tuple[jax.Array, Tuple[jax.Array, jax.Array]]:

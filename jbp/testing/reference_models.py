@@ -94,12 +94,12 @@ LAX_MODELS = {"lenet5": _lenet5, "resnet20": _resnet(resnet.RESNET20),
 
 
 def lax_apply(name):
-    """``apply(params, state, x, *, train, grad) -> (logits, new_state)``, jbp's model signature
-    (``train`` and ``grad`` are ignored: always train mode, always ``jax.grad``)."""
+    """``apply(params, state, x, *, train, layers) -> (logits, new_state)``, jbp's model
+    signature (``train`` and ``layers`` are ignored: always train mode, always ``jax.grad``)."""
     fn = LAX_MODELS[name]
 
-    def apply(params, state, x, *, train=True, grad=None):
-        del train, grad
+    def apply(params, state, x, *, train=True, layers=None):
+        del train, layers
         return fn(params, state, x)
 
     return apply
