@@ -36,6 +36,8 @@ def plot_training(records: Sequence[dict], png_path: str, title: str = "") -> Op
                  alpha=0.7)
     ax_loss.plot([r["step"] for r in evals], [r["test_loss"] for r in evals], "o-", label="test")
     ax_loss.set(xlabel="step", ylabel="cross-entropy", yscale="log", title="loss")
+    train = [r for r in train if r.get("accuracy") is not None]      # none for non-class labels
+    evals = [r for r in evals if r.get("test_accuracy") is not None]
     ax_acc.plot([r["step"] for r in train], [r["accuracy"] for r in train], label="train (batch)",
                 alpha=0.7)
     ax_acc.plot([r["step"] for r in evals], [r["test_accuracy"] for r in evals], "o-",

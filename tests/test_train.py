@@ -121,6 +121,22 @@ def test_weight_decay_skips_biases_and_clipping_bounds_the_update():
     assert float(optax.tree.norm(updates)) == pytest.approx(1.0, rel=1e-6)
 
 
+def test_accuracy_only_where_labels_are_classes():
+    """Class indices give an accuracy; an mse target (one-hot floats) gives none, train or eval."""
+    model = get_model("seed_cnn")
+    optimizer = optax.sgd(0.1)
+    state = train.init_train_state(model, optimizer, jax.random.key(0), (8, 8, 1), 3)
+    x, labels = jnp.ones((4, 8, 8, 1), jnp.float32), jnp.array([0, 1, 2, 0])
+    _, metrics = train.make_train_step(model.apply, optimizer, donate=False)(state, x, labels)
+    assert 0 <= float(metrics["accuracy"]) <= 1
+    target = jax.nn.one_hot(labels, 3, dtype=jnp.float32)
+    _, metrics = train.make_train_step(model.apply, optimizer, "mse", donate=False)(
+        state, x, target)
+    assert "accuracy" not in metrics and np.isfinite(float(metrics["loss"]))
+    ev = train.evaluate(train.make_eval_step(model.apply, "mse"), state, [(x, target)])
+    assert ev["accuracy"] is None and ev["count"] == 4
+
+
 def _script(name, *args):
     return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", name), *args],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
