@@ -137,6 +137,26 @@ def test_accuracy_only_where_labels_are_classes():
     assert ev["accuracy"] is None and ev["count"] == 4
 
 
+def test_fit_runs_a_config_and_returns_its_summary(tmp_path):
+    """The library call scripts/train.py makes: the summary it returns is summary.json, the
+    records it reports are metrics.jsonl, and the run directory is its own."""
+    from jbp import config
+    cfg = config.load(os.path.join(ROOT, "configs", "seed_example.toml"), [
+        "data.train_limit=192", "data.test_limit=100", "train.epochs=2", "train.log_every=2"])
+    run, seen = str(tmp_path / "run"), []
+    summary = train.fit(cfg, run, on_metrics=seen.append, verbose=False)
+    assert json.loads(json.dumps(summary)) == json.load(open(os.path.join(run, "summary.json")))
+    assert summary["status"] == "finished" and summary["steps"] == 6
+    assert summary["conv_backend"].startswith(("onednn", "xla"))
+    assert seen == [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert [r["epoch"] for r in seen if r["kind"] == "eval"] == [1, 2]
+    with pytest.raises(train.RunDirError, match="--overwrite"):
+        train.fit(cfg, run, verbose=False)
+    again = train.fit(cfg, run, resume=True, verbose=False)
+    assert again["status"] == "already finished"
+    assert again["test_accuracy"] == summary["test_accuracy"]
+
+
 def _script(name, *args):
     return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", name), *args],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
