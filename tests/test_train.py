@@ -218,3 +218,8 @@ def test_compare_cli_exits_1_past_the_step0_tolerance(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "FAIL" in proc.stdout
     assert not json.load(open(tmp_path / "compare.json"))["step0_ok"]
+    # Its directory is claimed as train.py's is: a second comparison into it is refused.
+    again = _script("compare.py", "--config", "configs/lenet_mnist.toml", "--steps", "1",
+                    "--out", str(tmp_path))
+    assert again.returncode == 2 and "already holds a run" in again.stderr, again.stderr
+    assert "--overwrite" in again.stderr and "Traceback" not in again.stderr
