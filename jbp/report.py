@@ -6,6 +6,17 @@ import json
 from typing import Dict, List, Optional, Sequence
 
 
+def describe_conv_backend() -> str:
+    """Which kernels the float32 convolutions run on, for headers and summaries: ``"onednn
+    <version>"``, ``"xla"``, or ``"xla (oneDNN unavailable)"``. On CPU this loads (on first use,
+    builds) the oneDNN library; on an accelerator convolutions are XLA's."""
+    import jax  # noqa: PLC0415
+    if jax.default_backend() != "cpu":
+        return "xla"
+    from jbp._conv_kernels.onednn import describe  # noqa: PLC0415
+    return describe()
+
+
 def read_jsonl(path: str) -> List[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -36,6 +47,8 @@ def plot_training(records: Sequence[dict], png_path: str, title: str = "") -> Op
                  alpha=0.7)
     ax_loss.plot([r["step"] for r in evals], [r["test_loss"] for r in evals], "o-", label="test")
     ax_loss.set(xlabel="step", ylabel="cross-entropy", yscale="log", title="loss")
+    train = [r for r in train if r.get("accuracy") is not None]      # none for non-class labels
+    evals = [r for r in evals if r.get("test_accuracy") is not None]
     ax_acc.plot([r["step"] for r in train], [r["accuracy"] for r in train], label="train (batch)",
                 alpha=0.7)
     ax_acc.plot([r["step"] for r in evals], [r["test_accuracy"] for r in evals], "o-",

@@ -132,8 +132,6 @@ def main(argv=None):
     import numpy as np
     import optax
 
-    # Runnable from a checkout without installing: python scripts/bench.py
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from jbp.testing import reference_models  # noqa: PLC0415
     from jbp.models import get_model
     from jbp.train import make_loss
@@ -391,7 +389,6 @@ class TorchProcess:
 
 def _torch_worker(conn, threads, platform):
     """Child side of :class:`TorchProcess`: PyTorch eager, channels-last, SGD + momentum."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         import torch  # noqa: PLC0415
         from jbp.testing import reference_models  # noqa: PLC0415

@@ -20,8 +20,6 @@ import re
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 KINDS = ("all-reduce", "collective-permute", "all-to-all", "all-gather", "reduce-scatter")
 
 

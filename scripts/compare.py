@@ -5,8 +5,14 @@
 
 1. Step 0: the gradient of the training loss on the first batch, from jbp's hand-written rules
    and from JAX (jbp.autodiff), per parameter leaf: each one's error against float64 (below).
-2. Then both train K steps from the same initial state on the same batches; prints the per-step
-   loss divergence |manual − autodiff| / |autodiff| and writes an overlay plot (compare.png).
+2. Then both train K steps from the same initial state on the same batches (two runs of
+   jbp.train.fit, in OUT/manual and OUT/autodiff; K is at most the config's train.epochs); prints
+   the per-step loss divergence |manual − autodiff| / |autodiff| and writes an overlay plot
+   (compare.png).
+
+The output directory (default runs/<name>-compare, numbered -2, -3, ... when taken) is claimed as
+scripts/train.py claims a run directory: --out into one that holds a comparison stops with an
+error unless --overwrite.
 
 Exits 1 if the step-0 gradient fails the float32 verdict (jbp.accuracy): each of the two float32
 gradients is measured against the float64 gradient of the same batch, on the same side of every
@@ -25,20 +31,36 @@ which shows how much of any divergence over many steps is float32 rounding ampli
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+from jbp import config as config_lib
+from jbp import accuracy, checkpoint, data, gradcheck, models, report, train
 
-from jbp import config as config_lib  # noqa: E402
-from jbp import accuracy, data, gradcheck, report, train  # noqa: E402
-from jbp._conv_kernels import onednn  # noqa: E402
-from jbp.models import get_model  # noqa: E402
+GRADS = ("manual", "autodiff")
+FILES = ("compare.json", "compare.png")
+
+
+def comparison_files(out):
+    """What a comparison left in ``out``: its own files and the two training runs."""
+    found = [n for n in FILES if os.path.isfile(os.path.join(out, n))]
+    return found + [f"{g}/{n}" for g in GRADS for n in checkpoint.run_files(os.path.join(out, g))]
+
+
+def clear_comparison(out):
+    for name in FILES:
+        if os.path.isfile(os.path.join(out, name)):
+            os.unlink(os.path.join(out, name))
+    for g in GRADS:
+        checkpoint.clear_run(os.path.join(out, g))
+        if os.path.isdir(os.path.join(out, g)) and not os.listdir(os.path.join(out, g)):
+            os.rmdir(os.path.join(out, g))
 
 
 def main(argv=None) -> int:
@@ -53,7 +75,10 @@ def main(argv=None) -> int:
                         help="judge step 0 by this max rel error of manual against autodiff "
                              "per leaf instead of the float32 verdict against float64 (default "
                              "with --x64: 1e-9)")
-    parser.add_argument("--out", help="directory for compare.json and compare.png")
+    parser.add_argument("--out", help="directory for compare.json, compare.png and the two runs "
+                        "(default runs/<name>-compare, numbered -2, -3, ... when taken)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the comparison already in the output directory first")
     parser.add_argument("--x64", action="store_true", help="params, state and data in float64")
     args = parser.parse_args(argv)
     if args.x64:
@@ -64,40 +89,35 @@ def main(argv=None) -> int:
     except (config_lib.ConfigError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = args.out or os.path.join("runs", f"{cfg.name}-compare")
-    os.makedirs(out, exist_ok=True)
+    default = os.path.join("runs", f"{cfg.name}-compare")
+    out = args.out or (default if args.overwrite else
+                       train.run_dir.unused(default, comparison_files))
+    try:
+        train.run_dir.claim(out, overwrite=args.overwrite, run_files=comparison_files,
+                            clear=clear_comparison, resumable=False)
+        model = models.from_config(cfg.model)
+    except (train.RunDirError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if out != (args.out or default):
+        print(f"{default} holds a comparison already; this one goes to {out}")
 
     tc = cfg.train
-    model = get_model(cfg.model.name)
     steps_per_epoch = data.num_batches(train_set, tc.batch_size, train=True)
     optimizer = train.optimizer_from_config(cfg.optim, tc.epochs * steps_per_epoch)
     key = jax.random.key(tc.seed)
     shape = train_set.x.shape[1:]
     dtype = np.float64 if args.x64 else np.float32
 
-    def initial_state():
-        state = train.init_train_state(model, optimizer, key, shape, cfg.model.num_classes)
-        if not args.x64:
-            return state
-        params, model_state = jax.tree.map(lambda a: a.astype(dtype),
-                                           (state.params, state.model_state))
-        return state._replace(params=params, model_state=model_state,
-                              opt_state=optimizer.init(params))
+    states = {g: train.init_train_state(model, optimizer, key, shape, cfg.model.num_classes,
+                                        dtype=dtype if args.x64 else None) for g in GRADS}
 
-    states = {g: initial_state() for g in ("manual", "autodiff")}
-    norm = dict(mean=cfg.data.mean, std=cfg.data.std)
-
-    def batch_stream():
-        epoch = 0
-        while True:
-            for x, y in data.batches(train_set, tc.batch_size, seed=tc.seed, epoch=epoch,
-                                     augment_shift=cfg.data.augment_shift, **norm):
-                yield x.astype(dtype), y
-            epoch += 1
-
-    # --- 1. step-0 gradients --------------------------------------------------------------
-    x0, y0 = next(batch_stream())
-    backend = onednn.describe()
+    # --- 1. step-0 gradients (the first batch fit trains on) ------------------------------
+    x0, y0 = next(data.batches(train_set, tc.batch_size, seed=tc.seed, epoch=0,
+                               augment_shift=cfg.data.augment_shift, mean=cfg.data.mean,
+                               std=cfg.data.std))
+    x0 = x0.astype(dtype)
+    backend = report.describe_conv_backend()
     detail = f"{cfg.model.name}, step 0, batch {tc.batch_size}, {np.dtype(dtype).name}"
     if args.rtol is None and args.x64:
         args.rtol = 1e-9
@@ -111,7 +131,7 @@ def main(argv=None) -> int:
     else:
         grads = [train.make_grad_fn(model.apply, grad=g)(states[g].params,
                                                           states[g].model_state, x0, y0)
-                 for g in ("manual", "autodiff")]
+                 for g in GRADS]
         loss0 = [float(value) for value, _ in grads]
         check = gradcheck.compare("manual", "autodiff", *(jax.tree.leaves(g) for _, g in grads),
                                   train.leaf_names(grads[0][1]), rtol=args.rtol, atol=0.0,
@@ -124,20 +144,21 @@ def main(argv=None) -> int:
     print(str(check).replace("\n", "\n  "))
     print(f"  step 0: {'ok' if check.ok else 'FAIL'}\n")
 
-    # --- 2. K training steps each, same batches ----------------------------------------------
-    steps = {g: train.make_train_step(model.apply, optimizer, grad=g) for g in states}
+    # --- 2. K training steps each, same batches: a run of jbp.train.fit per gradient ---------
     losses = {g: [] for g in states}
     start = time.perf_counter()
-    stream = batch_stream()
-    for _ in range(args.steps):
-        x, y = next(stream)
-        for g in states:
-            states[g], metrics = steps[g](states[g], x, y)
-            losses[g].append(metrics["loss"])
-    losses = {g: np.asarray(jax.device_get(v), np.float64) for g, v in losses.items()}
+    for g in GRADS:
+        run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, grad=g, log_every=1))
+        train.fit(run_cfg, os.path.join(out, g), max_steps=args.steps,
+                  dtype=dtype if args.x64 else None,
+                  verbose=False, on_metrics=lambda r, g=g: r["kind"] == "train"
+                  and losses[g].append(r["loss"]))
+        states[g] = checkpoint.restore_latest(os.path.join(out, g), states[g])[0]
+    losses = {g: np.asarray(v, np.float64) for g, v in losses.items()}
+    args.steps = len(losses["manual"])            # fewer if the config's epochs end first
     divergence = np.abs(losses["manual"] - losses["autodiff"]) / np.abs(losses["autodiff"])
-    print(f"{args.steps} training steps each ({time.perf_counter() - start:.1f} s), loss "
-          f"divergence |manual − autodiff| / |autodiff|:")
+    print(f"{args.steps} training steps each ({time.perf_counter() - start:.1f} s, convolutions: "
+          f"{backend}), loss divergence |manual − autodiff| / |autodiff|:")
     print(f"  {'step':>6} {'manual':>12} {'autodiff':>12} {'divergence':>11}")
     marks = sorted(set(np.linspace(0, args.steps - 1, min(args.steps, 11)).astype(int)))
     for i in marks:

@@ -21,12 +21,8 @@ float64). Exits 1 if any case fails.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-
-# Runnable from a checkout without installing: python scripts/gradcheck.py
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 

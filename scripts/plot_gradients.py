@@ -9,8 +9,8 @@ Reads the "grad_norms" that scripts/train.py logs every train.log_every steps to
     python scripts/plot_gradients.py --compare configs/resnet20_mnist.toml \
         configs/plain20_mnist.toml configs/plain20_nobn_mnist.toml --steps 100 --out flow.png
 
-trains each config briefly (--steps steps of its own optimiser, in this process, nothing written
-but the picture and a JSON beside it) and draws, side by side, ‖∂L/∂W‖ of every weight against
+trains each config briefly (jbp.train.fit for --steps steps of its own optimiser, in a temporary
+run directory; nothing is kept but the picture and a JSON beside it) and draws, side by side, ‖∂L/∂W‖ of every weight against
 its depth at a few steps: gradients vanishing toward the input show as a line falling to the left.
 """
 
@@ -20,9 +20,7 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from jbp import report  # noqa: E402
+from jbp import report
 
 
 def _depth_order(names):
@@ -42,40 +40,27 @@ def _depth_order(names):
 
 def compare(configs, steps, out, batch=None, points=4):
     """Train each config ``steps`` steps; per-weight gradient norms at ``points`` steps."""
+    import dataclasses  # noqa: PLC0415
     import json  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
 
-    import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
     from jbp import config as config_lib  # noqa: PLC0415
-    from jbp import data, models, train  # noqa: PLC0415
+    from jbp import train  # noqa: PLC0415
     record_at = sorted({0, *np.linspace(0, steps - 1, points).astype(int).tolist()})
     results = {}
     for path in configs:
         cfg = config_lib.load(path, [f"train.batch_size={batch}"] if batch else [])
-        tc = cfg.train
-        train_set, _ = data.load_dataset(cfg.data, cfg.model.num_classes)
-        model = models.from_config(cfg.model)
-        optimizer = train.optimizer_from_config(cfg.optim, steps)
-        state = train.init_train_state(model, optimizer, jax.random.key(tc.seed),
-                                       train_set.x.shape[1:], cfg.model.num_classes)
-        names = train.leaf_names(state.params)
-        weights = _depth_order([n for n in names if n.endswith("['w']")])
-        step = train.make_train_step(model.apply, optimizer, grad=tc.grad)
-        series, losses, done, epoch = {}, [], 0, 0
-        while done < steps:
-            for x, y in data.batches(train_set, tc.batch_size, mean=cfg.data.mean,
-                                     std=cfg.data.std, seed=tc.seed, epoch=epoch,
-                                     augment_shift=cfg.data.augment_shift):
-                state, metrics = step(state, x, y)
-                if done in record_at:
-                    norms = dict(zip(names, np.asarray(metrics["leaf_norms"]).tolist()))
-                    series[done] = [norms[n] for n in weights]
-                losses.append(float(metrics["loss"]))
-                done += 1
-                if done >= steps:
-                    break
-            epoch += 1
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, log_every=1))
+        records = []                      # the first steps of the configured schedule
+        with tempfile.TemporaryDirectory() as run:
+            train.fit(cfg, os.path.join(run, cfg.name), max_steps=steps, verbose=False,
+                      on_metrics=lambda r: r["kind"] == "train" and records.append(r))
+        weights = _depth_order([n for n in records[0]["grad_norms"] if n.endswith("['w']")])
+        series = {r["step"] - 1: [r["grad_norms"][n] for n in weights] for r in records
+                  if r["step"] - 1 in record_at}
+        losses = [r["loss"] for r in records]
         results[cfg.name] = {"weights": weights, "norms": {str(k): v for k, v in series.items()},
                              "loss_first": losses[0], "loss_last": float(np.mean(losses[-10:]))}
         print(f"{cfg.name}: loss {losses[0]:.3f} -> {results[cfg.name]['loss_last']:.3f}; "

@@ -30,15 +30,9 @@ Importable: ``run(grad)`` and ``torch_reference()`` return the same dict
 names W1 (HWIO, 2x2x1x1), b1 (1,), W2 ((in, out) = 1x3), b2 (3,).
 """
 
-import os
 import sys
 
 import numpy as np
-
-# Make `import jbp` work when run as `python scripts/seed_example.py` from anywhere.
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
 
 import jax  # noqa: E402
 

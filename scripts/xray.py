@@ -16,10 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 

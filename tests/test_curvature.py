@@ -11,7 +11,7 @@ from jax.flatten_util import ravel_pytree
 
 import jbp
 import jbp.models
-from jbp import curvature
+from jbp import config, curvature, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,10 +78,10 @@ def _script(name):
 
 def test_curvature_script_on_a_short_run(tmp_path):
     run = str(tmp_path / "run")
-    assert _script("train").main([
-        "--config", os.path.join(ROOT, "configs", "lenet_mnist.toml"), "--out", run,
-        "--set", "data.train_limit=64", "--set", "data.test_limit=100",
-        "--set", "train.batch_size=32", "--set", "train.epochs=2", "--every", "2"]) == 0
+    cfg = config.load(os.path.join(ROOT, "configs", "lenet_mnist.toml"), [
+        "data.train_limit=64", "data.test_limit=100", "train.batch_size=32", "train.epochs=2",
+        "train.checkpoint_every=2"])
+    assert train.fit(cfg, run)["status"] == "finished"
     assert _script("curvature").main([run, "--batch", "16", "--iters", "3"]) == 0
     with open(os.path.join(run, "curvature.json")) as f:
         points = json.load(f)["points"]

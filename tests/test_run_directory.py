@@ -57,12 +57,12 @@ def test_run_files_and_clear_run(tmp_path):
     assert checkpoint.run_files(str(tmp_path / "missing")) == []
 
 
-def _train(*args, signal_at=None):
+def _train(*args, signal_at=None, cwd=ROOT):
     env = {k: v for k, v in os.environ.items() if k != "JBP_TEST_SIGNAL"}
     if signal_at:
         env["JBP_TEST_SIGNAL"] = signal_at
     return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train.py"), *args],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=240)
 
 
 def _digest(run_dir):
@@ -105,3 +105,25 @@ def test_a_second_run_never_mixes_with_the_first(tmp_path):
     old = before["ckpt-000000020.npz"]
     assert hashlib.sha256((run / "ckpt-000000020.npz").read_bytes()).hexdigest() != old
     assert np.isfinite(float(__import__("json").load(open(run / "summary.json"))["test_loss"]))
+
+
+def test_the_same_command_twice_makes_two_runs(tmp_path):
+    """The README's first command, run again: the default name is taken, so the new run gets
+    runs/<name>-<grad>-2 and says so; the first run is untouched, and --resume on it (finished)
+    says there is nothing to do without counting an epoch past the last."""
+    args = [*TINY, "--set", "train.epochs=1"]
+    first = _train(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    run = tmp_path / "runs" / "lenet_mnist-manual"
+    before = _digest(run)
+    second = _train(*args, cwd=tmp_path)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "this one goes to runs/lenet_mnist-manual-2" in second.stdout
+    assert (tmp_path / "runs" / "lenet_mnist-manual-2" / "summary.json").is_file()
+    assert _digest(run) == before
+    resumed = _train("--resume", "runs/lenet_mnist-manual", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "already finished all 1 epochs" in resumed.stdout
+    assert "epoch 2" not in resumed.stdout and "resuming from" not in resumed.stdout
+    assert "--config runs/lenet_mnist-manual/config.toml" in resumed.stdout
+    assert _digest(run) == before

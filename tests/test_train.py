@@ -121,6 +121,42 @@ def test_weight_decay_skips_biases_and_clipping_bounds_the_update():
     assert float(optax.tree.norm(updates)) == pytest.approx(1.0, rel=1e-6)
 
 
+def test_accuracy_only_where_labels_are_classes():
+    """Class indices give an accuracy; an mse target (one-hot floats) gives none, train or eval."""
+    model = get_model("seed_cnn")
+    optimizer = optax.sgd(0.1)
+    state = train.init_train_state(model, optimizer, jax.random.key(0), (8, 8, 1), 3)
+    x, labels = jnp.ones((4, 8, 8, 1), jnp.float32), jnp.array([0, 1, 2, 0])
+    _, metrics = train.make_train_step(model.apply, optimizer, donate=False)(state, x, labels)
+    assert 0 <= float(metrics["accuracy"]) <= 1
+    target = jax.nn.one_hot(labels, 3, dtype=jnp.float32)
+    _, metrics = train.make_train_step(model.apply, optimizer, "mse", donate=False)(
+        state, x, target)
+    assert "accuracy" not in metrics and np.isfinite(float(metrics["loss"]))
+    ev = train.evaluate(train.make_eval_step(model.apply, "mse"), state, [(x, target)])
+    assert ev["accuracy"] is None and ev["count"] == 4
+
+
+def test_fit_runs_a_config_and_returns_its_summary(tmp_path):
+    """The library call scripts/train.py makes: the summary it returns is summary.json, the
+    records it reports are metrics.jsonl, and the run directory is its own."""
+    from jbp import config
+    cfg = config.load(os.path.join(ROOT, "configs", "seed_example.toml"), [
+        "data.train_limit=192", "data.test_limit=100", "train.epochs=2", "train.log_every=2"])
+    run, seen = str(tmp_path / "run"), []
+    summary = train.fit(cfg, run, on_metrics=seen.append, verbose=False)
+    assert json.loads(json.dumps(summary)) == json.load(open(os.path.join(run, "summary.json")))
+    assert summary["status"] == "finished" and summary["steps"] == 6
+    assert summary["conv_backend"].startswith(("onednn", "xla"))
+    assert seen == [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert [r["epoch"] for r in seen if r["kind"] == "eval"] == [1, 2]
+    with pytest.raises(train.RunDirError, match="--overwrite"):
+        train.fit(cfg, run, verbose=False)
+    again = train.fit(cfg, run, resume=True, verbose=False)
+    assert again["status"] == "already finished"
+    assert again["test_accuracy"] == summary["test_accuracy"]
+
+
 def _script(name, *args):
     return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", name), *args],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -182,3 +218,8 @@ def test_compare_cli_exits_1_past_the_step0_tolerance(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "FAIL" in proc.stdout
     assert not json.load(open(tmp_path / "compare.json"))["step0_ok"]
+    # Its directory is claimed as train.py's is: a second comparison into it is refused.
+    again = _script("compare.py", "--config", "configs/lenet_mnist.toml", "--steps", "1",
+                    "--out", str(tmp_path))
+    assert again.returncode == 2 and "already holds a run" in again.stderr, again.stderr
+    assert "--overwrite" in again.stderr and "Traceback" not in again.stderr

@@ -20,6 +20,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -154,6 +155,8 @@ def _build(compiler, lib, include, version, jax_include) -> pathlib.Path:
         raise _Unavailable(f"cannot write the build cache {out_dir}: {err}")
     cmd = [compiler, *_FLAGS, str(SOURCE), "-o", tmp, f"-I{jax_include}", f"-I{include}",
            str(lib), f"-Wl,-rpath,{lib.parent}"]
+    print(f"jbp: building the oneDNN convolution kernels (first use, ~10 s with g++; cached in "
+          f"{out_dir})", file=sys.stderr, flush=True)
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:

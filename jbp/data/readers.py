@@ -101,7 +101,9 @@ def load_cifar10(directory: str) -> Tuple[Dataset, Dataset]:
     """(train, test) from the extracted ``cifar-10-batches-py`` directory."""
     if not os.path.isdir(directory):
         raise DataError(f"{directory}: no such directory (expected the extracted "
-                        f"cifar-10-batches-py folder with data_batch_1..5 and test_batch)")
+                        f"cifar-10-batches-py folder with data_batch_1..5 and test_batch: "
+                        f"download cifar-10-python.tar.gz, extract it, and point data.path "
+                        f"at that folder, e.g. --set data.path=/data/cifar-10-batches-py)")
     train = [read_cifar_batch(os.path.join(directory, f"data_batch_{i}")) for i in range(1, 6)]
     test = read_cifar_batch(os.path.join(directory, "test_batch"))
     return Dataset(np.concatenate([b.x for b in train]), np.concatenate([b.y for b in train])), test

@@ -7,7 +7,7 @@
 
 ``grad="manual"`` differentiates through jbp's hand-written rules, ``grad="autodiff"`` through the
 same forward with JAX's; the state pytrees are identical, so a run can switch between them.
-Optimisers come from optax (:func:`make_optimizer`); nothing here is a hand-written optimiser.
+Optimisers come from optax (:mod:`jbp.train.optim`); nothing here is a hand-written optimiser.
 
 Data parallel (``mesh=``, a ``jax.sharding.Mesh`` with an axis ``"data"``): the step's body runs
 under ``jax.shard_map`` over that axis, so every layer sees its device's shard of the batch and
@@ -27,7 +27,7 @@ logits, and hands float32 gradients to the optimiser.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -49,75 +49,21 @@ class TrainState(NamedTuple):
     model_state: Any     # batch-norm running statistics
     opt_state: Any       # the optax optimiser's state
     step: jax.Array      # int32 scalar: steps taken
-    rng: jax.Array       # PRNG key, split once per step (dropout and friends)
+    # The run's PRNG key, for stochastic layers (dropout): a step would draw its key as
+    # fold_in(rng, step), so it never changes and a resumed run draws the same keys. No model
+    # draws one yet; the field stays so that every run directory's checkpoints still restore.
+    rng: jax.Array
 
 
 def init_train_state(model: Model, optimizer: optax.GradientTransformation, key: jax.Array,
-                     input_shape: Sequence[int], num_classes: int) -> TrainState:
+                     input_shape: Sequence[int], num_classes: int, *, dtype=None) -> TrainState:
+    """``dtype``: cast the floating parameters and model state (e.g. to float64, which needs
+    ``jax_enable_x64``) before the optimiser's state is made from them."""
     init_key, rng = jax.random.split(key)
     params, model_state = model.init(init_key, tuple(input_shape), num_classes)
+    if dtype is not None:
+        params, model_state = _cast_floats((params, model_state), dtype)
     return TrainState(params, model_state, optimizer.init(params), jnp.zeros((), jnp.int32), rng)
-
-
-# --- optimisers -------------------------------------------------------------------------------
-
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
-SCHEDULES = ("constant", "cosine", "step")
-
-
-def make_schedule(name: str, lr: float, total_steps: int, *, warmup_steps: int = 0,
-                  boundaries: Sequence[float] = (0.5, 0.75), decay: float = 0.1) -> optax.Schedule:
-    """Learning-rate schedule.
-
-    constant; cosine (linear warm-up over ``warmup_steps``, then cosine to 0 at ``total_steps``);
-    step (multiply by ``decay`` at each fraction of ``total_steps`` in ``boundaries``).
-    """
-    if name == "constant":
-        base = optax.constant_schedule(lr)
-    elif name == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0 if warmup_steps else lr, lr, warmup_steps,
-                                                  max(total_steps, warmup_steps + 1), 0.0)
-    elif name == "step":
-        base = optax.piecewise_constant_schedule(
-            lr, {int(b * total_steps): decay for b in boundaries})
-    else:
-        raise ValueError(f"schedule: expected one of {SCHEDULES}, got {name!r}")
-    if warmup_steps:
-        warm = optax.linear_schedule(0.0, lr, warmup_steps)
-        return optax.join_schedules([warm, base], [warmup_steps])
-    return base
-
-
-def _decay_mask(params):
-    """Weight decay on weights (ndim > 1), not on biases or batch-norm γ/β."""
-    return jax.tree.map(lambda p: p.ndim > 1, params)
-
-
-def make_optimizer(name: str, schedule: Union[float, optax.Schedule], *, momentum: float = 0.9,
-                   weight_decay: float = 0.0, clip_norm: Optional[float] = None,
-                   b1: float = 0.9, b2: float = 0.999) -> optax.GradientTransformation:
-    """An optax chain: [clip by global norm] -> [decoupled-from-loss L2 weight decay] -> optimiser.
-
-    ``sgd``, ``momentum``, ``nesterov`` and ``adam`` add ``weight_decay · w`` to the gradient
-    (weights only); ``adamw`` uses optax's decoupled decay.
-    """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {name!r}")
-    parts = []
-    if clip_norm:
-        parts.append(optax.clip_by_global_norm(clip_norm))
-    if weight_decay and name != "adamw":
-        parts.append(optax.add_decayed_weights(weight_decay, mask=_decay_mask))
-    if name == "sgd":
-        parts.append(optax.sgd(schedule))
-    elif name in ("momentum", "nesterov"):
-        parts.append(optax.sgd(schedule, momentum=momentum, nesterov=name == "nesterov"))
-    elif name == "adam":
-        parts.append(optax.adam(schedule, b1=b1, b2=b2))
-    else:
-        parts.append(optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay,
-                                 mask=_decay_mask))
-    return optax.chain(*parts)
 
 
 # --- steps ------------------------------------------------------------------------------------
@@ -152,6 +98,12 @@ def make_loss(apply: Callable, loss: Union[str, Callable] = "softmax_cross_entro
         return loss_fn(logits, y), (logits, new_state)
 
     return objective
+
+
+def _class_labels(logits, y) -> bool:
+    """Whether ``y`` holds class indices (integers, one axis fewer than the logits), so that an
+    accuracy means something; a regression or multi-label target (mse, sigmoid) does not."""
+    return jnp.issubdtype(y.dtype, jnp.integer) and y.ndim == logits.ndim - 1
 
 
 def _cast_floats(tree, dtype):
@@ -204,7 +156,8 @@ def make_train_step(apply: Callable, optimizer: optax.GradientTransformation,
     by the axis size), everything else replicated, results equal to the one-device step on the
     same global batch. ``precision``: ``"f32"`` or ``"bf16"`` (module docstring).
 
-    ``metrics`` (device arrays): ``loss``, ``accuracy`` (of this batch), ``grad_norm`` (global
+    ``metrics`` (device arrays): ``loss``, ``accuracy`` (of this batch; only when ``y`` holds
+    class indices, i.e. integers with one axis fewer than the logits), ``grad_norm`` (global
     L2 norm of the gradient before clipping), ``leaf_norms`` (the gradient norm of every
     parameter leaf, in :func:`leaf_names` order) and ``finite``.
 
@@ -227,14 +180,14 @@ def make_train_step(apply: Callable, optimizer: optax.GradientTransformation,
             global_objective, has_aux=True)(state.params, state.model_state, x, y)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        rng, _ = jax.random.split(state.rng)
-        new_state = TrainState(params, model_state, opt_state, state.step + 1, rng)
+        new_state = TrainState(params, model_state, opt_state, state.step + 1, state.rng)
         leaves = jax.tree.leaves(grads)
-        accuracy = jnp.mean(jnp.argmax(logits, -1) == y)
         metrics = {"loss": loss_value,
-                   "accuracy": accuracy if axis is None else jax.lax.pmean(accuracy, axis),
                    "grad_norm": optax.tree.norm(grads),
                    "leaf_norms": jnp.stack([jnp.sqrt(jnp.sum(jnp.square(g))) for g in leaves])}
+        if _class_labels(logits, y):
+            accuracy = jnp.mean(jnp.argmax(logits, -1) == y)
+            metrics["accuracy"] = accuracy if axis is None else jax.lax.pmean(accuracy, axis)
         if check_finite:
             leaf_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves])
             finite = jnp.isfinite(loss_value) & jnp.all(leaf_finite)
@@ -269,7 +222,7 @@ def make_grad_fn(apply: Callable, loss: Union[str, Callable] = "softmax_cross_en
 def make_eval_step(apply: Callable, loss: Union[str, Callable] = "softmax_cross_entropy", *,
                    grad: Union[str, LayerPolicy] = "manual") -> Callable:
     """A jit-compiled ``eval_step(state, x, y) -> {"loss_sum", "correct", "count",
-    "bad_labels"}`` (eval mode).
+    "bad_labels"}`` (eval mode); ``correct`` only when ``y`` holds class indices.
 
     Sums, not means, so that batches of any size (the last partial one) add up exactly.
     ``bad_labels`` counts integer labels outside ``[0, K)``, which the compiled step cannot
@@ -283,16 +236,18 @@ def make_eval_step(apply: Callable, loss: Union[str, Callable] = "softmax_cross_
         n = x.shape[0]
         bad = ((y < 0) | (y >= logits.shape[-1])) if jnp.issubdtype(y.dtype, jnp.integer) \
             else jnp.zeros((), bool)
-        return {"loss_sum": loss_fn(logits, y) * n,
-                "correct": jnp.sum(jnp.argmax(logits, -1) == y),
-                "count": jnp.asarray(n, jnp.int32),
-                "bad_labels": jnp.sum(bad, dtype=jnp.int32)}
+        out = {"loss_sum": loss_fn(logits, y) * n, "count": jnp.asarray(n, jnp.int32),
+               "bad_labels": jnp.sum(bad, dtype=jnp.int32)}
+        if _class_labels(logits, y):
+            out["correct"] = jnp.sum(jnp.argmax(logits, -1) == y)
+        return out
 
     return jax.jit(eval_step)
 
 
 def evaluate(eval_step: Callable, state: TrainState, batches) -> dict:
-    """Mean loss and accuracy over an iterable of (x, y) batches.
+    """Mean loss and accuracy (``None`` unless the labels are class indices) over an iterable of
+    (x, y) batches.
 
     Raises ``ValueError`` naming the batch if one holds labels outside ``[0, K)``: an accuracy
     over them would be meaningless (they can never be right) and the loss is NaN.
@@ -305,20 +260,13 @@ def evaluate(eval_step: Callable, state: TrainState, batches) -> dict:
                              f"label(s) outside [0, num_classes); check the data's labels "
                              f"against the model's num_classes")
         loss_sum += float(out["loss_sum"])
-        correct += int(out["correct"])
+        correct = correct + int(out["correct"]) if "correct" in out else None
         count += int(out["count"])
     if count == 0:
         raise ValueError("evaluate: no batches")
-    return {"loss": loss_sum / count, "accuracy": correct / count, "count": count}
+    return {"loss": loss_sum / count, "accuracy": None if correct is None else correct / count,
+            "count": count}
 
 
 def tree_size(tree) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
-
-
-def optimizer_from_config(cfg, total_steps: int) -> optax.GradientTransformation:
-    """The optax optimiser described by a ``jbp.config.OptimConfig``."""
-    schedule = make_schedule(cfg.schedule, cfg.lr, total_steps, warmup_steps=cfg.warmup_steps,
-                             boundaries=cfg.step_boundaries, decay=cfg.step_decay)
-    return make_optimizer(cfg.optimizer, schedule, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm)
