@@ -28,9 +28,8 @@ from typing import NamedTuple, Optional
 SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
 TARGETS = ("JbpDnnlConvForward", "JbpDnnlConvInputGrad", "JbpDnnlConvWeightGrad")
 BACKENDS = ("xla", "onednn")
-#: oneDNN where it is installed and builds: on a quiet machine its manual train step is
-#: 1.37-1.54× faster than XLA's forms on every ResNet, and on par on LeNet-5 (docs/onednn.md).
-#: "xla" is the better choice on a heavily shared machine, where OpenMP's static teams stall.
+#: oneDNN where it is installed and builds: the faster train step on a quiet machine; "xla" is
+#: the better choice on a heavily shared one (docs/onednn.md: "Use", "OpenMP on a shared machine").
 DEFAULT_BACKEND = "onednn"
 _ENV = "JBP_CONV_BACKEND"
 _FLAGS = ("-O2", "-shared", "-fPIC", "-std=c++17", "-w")
