@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 
 from jbp import config as config_lib  # noqa: E402
 from jbp import accuracy, data, gradcheck, report, train  # noqa: E402
-from jbp._conv_kernels import onednn  # noqa: E402
+from jbp import cpu_conv  # noqa: E402
 from jbp.models import get_model  # noqa: E402
 
 
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
 
     # --- 1. step-0 gradients --------------------------------------------------------------
     x0, y0 = next(batch_stream())
-    backend = onednn.describe()
+    backend = cpu_conv.describe()
     detail = f"{cfg.model.name}, step 0, batch {tc.batch_size}, {np.dtype(dtype).name}"
     if args.rtol is None and args.x64:
         args.rtol = 1e-9
