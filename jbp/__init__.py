@@ -14,8 +14,8 @@ from jbp import autodiff, manual  # noqa: F401  (namespaces read from the table)
 from jbp import init  # noqa: F401  (He/LeCun/Glorot initialisers)
 from jbp.policy import LayerPolicy
 # CPU convolution kernels: "onednn" (the default where the [onednn] extra is installed and
-# builds) or "xla" (XLA's forms); docs/onednn.md.
-from jbp._conv_kernels.onednn import conv_backend, set_conv_backend
+# builds, else XLA's forms) or "xla"; GPU and TPU always run XLA's convolution. docs/onednn.md.
+from jbp.cpu_conv import conv_backend, set_conv_backend
 
 #: The name of every layer, in the order their files declare them.
 LAYERS = tuple(_registry.layers())

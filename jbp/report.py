@@ -6,17 +6,6 @@ import json
 from typing import Dict, List, Optional, Sequence
 
 
-def describe_conv_backend() -> str:
-    """Which kernels the float32 convolutions run on, for headers and summaries: ``"onednn
-    <version>"``, ``"xla"``, or ``"xla (oneDNN unavailable)"``. On CPU this loads (on first use,
-    builds) the oneDNN library; on an accelerator convolutions are XLA's."""
-    import jax  # noqa: PLC0415
-    if jax.default_backend() != "cpu":
-        return "xla"
-    from jbp._conv_kernels.onednn import describe  # noqa: PLC0415
-    return describe()
-
-
 def read_jsonl(path: str) -> List[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

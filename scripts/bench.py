@@ -305,8 +305,8 @@ def main(argv=None):
             if v == "manual" and rows[-1]["conv_backend"].startswith("onednn"):
                 # oneDNN's scratch lives outside XLA's buffers (not in temp_bytes): the bytes
                 # held after this config, the largest need of any config so far.
-                from jbp._conv_kernels import _onednn_build  # noqa: PLC0415
-                rows[-1]["onednn_scratch_bytes"] = _onednn_build.scratch_bytes()
+                from jbp import cpu_conv  # noqa: PLC0415
+                rows[-1]["onednn_scratch_bytes"] = cpu_conv.scratch_bytes()
         write_json()
 
     print(_header(jax, torch_proc, device, peak_gflops, args, measured_peak))
@@ -324,8 +324,8 @@ def _conv_backend(variant: str, platform: str) -> str:
         return "torch"
     if not variant.startswith("manual") or platform != "cpu":
         return "xla"
-    from jbp._conv_kernels import onednn  # noqa: PLC0415
-    return onednn.describe()
+    from jbp import cpu_conv  # noqa: PLC0415
+    return cpu_conv.describe()
 
 
 def paired_ratios(variant_rounds, manual_rounds):

@@ -6,7 +6,7 @@
 
 For every convolution of the benchmark models (scripts/bench_ops.py's MODEL_CONVS) it times,
 alternating after warm-up, the median of: the XLA form jbp's manual rule uses on CPU today
-(the first form of jbp._conv_kernels.FORMS other than oneDNN that selects the shape, printed
+(the first form of jbp.cpu_conv.FORMS other than oneDNN that selects the shape, printed
 in brackets, or the generic convolution), and the oneDNN FFI op of the same equation; prints the ratio
 (oneDNN / XLA, < 1: oneDNN faster) and the relative difference of the results.
 
@@ -31,9 +31,8 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_ops import MODEL_CONVS  # noqa: E402
 
-from jbp import _conv_kernels as kernels  # noqa: E402
+from jbp import cpu_conv as kernels  # noqa: E402
 from jbp.layers import conv as conv_lib  # noqa: E402
-from jbp._conv_kernels import onednn  # noqa: E402
 
 _DEFAULT_BATCH = {"lenet5": 128, "resnet20": 128, "resnet18": 16}
 
@@ -41,28 +40,27 @@ _DEFAULT_BATCH = {"lenet5": 128, "resnet20": 128, "resnet18": 16}
 def _xla_form(equation, x_shape, w_shape, cfg, dtype):
     """The form jbp's table chooses with oneDNN left out (its first other match), else the
     generic convolution."""
-    generic = {"forward": conv_lib.correlate, "input_grad": conv_lib.input_grad,
-               "weight_grad": conv_lib.weight_grad}[equation]
     for form in kernels.FORMS[equation]:
         if form.name != "onednn":
             params = form.select(tuple(x_shape), tuple(w_shape), cfg, dtype)
             if params is not None:
                 return form.name, functools.partial(form.fn, **params)
-    return "generic", generic
+    return "generic", kernels.GENERIC[equation]
 
 
 def _forms(cfg, x_shape, w_shape):
-    """equation -> (XLA form's name, jitted XLA form, jitted oneDNN op), all fn(x, w, g)."""
-    f32 = jnp.float32
-    calls = {"forward": lambda f: lambda x, w, g: f(x, w, cfg),
-             "input_grad": lambda f: lambda x, w, g: f(g, w, x_shape, cfg),
-             "weight_grad": lambda f: lambda x, w, g: f(x, g, w_shape, cfg)}
-    dnn = {"forward": onednn.correlate, "input_grad": onednn.input_grad,
-           "weight_grad": onednn.weight_grad}
+    """equation -> (XLA form's name, jitted XLA form, jitted oneDNN op), all fn(x, w, g),
+    each called as the library's dispatch calls it (jbp.cpu_conv.arguments)."""
+    def call(eq, fn):
+        def f(x, w, g):
+            operands, static = kernels.arguments(eq, x, w, g, cfg)
+            return fn(*operands, *static)
+        return jax.jit(f)
+
     out = {}
-    for eq, call in calls.items():
-        name, fn = _xla_form(eq, x_shape, w_shape, cfg, f32)
-        out[eq] = (name, jax.jit(call(fn)), jax.jit(call(dnn[eq])))
+    for eq in kernels.FORMS:
+        name, fn = _xla_form(eq, x_shape, w_shape, cfg, jnp.float32)
+        out[eq] = (name, call(eq, fn), call(eq, kernels.form_named(eq, "onednn").fn))
     return out
 
 
@@ -85,7 +83,7 @@ def _time_pair(a, b, args, repeats):
 def shapes(argv_models, batch, repeats, out_json):
     rng = np.random.default_rng(0)
     rows = []
-    print(f"jax {jax.__version__}, {onednn.describe()}; fastest of {repeats} alternating calls, "
+    print(f"jax {jax.__version__}, {kernels.describe()}; fastest of {repeats} alternating calls, "
           f"and the median of the paired ratios\n")
     print("| model | input | kernel | stride | equation | XLA ms (min) | oneDNN ms (min) "
           "| oneDNN/XLA (min) | paired median | GFLOP/s XLA → oneDNN | rel diff |")
@@ -96,7 +94,7 @@ def shapes(argv_models, batch, repeats, out_json):
             x = jnp.asarray(rng.standard_normal((n, h, wd, cin), dtype=np.float32))
             w = jnp.asarray(rng.standard_normal((k, k, cin, cout), dtype=np.float32))
             cfg = conv_lib.conv_config(x, w, stride=stride, padding=padding)
-            z = conv_lib.correlate(x, w, cfg)
+            z = kernels.GENERIC["forward"](x, w, cfg)
             g = jnp.asarray(rng.standard_normal(z.shape, dtype=np.float32))
             flops = 2 * z.size * k * k * cin
             for eq, (name, fx, fd) in _forms(cfg, x.shape, w.shape).items():
@@ -121,21 +119,21 @@ def shapes(argv_models, batch, repeats, out_json):
 _PROBE = r"""
 import ctypes, os, sys, time, numpy as np, jax, jax.numpy as jnp
 from jbp.layers.conv import conv_config
-from jbp._conv_kernels import onednn
-from jbp._conv_kernels import _onednn_build as build
-assert build.library() is not None, build.unavailable_reason()
+from jbp import cpu_conv
+assert cpu_conv.describe().startswith("onednn"), cpu_conv.unavailable_reason()
+correlate = cpu_conv.form_named("forward", "onednn").fn
 ctypes.CDLL("libgomp.so.1").omp_display_env(0)   # prints the ICVs, OMP_WAIT_POLICY among them
 rng = np.random.default_rng(0)
 x = jnp.asarray(rng.standard_normal((128, 16, 16, 32)), jnp.float32)
 w = jnp.asarray(rng.standard_normal((3, 3, 32, 32)), jnp.float32)
 cfg = conv_config(x, w)
 a = jnp.asarray(rng.standard_normal((512, 512)), jnp.float32)
-conv = jax.jit(lambda x, w: onednn.correlate(x, w, cfg))
+conv = jax.jit(lambda x, w: correlate(x, w, cfg))
 mm = jax.jit(lambda a: a @ a)
 # XLA's own op right after a oneDNN call (slowed if oneDNN's idle threads spin) vs alone;
 # two independent oneDNN convolutions in one program (XLA may run them concurrently) vs one.
-two = jax.jit(lambda x, w: (onednn.correlate(x, w, cfg), onednn.correlate(x * 2, w, cfg)))
-one = jax.jit(lambda x, w: (onednn.correlate(x, w, cfg), x * 2))
+two = jax.jit(lambda x, w: (correlate(x, w, cfg), correlate(x * 2, w, cfg)))
+one = jax.jit(lambda x, w: (correlate(x, w, cfg), x * 2))
 def timed(f):
     t0 = time.perf_counter(); jax.block_until_ready(f()); return time.perf_counter() - t0
 def after():
@@ -178,8 +176,8 @@ def main(argv=None):
     p.add_argument("--json", default=None, metavar="PATH")
     p.add_argument("--threads", action="store_true", help="run the threading checks instead")
     args = p.parse_args(argv)
-    if onednn.describe().startswith("xla"):
-        print(f"oneDNN not active: {onednn.describe()}", file=sys.stderr)
+    if kernels.describe().startswith("xla"):
+        print(f"oneDNN not active: {kernels.describe()}", file=sys.stderr)
         return 1
     if args.threads:
         threads()

@@ -7,12 +7,13 @@ convolution shapes of the benchmark models.
 
 For every distinct convolution (input shape, kernel, stride, padding) it times, alternating and
 after warm-up, the medians of each equation's generic XLA convolution, the form the table of
-``jbp._conv_kernels`` chooses for that shape (marked ✓ in the "chosen" column; ✓ on "generic"
+``jbp.cpu_conv`` chooses for that shape (marked ✓ in the "chosen" column; ✓ on "generic"
 where the table chooses none), and the other forms of the table that apply, at the parameters
 their predicates pick or at ones that show what they cost. Rows are labelled
-"EQUATION FORM PARAMS" with the table's names (``weight_grad chunks chunk=16``), plus
-``input_grad taps``, measured and not in the table. Each is checked against the generic
-result; docs/performance.md records the numbers the table was chosen from.
+"EQUATION FORM PARAMS" with the table's names (``weight_grad chunks chunk=16``). Each is
+called as the library's dispatch calls it, ``fn(*operands, *static, **params)``
+(``jbp.cpu_conv.arguments``), and checked against the generic result; docs/performance.md
+records the numbers the table was chosen from.
 """
 
 from __future__ import annotations
@@ -26,9 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jbp import _conv_kernels as kernels
+from jbp import cpu_conv as kernels
 from jbp.layers import conv as conv_lib
-from jbp._conv_kernels import block_forms, tap_forms
 
 # (model, input (H, W, C_in), kernel, C_out, stride, padding), as the models build them.
 MODEL_CONVS = {
@@ -52,69 +52,60 @@ def _label(equation, form_name, params):
     return " ".join([equation, form_name] + [f"{k}={v}" for k, v in sorted(params.items())])
 
 
-def _call(equation, fn, cfg):
-    """The form as fn(x, w, g), whatever its equation takes."""
-    if equation == "forward":
-        return lambda x, w, g, **p: fn(x, w, cfg, **p)
-    if equation == "input_grad":
-        return lambda x, w, g, **p: fn(g, w, x.shape, cfg, **p)
-    return lambda x, w, g, **p: fn(x, g, w.shape, cfg, **p)
+def _call(equation, fn, cfg, params):
+    """The form as fn(x, w, g), called as the library's dispatch calls it."""
+    def call(x, w, g):
+        operands, static = kernels.arguments(equation, x, w, g, cfg)
+        return fn(*operands, *static, **params)
+    return call
 
 
 def _alternatives(x, w, cfg):
-    """Forms to time besides the table's choice, with the parameters to time them at: each
-    form that applies to this shape at the parameter its predicate picks, or else one that
-    shows what it costs (chunks of 16 or 4, blocks of 2)."""
-    alt = {"input_grad": [("taps", tap_forms.tap_input_grad, {})],
-           "weight_grad": [], "forward": []}
+    """Forms of the table to time besides its choice, by name, with the parameters to time
+    them at: each form that applies to this shape at the parameter its predicate picks, or else
+    one that shows what it costs (chunks of 16 or 4, blocks of 2)."""
+    alt = {"input_grad": [], "weight_grad": [], "forward": []}
     if cfg.groups != 1:
         return alt
     if kernels.is_pointwise(w.shape, cfg):
-        alt["input_grad"].append(("pointwise", tap_forms.pointwise_input_grad, {}))
-        alt["weight_grad"].append(("pointwise", tap_forms.pointwise_weight_grad, {}))
+        alt["input_grad"].append(("pointwise", {}))
+        alt["weight_grad"].append(("pointwise", {}))
         return alt
     if cfg.stride != (1, 1) and cfg.dilation == (1, 1):
-        alt["input_grad"].append(("phases", tap_forms.phase_input_grad, {}))
+        alt["input_grad"].append(("phases", {}))
     unit = cfg.stride == (1, 1) and cfg.dilation == (1, 1)
     if unit and w.shape[2] <= 16:
-        alt["input_grad"].append(("rows", tap_forms.row_input_grad, {}))
+        alt["input_grad"].append(("rows", {}))
     chunk = 16 if w.shape[3] <= 16 else 4
     if x.shape[0] >= 2 * chunk:
-        alt["weight_grad"].append(("chunks", tap_forms.batch_chunked_weight_grad,
-                                   {"chunk": chunk}))
+        alt["weight_grad"].append(("chunks", {"chunk": chunk}))
     if cfg.stride == (1, 1):
         split = kernels.split_chunk(x.shape, w.shape, cfg, x.dtype)
-        alt["forward"].append(("split", block_forms.split_tap_correlate, {"chunk": split}))
-        alt["weight_grad"].append(("split", block_forms.split_tap_weight_grad, {"chunk": split}))
-    alt["weight_grad"] += [("taps", tap_forms.tap_weight_grad, {}),
-                           ("patches", tap_forms.patch_weight_grad, {})]
+        alt["forward"].append(("split", {"chunk": split}))
+        alt["weight_grad"].append(("split", {"chunk": split}))
+    alt["weight_grad"] += [("taps", {}), ("patches", {})]
     if unit and w.shape[1] > 1 and w.shape[2] <= 32:
         block = kernels.column_block(x.shape, w.shape, cfg, x.dtype, max_cin=32) or 2
-        alt["forward"].append(("columns", block_forms.column_blocked_correlate,
-                               {"block": block}))
-        alt["weight_grad"].append(("columns", block_forms.column_blocked_weight_grad,
-                                   {"block": block}))
+        alt["forward"].append(("columns", {"block": block}))
+        alt["weight_grad"].append(("columns", {"block": block}))
     return alt
 
 
 def _formulations(x, w, cfg):
     """label -> (equation, fn(x, w, g), chosen) for the generic form of each equation, the
-    table's choice (jbp._conv_kernels.choose) and the alternatives."""
-    generic = {"forward": conv_lib.correlate, "input_grad": conv_lib.input_grad,
-               "weight_grad": conv_lib.weight_grad}
+    table's choice (jbp.cpu_conv.choose) and the alternatives."""
     out = {}
     for equation, alternatives in _alternatives(x, w, cfg).items():
         chosen = kernels.choose(equation, x.shape, w.shape, cfg, x.dtype)
-        out[_GENERIC[equation]] = (equation, _call(equation, generic[equation], cfg),
+        out[_GENERIC[equation]] = (equation, _call(equation, kernels.GENERIC[equation], cfg, {}),
                                    chosen is None)
-        candidates = list(alternatives)
+        candidates = [(kernels.form_named(equation, name), params) for name, params in alternatives]
         if chosen is not None:
-            candidates.insert(0, (chosen[0].name, chosen[0].fn, chosen[1]))
-        for name, fn, params in candidates:
-            label = _label(equation, name, params)
+            candidates.insert(0, chosen)
+        for form, params in candidates:
+            label = _label(equation, form.name, params)
             if label not in out:
-                call = _call(equation, fn, cfg)
-                out[label] = (equation, lambda x, w, g, call=call, p=params: call(x, w, g, **p),
+                out[label] = (equation, _call(equation, form.fn, cfg, params),
                               chosen is not None and label == _label(equation, chosen[0].name,
                                                                      chosen[1]))
     return out
@@ -135,7 +126,7 @@ def main(argv=None):
 
     rng = np.random.default_rng(0)
     rows = []
-    print("The table of forms (jbp._conv_kernels.FORMS), first match wins:\n")
+    print("The table of forms (jbp.cpu_conv.FORMS), first match wins:\n")
     for equation, table in kernels.FORMS.items():
         for form in table:
             only = " (rule only)" if form.rule_only else ""
@@ -150,7 +141,7 @@ def main(argv=None):
             x = jnp.asarray(rng.standard_normal((args.batch, h, wd, cin), dtype=np.float32))
             w = jnp.asarray(rng.standard_normal((k, k, cin, cout), dtype=np.float32))
             cfg = conv_lib.conv_config(x, w, stride=stride, padding=padding)
-            z = conv_lib.correlate(x, w, cfg)
+            z = kernels.GENERIC["forward"](x, w, cfg)
             g = jnp.asarray(rng.standard_normal(z.shape, dtype=np.float32))
             table = _formulations(x, w, cfg)
             forms = {name: (kind, jax.jit(fn)) for name, (kind, fn, _) in table.items()}

@@ -41,7 +41,7 @@ import jax
 import numpy as np
 
 from jbp import config as config_lib
-from jbp import accuracy, checkpoint, data, gradcheck, models, report, train
+from jbp import accuracy, checkpoint, cpu_conv, data, gradcheck, models, report, train
 
 GRADS = ("manual", "autodiff")
 FILES = ("compare.json", "compare.png")
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
                                augment_shift=cfg.data.augment_shift, mean=cfg.data.mean,
                                std=cfg.data.std))
     x0 = x0.astype(dtype)
-    backend = report.describe_conv_backend()
+    backend = cpu_conv.describe()
     detail = f"{cfg.model.name}, step 0, batch {tc.batch_size}, {np.dtype(dtype).name}"
     if args.rtol is None and args.x64:
         args.rtol = 1e-9

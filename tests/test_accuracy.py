@@ -71,13 +71,13 @@ def test_verdict_passes_on_resnet18(backend):
 
 def _break_weight_grad(monkeypatch, damage):
     """Every convolution's hand-written ∂L/∂W goes through ``damage`` (autodiff's does not)."""
-    real = conv._on_cpu_if_chosen
+    real = conv.dispatch
 
     def wrong(equation, *args, **kwargs):
         out = real(equation, *args, **kwargs)
         return damage(out) if equation == "weight_grad" else out
 
-    monkeypatch.setattr(conv, "_on_cpu_if_chosen", wrong)
+    monkeypatch.setattr(conv, "dispatch", wrong)
 
 
 def test_weight_grad_off_by_1e3_fails(monkeypatch, backend):

@@ -108,21 +108,28 @@ def test_out_of_range_labels_are_rejected():
         jbp.autodiff.softmax_cross_entropy(jnp.zeros((2, 3)), jnp.array([0, -1]))
 
 
-def test_readme_snippets_run():
-    """The README's "Using it" code blocks run as printed; the gradient comparison passes."""
+def test_readme_snippets_run(tmp_path, monkeypatch):
+    """The README's "Using it" code blocks run as printed (the whole run shortened to one epoch
+    of 1,024 images, into a temporary directory); the gradient comparison passes."""
     import contextlib
     import io
     import os
     import re
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    root = os.path.join(os.path.dirname(__file__), "..")
+    readme = open(os.path.join(root, "README.md")).read()
     section = readme[readme.index("## Using it"):readme.index("## Models")]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert len(blocks) == 2
+    assert len(blocks) == 3 and "train.fit(cfg" in blocks[0]
+    short = blocks[0].replace('"runs/mine"', repr(str(tmp_path / "mine"))).replace(
+        '"train.epochs=2"', '"train.epochs=1", "data.train_limit=1024"')
+    assert short != blocks[0]
+    monkeypatch.chdir(root)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        for code in blocks:
+        for code in [short] + blocks[1:]:
             exec(compile(code, "README.md", "exec"), {})
     printed = out.getvalue()
+    assert os.path.isfile(tmp_path / "mine" / "summary.json")
     assert "'accuracy'" in printed and "vs autodiff" in printed and "FAIL" not in printed
     accuracy = float(re.search(r"'accuracy': ([0-9.]+)", printed).group(1))
     assert accuracy > 0.9          # one epoch of Adam on the shipped subset

@@ -1,5 +1,5 @@
 """The faster formulations of jbp._conv_kernels' table, each checked in float64 against
-XLA's convolution (``jbp.layers.conv.correlate``) and JAX's derivative of it (jax.vjp), on shapes chosen
+XLA's convolution (``jbp.layers.conv_equations.correlate``) and JAX's derivative of it (jax.vjp), on shapes chosen
 to hit their edge cases: odd sizes, asymmetric padding, strides larger than the kernel,
 dilation, batch sizes that do not divide the tap chunk. The public ``conv2d`` on these paths is
 also covered by the gradcheck grid (jbp/testing/grid.py) and the PyTorch oracle."""
@@ -11,7 +11,9 @@ import pytest
 import zlib
 
 from jbp.layers import conv as C
-from jbp._conv_kernels import FORMS, block_forms as B, choose, is_pointwise, tap_forms as T, tuning
+from jbp.layers import conv_equations as E
+from jbp._conv_kernels import (FORMS, arguments, block_forms as B, choose, dispatch, is_pointwise,
+                               tap_forms as T, tuning)
 from jbp.testing.grid import CONV_CASES
 from jbp._conv_kernels.onednn import set_conv_backend
 
@@ -65,7 +67,7 @@ def _setup(shape):
     x = jnp.asarray(rng.standard_normal((n, h, w, cin)))
     wt = jnp.asarray(rng.standard_normal((kh, kw, cin, cout)))
     cfg = C.conv_config(x, wt, stride=stride, padding=padding, dilation=dilation)
-    z, vjp = jax.vjp(lambda x, w: C.correlate(x, w, cfg), x, wt)
+    z, vjp = jax.vjp(lambda x, w: E.correlate(x, w, cfg), x, wt)
     g = jnp.asarray(rng.standard_normal(z.shape))
     dx_ref, dw_ref = vjp(g)
     return x, wt, g, cfg, dx_ref, dw_ref
@@ -107,7 +109,7 @@ def test_split_tap_correlate(shape, chunk):
     """The split forward on the same stride-1 shapes: chunks that divide the batch, leave a
     smaller last chunk, or hold it all."""
     x, wt, _, cfg, _, _ = _setup(shape)
-    _close(B.split_tap_correlate(x, wt, cfg, chunk), C.correlate(x, wt, cfg))
+    _close(B.split_tap_correlate(x, wt, cfg, chunk), E.correlate(x, wt, cfg))
 
 
 def test_manual_forward_takes_the_split_on_cpu():
@@ -122,7 +124,7 @@ def test_manual_forward_takes_the_split_on_cpu():
     cfg = C.conv_config(x, w, padding=1)
     assert choose("forward", x.shape, w.shape, cfg, x.dtype)[0].name == "split"
     z, _ = jax.vjp(lambda x, w: jbp.conv2d(x, w, padding=1), x, w)
-    _close(z, C.correlate(x, w, cfg))
+    _close(z, E.correlate(x, w, cfg))
     x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
     hlo = jax.jit(lambda x, w: jax.vjp(lambda x, w: jbp.conv2d(x, w, padding=1), x, w)[0]
                   ).lower(x32, w32).compile().as_text()
@@ -133,7 +135,7 @@ def test_manual_forward_takes_the_split_on_cpu():
 @pytest.mark.parametrize("shape", COLUMN_SHAPES, ids=str)
 def test_column_blocked_forms(shape, block):
     x, wt, g, cfg, _, dw_ref = _setup(shape)
-    _close(B.column_blocked_correlate(x, wt, cfg, block), C.correlate(x, wt, cfg))
+    _close(B.column_blocked_correlate(x, wt, cfg, block), E.correlate(x, wt, cfg))
     _close(B.column_blocked_weight_grad(x, g, wt.shape, cfg, block), dw_ref)
 
 
@@ -155,7 +157,7 @@ def test_column_blocked_forward_past_the_patch_limit_is_a_convolution(monkeypatc
     past it, a convolution of the blocked input with the blocked kernel. Both are the
     convolution."""
     x, wt, _, cfg, _, _ = _setup((3, 9, 13, 3, 16, 3, 3, 1, 1, 1))
-    ref = C.correlate(x, wt, cfg)
+    ref = E.correlate(x, wt, cfg)
     for limit in (1 << 30, 0):
         monkeypatch.setattr(tuning, "COLUMN_FORWARD_PATCH_BYTES", limit)
         jaxpr = str(jax.make_jaxpr(lambda x, w: B.column_blocked_correlate(x, w, cfg, 2))(x, wt))
@@ -169,7 +171,7 @@ def test_channel_sum(shape):
     """The bias gradient, folded R rows at a time for thin layers (R = 16, 8, 4, 2 or 1 as the
     row count allows), is the plain sum over N, H, W."""
     g = jnp.asarray(np.random.default_rng(0).standard_normal(shape))
-    got = C.channel_sum(g)
+    got = E.channel_sum(g)
     assert got.shape == (shape[-1],) and got.dtype == g.dtype
     np.testing.assert_allclose(np.asarray(got), np.asarray(g).sum(axis=(0, 1, 2)),
                                rtol=1e-12, atol=1e-12)
@@ -203,10 +205,10 @@ def test_forward(shape):
     """``_forward``, column-blocked on CPU for these shapes, is the convolution; forward-mode
     differentiation of the autodiff twin (through ``lax.platform_dependent``) is JAX's."""
     x, wt, _, cfg, _, _ = _setup(shape)
-    _close(C._forward(x, wt, None, cfg), C.correlate(x, wt, cfg))
+    _close(C._forward(x, wt, None, cfg), E.correlate(x, wt, cfg))
     tangents = (jnp.ones_like(x), jnp.full_like(wt, 0.5))
     _, jvp = jax.jvp(lambda x, w: C._forward(x, w, None, cfg), (x, wt), tangents)
-    _, jvp_ref = jax.jvp(lambda x, w: C.correlate(x, w, cfg), (x, wt), tangents)
+    _, jvp_ref = jax.jvp(lambda x, w: E.correlate(x, w, cfg), (x, wt), tangents)
     _close(jvp, jvp_ref)
 
 
@@ -217,10 +219,14 @@ def test_row_input_grad(shape):
     _close(T.row_input_grad(g, wt, x.shape, cfg), dx_ref)
 
 
+@pytest.mark.parametrize("equation", ["forward", "input_grad", "weight_grad"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_tap_input_grad(shape):
-    x, wt, g, cfg, dx_ref, _ = _setup(shape)
-    _close(T.tap_input_grad(g, wt, x.shape, cfg), dx_ref)
+def test_dispatch(shape, equation):
+    """``dispatch(equation, *arguments(...))``, the one call of the table's forms and generic
+    functions, computes its equation: the convolution, or JAX's derivative of it."""
+    x, wt, g, cfg, dx_ref, dw_ref = _setup(shape)
+    want = {"forward": E.correlate(x, wt, cfg), "input_grad": dx_ref, "weight_grad": dw_ref}
+    _close(dispatch(equation, *arguments(equation, x, wt, g, cfg)), want[equation])
 
 
 @pytest.mark.parametrize("shape", [s for s in SHAPES if s[9] == 1], ids=str)

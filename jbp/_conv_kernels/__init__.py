@@ -1,27 +1,37 @@
-"""The faster formulations of conv2d's equations on CPU, chosen from one table.
+"""The faster formulations of conv2d's equations on CPU, chosen from one table, and the one
+dispatch that runs an equation.
 
-``jbp.layers.conv`` holds the rule: the equations, the forward, the residuals and the backward, each
-equation as one generic XLA convolution. XLA:CPU runs some shapes of those convolutions slowly
-(docs/performance.md says which and why), so for each equation this package lists other
-formulations of the same sum, each with the predicate that selects it:
+``jbp.layers.conv_equations`` writes each equation as one generic XLA convolution (``GENERIC``).
+XLA:CPU runs some shapes of those convolutions slowly (docs/performance.md says which and why),
+so for each equation this package lists other formulations of the same sum, each with the
+predicate that selects it:
 
-    FORMS[equation] = (Form(name, select, fn, why), ...)      equation: "forward",
-                                                              "input_grad", "weight_grad"
+    FORMS[equation] = (Form(name, select, fn), ...)      equation: "forward",
+                                                         "input_grad", "weight_grad"
 
 ``select(x_shape, w_shape, cfg, dtype)`` returns the form's keyword parameters (a dict, empty
 for none) where the form measured faster, else ``None``. :func:`choose` takes the first form
-whose predicate answers, once per call; ``jbp.layers.conv`` emits ``lax.platform_dependent`` only
-then, so CUDA and TPU lowerings always see the generic convolution. A form's ``fn`` takes the
-generic function's arguments plus its parameters:
+whose predicate answers. Generic functions and forms share one calling convention, operands
+first, then static arguments, then the form's parameters:
 
-    forward      fn(x, w, cfg, **params) -> z
-    input_grad   fn(g, w, x_shape, cfg, **params) -> ∂L/∂a
-    weight_grad  fn(x, g, w_shape, cfg, **params) -> ∂L/∂W
+    equation     operands  static           generic = GENERIC[equation]
+    forward      (x, w)    (cfg,)           correlate(x, w, cfg)          -> z
+    input_grad   (g, w)    (x_shape, cfg)   input_grad(g, w, x_shape, cfg) -> ∂L/∂a
+    weight_grad  (x, g)    (w_shape, cfg)   weight_grad(x, g, w_shape, cfg) -> ∂L/∂W
+                                            form.fn(*operands, *static, **params)
 
-Forms with ``rule_only`` run in the hand-written rule's forward but not in ``_forward``, which
-``jbp.autodiff`` differentiates (JAX's derivative of them was slower than of the convolution).
-``scripts/bench_ops.py`` and ``tests/test_conv_formulations.py`` read this same table; the
-constants the predicates use are in :mod:`jbp._conv_kernels.tuning`.
+:func:`dispatch` ``(equation, operands, static)`` is the only caller of that convention in the
+library: it asks :func:`choose` once and emits ``lax.platform_dependent`` only where a form is
+chosen, so CUDA and TPU lowerings always see the generic convolution. ``jbp.layers.conv``'s
+forward and backward call it, and ``scripts/bench_ops.py`` builds its calls with
+:func:`arguments`.
+
+oneDNN's kernels (docs/onednn.md) head each equation: where the ``[onednn]`` extra is installed
+and builds, they are the default CPU backend (``JBP_CONV_BACKEND`` / ``jbp.set_conv_backend``
+switch them off), else XLA's forms below them run. Forms with ``rule_only`` run in the
+hand-written rule's forward but not in the forward ``jbp.autodiff`` differentiates (JAX's
+derivative of them was slower than of the convolution). ``tests/test_conv_formulations.py``
+reads this same table; the constants the predicates use are in :mod:`jbp._conv_kernels.tuning`.
 """
 
 from __future__ import annotations
@@ -29,8 +39,9 @@ from __future__ import annotations
 from typing import Callable, NamedTuple, Optional, Tuple
 
 import jax.numpy as jnp
+from jax import lax
 
-from jbp.layers import conv
+from jbp.layers import conv_equations as E
 from jbp._conv_kernels import block_forms, onednn, tap_forms, tuning
 
 
@@ -55,7 +66,7 @@ def _measured(dtype) -> bool:
 
 
 def _pixels(x_shape, w_shape, cfg) -> int:
-    ho, wo = conv.out_hw(x_shape, w_shape, cfg)
+    ho, wo = E.out_hw(x_shape, w_shape, cfg)
     return ho * wo
 
 
@@ -69,7 +80,7 @@ def column_block(x_shape, w_shape, cfg, dtype, max_cin: int) -> Optional[int]:
             or cin > max_cin or cout > tuning.COLUMN_MAX_COUT or not _measured(dtype)):
         return None
     block = next((b for b in (2, 4, 8) if b * cout >= tuning.COLUMN_MIN_BLOCKED_COUT), None)
-    if block is None or 2 * block > conv.out_hw(x_shape, w_shape, cfg)[1]:
+    if block is None or 2 * block > E.out_hw(x_shape, w_shape, cfg)[1]:
         return None
     return block
 
@@ -104,7 +115,7 @@ def split_chunk(x_shape, w_shape, cfg, dtype) -> int:
     """Images per chunk of the split forms: the largest power of two whose A,
     (H_out + (KH − 1)·d_h) × W_out × KW·C_in per image, fits in :data:`tuning.SPLIT_CHUNK_BYTES`."""
     kh, kw, cin, _ = w_shape
-    ho, wo = conv.out_hw(x_shape, w_shape, cfg)
+    ho, wo = E.out_hw(x_shape, w_shape, cfg)
     per_image = max(1, (ho + (kh - 1) * cfg.dilation[0]) * wo * kw * cin
                     * jnp.dtype(dtype).itemsize)
     return 1 << max(0, (tuning.SPLIT_CHUNK_BYTES // per_image).bit_length() - 1)
@@ -236,3 +247,51 @@ def choose(equation: str, x_shape, w_shape, cfg, dtype, *,
         if params is not None:
             return form, params
     return None
+
+
+def form_named(equation: str, name: str) -> Form:
+    """The form of ``FORMS[equation]`` called ``name`` (for benchmarks and tests)."""
+    return next(form for form in FORMS[equation] if form.name == name)
+
+
+# --- the one dispatch -------------------------------------------------------------------------
+
+#: Each equation as one XLA convolution: what runs off CPU, and on CPU where no form is chosen.
+GENERIC = {"forward": E.correlate, "input_grad": E.input_grad, "weight_grad": E.weight_grad}
+
+
+def arguments(equation: str, x, w, g, cfg):
+    """``(operands, static)`` of ``equation`` for a layer's input ``x``, kernel ``w`` and output
+    gradient ``g`` (the module docstring's table)."""
+    if equation == "forward":
+        return (x, w), (cfg,)
+    if equation == "input_grad":
+        return (g, w), (x.shape, cfg)
+    return (x, g), (w.shape, cfg)
+
+
+def _case(equation: str, operands, static):
+    """``(x_shape, w_shape, cfg, dtype)`` of one call: what the predicates read."""
+    (a, b), cfg = operands, static[-1]
+    if equation == "forward":                       # (x, w), (cfg,)
+        return a.shape, b.shape, cfg, a.dtype
+    if equation == "input_grad":                    # (g, w), (x_shape, cfg)
+        return static[0], b.shape, cfg, a.dtype
+    return a.shape, static[0], cfg, a.dtype         # (x, g), (w_shape, cfg)
+
+
+def dispatch(equation: str, operands, static, *, rule: bool = True):
+    """``GENERIC[equation](*operands, *static)``; where :func:`choose` picks a form for this
+    call, ``form.fn(*operands, *static, **params)`` on XLA:CPU and the generic convolution on
+    every other backend (``lax.platform_dependent``, emitted only then). ``rule=False`` skips
+    ``rule_only`` forms."""
+    chosen = choose(equation, *_case(equation, operands, static), rule=rule)
+
+    def generic(*ops):
+        return GENERIC[equation](*ops, *static)
+
+    if chosen is None:
+        return generic(*operands)
+    form, params = chosen
+    return lax.platform_dependent(*operands, cpu=lambda *ops: form.fn(*ops, *static, **params),
+                                  default=generic)

@@ -29,9 +29,8 @@ from typing import NamedTuple, Optional
 SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
 TARGETS = ("JbpDnnlConvForward", "JbpDnnlConvInputGrad", "JbpDnnlConvWeightGrad")
 BACKENDS = ("xla", "onednn")
-#: oneDNN where it is installed and builds: on a quiet machine its manual train step is
-#: 1.37-1.54× faster than XLA's forms on every ResNet, and on par on LeNet-5 (docs/onednn.md).
-#: "xla" is the better choice on a heavily shared machine, where OpenMP's static teams stall.
+#: oneDNN where it is installed and builds: the faster train step on a quiet machine; "xla" is
+#: the better choice on a heavily shared one (docs/onednn.md: "Use", "OpenMP on a shared machine").
 DEFAULT_BACKEND = "onednn"
 _ENV = "JBP_CONV_BACKEND"
 _FLAGS = ("-O2", "-shared", "-fPIC", "-std=c++17", "-w")
@@ -96,8 +95,11 @@ def active() -> bool:
 
 
 def describe() -> str:
-    """Which kernels a float32 CPU convolution runs on, for logs (``scripts/bench.py``)."""
-    if conv_backend() == "xla":
+    """Which kernels float32 convolutions run on, for headers, summaries and logs: ``"onednn
+    <version>"``, ``"xla"``, or ``"xla (oneDNN unavailable)"``. On CPU this loads (on first use,
+    builds) the oneDNN library; on an accelerator convolutions are XLA's."""
+    import jax  # noqa: PLC0415
+    if jax.default_backend() != "cpu" or conv_backend() == "xla":
         return "xla"
     lib = library()
     return f"onednn {lib.onednn_version}" if lib is not None else "xla (oneDNN unavailable)"

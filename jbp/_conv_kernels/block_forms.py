@@ -1,8 +1,9 @@
 """Convolutions over re-blocked inputs: blocks of columns (thin layers) and split taps (3×3).
 
-Each function computes one equation of ``jbp.layers.conv`` with other XLA operations than
-``lax.conv_general_dilated``; the table in ``jbp._conv_kernels`` says where each one is used,
-and docs/performance.md what it measured. ``cfg`` is a ``jbp.layers.conv.ConvConfig``.
+Each function computes one equation of ``jbp.layers.conv_equations`` with other XLA operations
+than ``lax.conv_general_dilated``, in that module's calling convention; the table in
+``jbp._conv_kernels`` says where each one is used, and docs/performance.md what it measured.
+``cfg`` is a ``conv_equations.ConvConfig``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jbp.layers import conv
+from jbp.layers import conv_equations as E
 from jbp._conv_kernels import tuning
 from jbp._conv_kernels.tap_forms import (patch_matmul, patch_matrix, sum_over_batch_chunks,
                                          tap_views, chunked_weight_grad)
@@ -22,7 +23,7 @@ from jbp._conv_kernels.tap_forms import (patch_matmul, patch_matrix, sum_over_ba
 
 def _unpadded_stride_1():
     """The blocked input already carries the padding: a stride-1, unpadded correlation."""
-    return conv.ConvConfig((1, 1), ((0, 0), (0, 0)), (1, 1), 1)
+    return E.ConvConfig((1, 1), ((0, 0), (0, 0)), (1, 1), 1)
 
 
 # --- blocks of B columns ----------------------------------------------------------------------
@@ -68,7 +69,7 @@ def column_blocked_correlate(x, w, cfg, block: int):
     :data:`tuning.COLUMN_FORWARD_PATCH_BYTES` of P; past it, a convolution of a_B with W_B."""
     kh, kw, cin, cout = w.shape
     n = x.shape[0]
-    w_out = conv.out_hw(x.shape, w.shape, cfg)[1]
+    w_out = E.out_hw(x.shape, w.shape, cfg)[1]
     out_blocks, kb, in_blocks = column_blocks(w_out, kw, block)
     xb = _blocked_input(x, cfg, block, in_blocks)
     ho = xb.shape[1] - kh + 1
@@ -82,7 +83,7 @@ def column_blocked_correlate(x, w, cfg, block: int):
         zb = lax.dot_general(patch_matrix(views), wb.reshape(-1, block * cout),
                              (((1,), (0,)), ((), ())))
     else:
-        zb = conv.correlate(xb, wb, _unpadded_stride_1())
+        zb = E.correlate(xb, wb, _unpadded_stride_1())
     return zb.reshape(n, ho, out_blocks * block, cout)[:, :, :w_out]
 
 
@@ -182,7 +183,7 @@ def split_tap_correlate(x, w, cfg, chunk: int):
     assert cfg.stride == (1, 1) and cfg.groups == 1, cfg
     kh, kw, cin, cout = w.shape
     dh = cfg.dilation[0]
-    ho, wo = conv.out_hw(x.shape, w.shape, cfg)
+    ho, wo = E.out_hw(x.shape, w.shape, cfg)
     w_split = w.transpose(1, 2, 0, 3).reshape(kw * cin, kh * cout)
 
     def correlate_chunk(xb):

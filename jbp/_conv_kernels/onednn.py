@@ -9,17 +9,19 @@ Equations (EQUATIONS.md, "Convolution"), stride ``s``, dilation ``d``, padded in
 
 ``F`` is bilinear and each map is linear in each argument, so each op's ``jax.custom_jvp``
 rule is the op applied to the tangents (``dz = F(da, W) + F(a, dW)`` and likewise), the tangent
-terms computed by jbp.layers.conv's generic XLA convolutions, which JAX can transpose. Evaluated — as
-jbp's manual rule does in its forward (correlate) and backward (input_grad, weight_grad) — they
-run on oneDNN; differentiated (grad of grad, Hessian-vector products, ``jax.jvp``,
-``jax.hessian``) the extra terms run on XLA.
+terms computed by ``jbp.layers.conv_equations``' generic XLA convolutions, which JAX can
+transpose. Evaluated — as jbp's manual rule does in its forward (correlate) and backward
+(input_grad, weight_grad) — they run on oneDNN; differentiated (grad of grad, Hessian-vector
+products, ``jax.jvp``, ``jax.hessian``) the extra terms run on XLA.
 
 ``jax.vmap``: a batch axis on the image side only (per-example forward and input gradient) is
 folded into ``N``: one call. A batched kernel, and the per-example weight gradient, loop over the
 batch (``lax.map``), one call per example.
 
-These functions have the signatures of the generic forms in ``jbp.layers.conv`` and must only run on
-CPU (``lax.platform_dependent``); :func:`select_forward` & co. say whether a case can take them.
+These functions have the signatures of the generic forms in ``jbp.layers.conv_equations`` and
+must only run on CPU (``lax.platform_dependent``); :func:`select_forward` & co. say whether a
+case can take them. Where the ``[onednn]`` extra is installed and builds they are the default
+CPU backend (``_onednn_build.DEFAULT_BACKEND``).
 """
 
 from __future__ import annotations
@@ -39,13 +41,10 @@ from jbp._conv_kernels import tuning
 from jbp._rule import _varying_axes, make_varying
 from jbp._conv_kernels._onednn_build import (  # noqa: F401  (re-exported)
     OneDNNUnavailableWarning, conv_backend, describe, set_conv_backend)
+from jbp.layers import conv_equations
+from jbp.layers.conv_equations import out_hw
 
-_FORWARD, _INPUT_GRAD, _WEIGHT_GRAD = 0, 1, 2
-
-
-def _out_hw(x_shape, w_shape, cfg):
-    return tuple((x_shape[1 + a] + sum(cfg.padding[a]) - (w_shape[a] - 1) * cfg.dilation[a] - 1)
-                 // cfg.stride[a] + 1 for a in (0, 1))
+FORWARD, INPUT_GRAD, WEIGHT_GRAD = 0, 1, 2          # indices into build.TARGETS
 
 
 def _attrs(cfg):
@@ -91,9 +90,6 @@ def _ffi(target, shape, a, b, cfg):
     return make_varying(out, _varying_axes(a) | _varying_axes(b))
 
 
-FORWARD, INPUT_GRAD, WEIGHT_GRAD = 0, 1, 2          # indices into build.TARGETS
-
-
 @functools.lru_cache(maxsize=None)
 def _raw(kind: int, cfg, static=None):
     """One FFI op as a function of its two operands: the forward ``(x, w) -> z``, the input
@@ -103,7 +99,7 @@ def _raw(kind: int, cfg, static=None):
     @custom_vmap
     def op(a, b):
         if kind == FORWARD:
-            shape = (a.shape[0], *_out_hw(a.shape, b.shape, cfg), b.shape[3])
+            shape = (a.shape[0], *out_hw(a.shape, b.shape, cfg), b.shape[3])
         else:
             shape = (a.shape[0],) + static if kind == INPUT_GRAD else static
         return _ffi(build.TARGETS[kind], shape, a, b, cfg)
@@ -114,17 +110,13 @@ def _raw(kind: int, cfg, static=None):
 # --- the three equations: oneDNN when evaluated, XLA's convolutions when differentiated ----------
 #
 # Each op is bilinear, so its JVP is the op itself applied to the tangents: for correlate,
-# dz = F(da, W) + F(a, dW), and likewise for the other two. The tangent terms use jbp.layers.conv's
-# generic XLA convolutions (correlate / input_grad / weight_grad), which JAX can transpose: so
-# forward mode (jax.jvp, jax.hessian = jacfwd∘jacrev), reverse mode over them (grad of grad,
-# Hessian-vector products) and vmap all work. jbp's manual rule calls these ops as primals —
-# its forward calls correlate, its backward input_grad and weight_grad — so a training step's
-# first-order gradient runs on oneDNN; only the extra terms of a second derivative run on XLA.
-
-def _generic():
-    from jbp.layers import conv  # jbp.layers.conv imports this package: import late
-    return conv
-
+# dz = F(da, W) + F(a, dW), and likewise for the other two. The tangent terms use
+# jbp.layers.conv_equations' generic XLA convolutions (correlate / input_grad / weight_grad),
+# which JAX can transpose: so forward mode (jax.jvp, jax.hessian = jacfwd∘jacrev), reverse mode
+# over them (grad of grad, Hessian-vector products) and vmap all work. jbp's manual rule calls
+# these ops as primals — its forward calls correlate, its backward input_grad and weight_grad —
+# so a training step's first-order gradient runs on oneDNN; only the extra terms of a second
+# derivative run on XLA.
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def correlate(x, w, cfg):
@@ -141,7 +133,7 @@ def _bilinear_jvp(op, generic, primals, tangents, *static):
 
 @correlate.defjvp
 def _correlate_jvp(cfg, primals, tangents):
-    return _bilinear_jvp(correlate, _generic().correlate, primals, tangents, cfg)
+    return _bilinear_jvp(correlate, conv_equations.correlate, primals, tangents, cfg)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
@@ -152,7 +144,7 @@ def input_grad(g, w, x_shape, cfg):
 
 @input_grad.defjvp
 def _input_grad_jvp(x_shape, cfg, primals, tangents):
-    return _bilinear_jvp(input_grad, _generic().input_grad, primals, tangents, x_shape, cfg)
+    return _bilinear_jvp(input_grad, conv_equations.input_grad, primals, tangents, x_shape, cfg)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
@@ -163,7 +155,7 @@ def weight_grad(x, g, w_shape, cfg):
 
 @weight_grad.defjvp
 def _weight_grad_jvp(w_shape, cfg, primals, tangents):
-    return _bilinear_jvp(weight_grad, _generic().weight_grad, primals, tangents, w_shape, cfg)
+    return _bilinear_jvp(weight_grad, conv_equations.weight_grad, primals, tangents, w_shape, cfg)
 
 
 # --- when a case can take them -----------------------------------------------------------------
@@ -175,7 +167,7 @@ def _supported(kind: int, x_shape: Sequence[int], w_shape: Sequence[int], cfg, d
         return False
     if not build.active():
         return False
-    oh, ow = _out_hw(x_shape, w_shape, cfg)
+    oh, ow = out_hw(x_shape, w_shape, cfg)
     if oh < 1 or ow < 1:
         return False
     return _check(kind, tuple(x_shape), tuple(w_shape), oh, ow, cfg)
@@ -191,53 +183,44 @@ def _check(kind, x_shape, w_shape, oh, ow, cfg) -> bool:
     return bool(build.library().handle.JbpDnnlConvSupported(params, msg, 256))
 
 
-_KINDS = {"forward": _FORWARD, "input_grad": _INPUT_GRAD, "weight_grad": _WEIGHT_GRAD}
-
-
-def supported(equation: str, x_shape, w_shape, cfg, dtype) -> bool:
-    """Whether ``equation`` ("forward" | "input_grad" | "weight_grad") of this case can run on
-    oneDNN here: backend on, library loaded, float32, and oneDNN builds the primitive."""
-    return _supported(_KINDS[equation], x_shape, w_shape, cfg, dtype)
-
-
 def _pointwise(w_shape) -> bool:
     return tuple(w_shape[:2]) == (1, 1)
 
 
-# Where oneDNN wins (scripts/bench_onednn.py on the models' shapes, docs/onednn.md): every
-# equation of every k×k kernel (k > 1) except the input gradient of a strided one, where jbp's
-# phase form was faster (1.3-2.4× on ResNet-20's stride-2 3×3); never a 1×1 kernel, where jbp's
-# pointwise matmuls were faster (up to 3×). These are the table's predicates (jbp._conv_kernels):
-# {} (no parameters) where chosen, else None.
+# The table's predicates (jbp._conv_kernels): {} (no parameters) where oneDNN is chosen, else
+# None. It is chosen where scripts/bench_onednn.py measured it faster (docs/onednn.md, "Where
+# oneDNN wins, per shape"): every k×k kernel (k > 1), except a strided input gradient (jbp's
+# phase form) and 1×1 kernels (jbp's pointwise matmuls).
 
 def select_forward(x_shape, w_shape, cfg, dtype) -> Optional[dict]:
-    """float32 k×k kernels (k > 1): oneDNN's JIT kernels, 1.0-4× faster than XLA's forms."""
-    ok = not _pointwise(w_shape) and _supported(_FORWARD, x_shape, w_shape, cfg, dtype)
+    """float32 k×k kernels (k > 1): oneDNN's JIT kernels, faster than XLA's forms."""
+    ok = not _pointwise(w_shape) and _supported(FORWARD, x_shape, w_shape, cfg, dtype)
     return {} if ok else None
 
 
 def select_input_grad(x_shape, w_shape, cfg, dtype) -> Optional[dict]:
-    """float32 k×k kernels (k > 1) at stride 1: oneDNN's JIT kernels, 1.1-3× faster."""
+    """float32 k×k kernels (k > 1) at stride 1: oneDNN's JIT kernels, faster than XLA's forms."""
     ok = (not _pointwise(w_shape) and tuple(cfg.stride) == (1, 1)
-          and _supported(_INPUT_GRAD, x_shape, w_shape, cfg, dtype))
+          and _supported(INPUT_GRAD, x_shape, w_shape, cfg, dtype))
     return {} if ok else None
 
 
 def select_weight_grad(x_shape, w_shape, cfg, dtype) -> Optional[dict]:
-    """float32 k×k kernels (k > 1): oneDNN's JIT kernels, 1.0-3× faster than XLA's forms,
-    except narrow inputs summed over many products, where oneDNN rounds worse (tuning)."""
+    """float32 k×k kernels (k > 1): oneDNN's JIT kernels, faster than XLA's forms, except
+    narrow inputs summed over many products, where oneDNN rounds worse (tuning)."""
     ok = (not _pointwise(w_shape) and not _narrow_long_sum(x_shape, w_shape, cfg)
-          and _supported(_WEIGHT_GRAD, x_shape, w_shape, cfg, dtype))
+          and _supported(WEIGHT_GRAD, x_shape, w_shape, cfg, dtype))
     return {} if ok else None
 
 
 def _narrow_long_sum(x_shape, w_shape, cfg) -> bool:
-    oh, ow = _out_hw(x_shape, w_shape, cfg)
+    oh, ow = out_hw(x_shape, w_shape, cfg)
     return (w_shape[2] * cfg.groups < tuning.ONEDNN_WEIGHT_GRAD_MIN_CIN
             and x_shape[0] * oh * ow >= tuning.ONEDNN_WEIGHT_GRAD_MAX_PRODUCTS)
 
 
 def select(x_shape, w_shape, cfg, dtype) -> Optional[dict]:
     """{} if all three equations of this case can run on oneDNN (whether or not it wins)."""
-    ok = all(_supported(k, x_shape, w_shape, cfg, dtype) for k in _KINDS.values())
+    ok = all(_supported(kind, x_shape, w_shape, cfg, dtype)
+             for kind in (FORWARD, INPUT_GRAD, WEIGHT_GRAD))
     return {} if ok else None

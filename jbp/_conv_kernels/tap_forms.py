@@ -1,9 +1,10 @@
 """Convolution gradients as matmuls over kernel taps, stride phases and patch matrices.
 
-Each function computes one equation of ``jbp.layers.conv`` (named in its docstring) with other XLA
-operations than ``lax.conv_general_dilated``; the table in ``jbp._conv_kernels`` says where each
-one is used, and docs/performance.md what it measured. ``cfg`` is a ``jbp.layers.conv.ConvConfig``;
-``a`` is the padded input and ``δ = ∂L/∂z``.
+Each function computes one equation of ``jbp.layers.conv_equations`` (named in its docstring)
+with other XLA operations than ``lax.conv_general_dilated``, in that module's calling convention
+(operands, static arguments, then the form's parameters); the table in ``jbp._conv_kernels`` says
+where each one is used, and docs/performance.md what it measured. ``cfg`` is a
+``conv_equations.ConvConfig``; ``a`` is the padded input and ``δ = ∂L/∂z``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jbp.layers import conv
+from jbp.layers import conv_equations as E
 from jbp._conv_kernels import tuning
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -124,37 +125,11 @@ def row_input_grad(g, w, x_shape, cfg):
     return dxp.reshape(n, hp, wp, cin)[:, pt:pt + x_shape[1], pl:pl + x_shape[2], :]
 
 
-def tap_input_grad(g, w, x_shape, cfg):
-    """∂L/∂a as a sum over kernel taps: ∂L/∂a[n, h·s+i·d, w·s+j·d, c] += Σ_k δ[n,h,w,k] W[i,j,c,k].
-
-    One matmul ``δ Wᵀ`` gives every tap's contribution at once, (N, H_out, W_out, KH·KW·C_in);
-    each tap's slice is then placed at its offset (interior padding for the stride) and the
-    placements are summed, all in one fused pass over ∂L/∂a. Measured and not chosen (inside
-    the LeNet-5 step it lost): kept for ``scripts/bench_ops.py`` and the tests."""
-    kh, kw, cin, cout = w.shape
-    n, ho, wo, _ = g.shape
-    (sh, sw), (dh, dw_) = cfg.stride, cfg.dilation
-    (pt, pb), (pl, pr) = cfg.padding
-    hp, wp = x_shape[1] + pt + pb, x_shape[2] + pl + pr
-    cols = lax.dot_general(g, w.reshape(kh * kw * cin, cout), (((3,), (1,)), ((), ())))
-    zero = jnp.zeros((), g.dtype)
-    total = None
-    for t, (i, j) in enumerate((i, j) for i in range(kh) for j in range(kw)):
-        tap = cols[..., t * cin:(t + 1) * cin]
-        placed = lax.pad(tap, zero, (
-            (0, 0, 0),
-            (i * dh, hp - (i * dh + (ho - 1) * sh + 1), sh - 1),
-            (j * dw_, wp - (j * dw_ + (wo - 1) * sw + 1), sw - 1),
-            (0, 0, 0)))
-        total = placed if total is None else total + placed
-    return total[:, pt:pt + x_shape[1], pl:pl + x_shape[2], :]
-
-
 # --- weight gradient --------------------------------------------------------------------------
 
 def batch_chunked_weight_grad(x, g, w_shape, cfg, chunk: int):
     """∂L/∂W = Σ_chunks δ_chunk ⋆ a_chunk: the sum over n split into chunks of ``chunk`` images,
-    each chunk's sum one XLA convolution (``jbp.layers.conv.weight_grad``), the chunks unrolled.
+    each chunk's sum one XLA convolution (``conv_equations.weight_grad``), the chunks unrolled.
 
     The weight-gradient convolution contracts over the batch, so XLA:CPU first transposes the
     whole input to put N innermost; per chunk the transpose and the convolution stay in cache,
@@ -163,7 +138,7 @@ def batch_chunked_weight_grad(x, g, w_shape, cfg, chunk: int):
     n = x.shape[0]
     total = None
     for start in range(0, n, chunk):
-        part = conv.weight_grad(x[start:start + chunk], g[start:start + chunk], w_shape, cfg)
+        part = E.weight_grad(x[start:start + chunk], g[start:start + chunk], w_shape, cfg)
         total = part if total is None else total + part
     return total
 
@@ -226,7 +201,7 @@ def chunked_weight_grad(x, g, w_shape, cfg, target: int, per_chunk):
     Shared by the per-tap, patch-matrix and column-blocked forms."""
     kh, kw, cin, cout = w_shape
     n, ho, wo, _ = g.shape
-    (pt, pb), (pl, pr) = conv.weight_grad_pads(x, g, w_shape, cfg)
+    (pt, pb), (pl, pr) = E.weight_grad_pads(x, g, w_shape, cfg)
     xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
 
     def contribution(xb, gb):

@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 
-from jbp import checkpoint, data, models, parallel, report
+from jbp import checkpoint, cpu_conv, data, models, parallel, report
 from jbp import config as config_lib
 from jbp.policy import LayerPolicy
 from jbp.train import run_dir as run_dirs
@@ -180,7 +180,7 @@ def fit(cfg: config_lib.Config, run_dir: str, *, resume: bool = False, overwrite
         return {"status": "stopped", "reason": reason, "steps": int(state.step),
                 "checkpoint": path, "run_dir": out}
 
-    conv = report.describe_conv_backend()
+    conv = cpu_conv.describe()
     devices = (f", data parallel over {mesh.size} devices in {jax.process_count()} process(es)"
                if mesh is not None else "")
     say(f"{cfg.name}: {cfg.model.name} ({tree_size(state.params):,} parameters), {tc.grad} "
