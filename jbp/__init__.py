@@ -17,7 +17,7 @@ from jbp.policy import LayerPolicy
 # builds, else XLA's forms) or "xla"; GPU and TPU always run XLA's convolution. docs/onednn.md.
 from jbp.cpu_conv import conv_backend, set_conv_backend
 
-#: The name of every layer, in the order their files declare them.
+#: The name of every layer (``jbp._registry.REGISTRY``'s order).
 LAYERS = tuple(_registry.layers())
 globals().update({name: entry.manual for name, entry in _registry.layers().items()})
 

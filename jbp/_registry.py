@@ -20,7 +20,8 @@ another declared layer (its twin is that layer's autodiff version: conv2d's padd
 ``pad``). ``options`` names the keyword arguments a :class:`jbp.policy.LayerPolicy` binds into
 every call of the layer (``residuals``, ``axis_name``).
 
-:data:`REGISTRY` maps each name to its :class:`Layer`, in the order the files declare them;
+:data:`REGISTRY` maps each name to its :class:`Layer`, in the order the files are imported
+(``jbp/layers/`` then ``jbp/losses/``, each alphabetically, a file's dependencies first);
 ``jbp``, ``jbp.manual``, ``jbp.autodiff`` and ``jbp.LAYERS`` are read from it. A layer's file is
 found by :func:`layers`, which imports every module of the ``jbp.layers`` and ``jbp.losses``
 packages: adding a layer touches only its own file.
@@ -39,6 +40,8 @@ from jbp._rule import ManualRule
 
 #: The packages whose modules declare layers.
 PACKAGES = ("jbp.layers", "jbp.losses")
+#: The keyword options a layer may let a ``jbp.LayerPolicy`` bind (the policy's fields).
+OPTIONS = ("residuals", "axis_name")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,14 +56,14 @@ class Layer:
 
 
 REGISTRY: Dict[str, Layer] = {}
-_TWIN: Dict[int, Callable] = {}          # id(manual function) -> its autodiff twin
+_TWIN: Dict[Callable, Callable] = {}     # a declared layer's manual function -> its twin
 
 
 def _twin(rule) -> Callable:
     if isinstance(rule, ManualRule):
         return rule.forward
-    if id(rule) in _TWIN:
-        return _TWIN[id(rule)]
+    if rule in _TWIN:
+        return _TWIN[rule]
     raise TypeError(f"layer: expected a ManualRule or a declared layer, got {rule!r}")
 
 
@@ -78,8 +81,8 @@ def layer(*rules, options=()):
     """Declare the decorated function as a public layer (module docstring); returns its
     hand-written version."""
     for name in options:
-        if name not in ("residuals", "axis_name"):
-            raise ValueError(f"layer: unknown option {name!r}")
+        if name not in OPTIONS:
+            raise ValueError(f"layer: unknown option {name!r}; options: {OPTIONS}")
 
     def declare(body: Callable) -> Callable:
         signature = inspect.signature(body)
@@ -88,10 +91,14 @@ def layer(*rules, options=()):
         missing = [o for o in options if o not in public.parameters]
         if missing:
             raise TypeError(f"layer {body.__name__}: options {missing} are not parameters")
+        if body.__name__ in REGISTRY:
+            raise ValueError(f"layer {body.__name__!r} is declared twice "
+                             f"({REGISTRY[body.__name__].manual.__module__} and "
+                             f"{body.__module__})")
         manual = _bind(body, rules, public)
         autodiff = _bind(body, tuple(_twin(r) for r in rules), public)
         REGISTRY[body.__name__] = Layer(body.__name__, manual, autodiff, frozenset(options))
-        _TWIN[id(manual)] = autodiff
+        _TWIN[manual] = autodiff
         return manual
 
     return declare

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jbp.policy import LayerPolicy, policy
+from jbp.policy import LayerPolicy
 
 #: How many times autodiff's own float32 error a manual leaf may have.
 FACTOR = 8.0
@@ -184,8 +184,8 @@ def gradients(apply: Callable, params, state, x, y, *, grad: str = "manual",
               loss: str = "softmax_cross_entropy"):
     """One float32 train-mode gradient: ``(loss, grads, branches)``, ``branches`` being every
     ReLU mask and max-pool index of its forward (for :func:`reference`). ``grad``:
-    ``"manual"``, ``"autodiff"`` or a :class:`jbp.LayerPolicy`."""
-    layers = policy(grad)
+    ``"manual"`` or ``"autodiff"``."""
+    layers = LayerPolicy(grad)
 
     def run(params, state, x, y):
         def objective(params):

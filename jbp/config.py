@@ -9,6 +9,7 @@ keys (``optim.lr=0.1``) and TOML syntax for values (``data.mean=[0.5]``, bare wo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import tomllib
 import typing
@@ -18,7 +19,6 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 from jbp.data import DATASETS
 from jbp.models import GRAD_MODES, MODELS, OPTION_DEFAULTS, REMAT, RESIDUALS, get_model
 from jbp.parallel import DATA_PARALLEL
-from jbp.train import OPTIMIZERS, PRECISIONS, SCHEDULES
 
 
 class ConfigError(ValueError):
@@ -87,18 +87,23 @@ class Config:
 
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig}
-# The allowed values, from the modules that act on them (one list each, nothing to drift).
-_CHOICES = {
-    ("data", "dataset"): DATASETS,
-    ("model", "name"): MODELS,
-    ("model", "remat"): REMAT,
-    ("model", "residuals"): RESIDUALS,
-    ("optim", "optimizer"): OPTIMIZERS,
-    ("optim", "schedule"): SCHEDULES,
-    ("train", "grad"): GRAD_MODES,
-    ("train", "data_parallel"): DATA_PARALLEL,
-    ("train", "precision"): tuple(PRECISIONS),
-}
+@functools.lru_cache(maxsize=None)
+def choices() -> Dict[Tuple[str, str], Tuple[str, ...]]:
+    """The allowed values of the keys that take one of a list, from the modules that act on
+    them (one list each, nothing to drift). ``jbp.train`` reads configs, so its lists are
+    imported here when first needed, not when this module is."""
+    from jbp.train import OPTIMIZERS, PRECISIONS, SCHEDULES  # noqa: PLC0415
+    return {
+        ("data", "dataset"): DATASETS,
+        ("model", "name"): MODELS,
+        ("model", "remat"): REMAT,
+        ("model", "residuals"): RESIDUALS,
+        ("optim", "optimizer"): OPTIMIZERS,
+        ("optim", "schedule"): SCHEDULES,
+        ("train", "grad"): GRAD_MODES,
+        ("train", "data_parallel"): DATA_PARALLEL,
+        ("train", "precision"): tuple(PRECISIONS),
+    }
 
 
 def _type_name(tp) -> str:
@@ -137,9 +142,9 @@ def _section(cls, table: Dict[str, Any], section: str, source: str):
             raise ConfigError(f"{where}: unknown key; valid keys of [{section}]: "
                               f"{', '.join(sorted(known))}")
         values[key] = _coerce(value, hints[key], where)
-        choices = _CHOICES.get((section, key))
-        if choices and values[key] not in choices:
-            raise ConfigError(f"{where}: expected one of {', '.join(choices)}, "
+        allowed = choices().get((section, key))
+        if allowed and values[key] not in allowed:
+            raise ConfigError(f"{where}: expected one of {', '.join(allowed)}, "
                               f"got {values[key]!r}")
     return cls(**values)
 

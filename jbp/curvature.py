@@ -13,19 +13,21 @@ VJPs stay in use. ``params`` and ``v`` are pytrees of the same structure.
 
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 
-from jbp.policy import policy
+from jbp.policy import LayerPolicy, resolve
 
 
-def train_loss(apply: Callable, model_state, x, y, *, grad="manual",
+def train_loss(apply: Callable, model_state, x, y, *, grad: Optional[str] = None,
+               layers: Optional[LayerPolicy] = None,
                loss: str = "softmax_cross_entropy") -> Callable:
     """``θ -> L(θ)``: the model's train-mode loss (batch statistics) on the batch ``(x, y)``;
-    ``grad``: ``"manual"``, ``"autodiff"`` or a :class:`jbp.LayerPolicy`."""
-    layers = policy(grad)
+    ``grad``: ``"manual"`` (default) or ``"autodiff"``, or ``layers``: a
+    :class:`jbp.LayerPolicy`."""
+    layers = resolve(grad, layers)
     loss_fn = getattr(layers, loss)
 
     def objective(params):

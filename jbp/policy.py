@@ -63,11 +63,14 @@ def _bound(policy: LayerPolicy, name: str) -> Callable:
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(LayerPolicy)}
 
 
-def policy(grad) -> LayerPolicy:
-    """``grad`` as a policy: a :class:`LayerPolicy` is returned as it is, a string
-    (``"manual"``, ``"autodiff"``) becomes ``LayerPolicy(grad)``."""
-    if isinstance(grad, str):
-        return LayerPolicy(grad)
-    if isinstance(grad, LayerPolicy):
-        return grad
-    raise TypeError(f"grad: expected 'manual', 'autodiff' or a jbp.LayerPolicy, got {grad!r}")
+def resolve(grad: Optional[str] = None, layers: Optional[LayerPolicy] = None) -> LayerPolicy:
+    """The policy of a function that takes ``grad="manual"`` / ``"autodiff"`` (the shorthand for
+    ``LayerPolicy(grad)``) or ``layers=LayerPolicy(...)`` (with its options), not both at odds;
+    neither: ``LayerPolicy()``, the hand-written rules."""
+    if layers is None:
+        return LayerPolicy("manual" if grad is None else grad)
+    if not isinstance(layers, LayerPolicy):
+        raise TypeError(f"layers: expected a jbp.LayerPolicy, got {layers!r}")
+    if grad is not None and grad != layers.grad:
+        raise ValueError(f"grad={grad!r} and layers={layers!r} disagree; pass one of them")
+    return layers

@@ -170,3 +170,26 @@ def test_layer_policy_binds_each_option_where_declared():
     with pytest.raises(ValueError, match="residuals"):
         jbp.LayerPolicy("manual", residuals="fp8")
     assert hash(policy) == hash(jbp.LayerPolicy("manual", "bf16", "data"))   # a static argument
+
+
+def test_train_functions_take_grad_or_a_policy_not_both_at_odds():
+    from jbp import models, train
+    apply = models.get_model("lenet5").apply
+    train.make_loss(apply, grad="autodiff")
+    train.make_loss(apply, layers=jbp.LayerPolicy("autodiff"), grad="autodiff")
+    with pytest.raises(ValueError, match="disagree"):
+        train.make_loss(apply, grad="manual", layers=jbp.LayerPolicy("autodiff"))
+    with pytest.raises(TypeError, match="layers: expected a jbp.LayerPolicy"):
+        train.make_loss(apply, layers="autodiff")
+    with pytest.raises(ValueError, match="axis_name"):
+        train.make_train_step(apply, train.make_optimizer("sgd", 0.1),
+                              layers=jbp.LayerPolicy(axis_name="data"))
+
+
+def test_a_layer_name_is_declared_once(monkeypatch):
+    from jbp import _registry
+    monkeypatch.setattr(_registry, "REGISTRY", dict(_registry.REGISTRY))
+    with pytest.raises(ValueError, match="'relu' is declared twice"):
+        @_registry.layer(_registry.REGISTRY["relu"].manual)
+        def relu(rule, x):
+            return rule(x)

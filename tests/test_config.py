@@ -88,15 +88,15 @@ def test_every_choice_the_config_accepts_runs():
     schedule, model or layer namespace, and each dataset name reaches its loader."""
     from jbp import data, models, train
 
-    for optimizer in config._CHOICES[("optim", "optimizer")]:
-        for schedule in config._CHOICES[("optim", "schedule")]:
+    for optimizer in config.choices()[("optim", "optimizer")]:
+        for schedule in config.choices()[("optim", "schedule")]:
             cfg = config.from_dict({"optim": {"optimizer": optimizer, "schedule": schedule}})
             train.optimizer_from_config(cfg.optim, total_steps=10)
-    for name in config._CHOICES[("model", "name")]:
+    for name in config.choices()[("model", "name")]:
         assert models.get_model(config.from_dict({"model": {"name": name}}).model.name).name == name
-    for grad in config._CHOICES[("train", "grad")]:
+    for grad in config.choices()[("train", "grad")]:
         jbp.LayerPolicy(config.from_dict({"train": {"grad": grad}}).train.grad)
-    for dataset in config._CHOICES[("data", "dataset")]:
+    for dataset in config.choices()[("data", "dataset")]:
         cfg = config.from_dict({"data": {"dataset": dataset, "path": "/nonexistent/x"}}).data
         with pytest.raises(data.DataError) as err:
             data.load_dataset(cfg)

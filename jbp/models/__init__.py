@@ -15,10 +15,12 @@ options (``ModelConfig``) the model has besides ``name`` and ``num_classes``.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, FrozenSet, NamedTuple
 
-from jbp.policy import GRAD_MODES, LayerPolicy  # noqa: F401  (GRAD_MODES: the config's)
 from jbp import _residuals
+from jbp.models import lenet5, resnet, seed_cnn
+from jbp.policy import GRAD_MODES  # noqa: F401  (the config's choices)
 
 
 class Model(NamedTuple):
@@ -28,18 +30,22 @@ class Model(NamedTuple):
     options: FrozenSet[str] = frozenset()   # of ModelConfig's: "shortcuts", "batch_norm", "remat"
 
 
-from jbp.models import lenet5, resnet, seed_cnn  # noqa: E402  (they import Model's package)
-
 #: Every model, by name.
-REGISTRY = {m.name: m for m in (seed_cnn.MODEL, lenet5.MODEL, resnet.RESNET20_MODEL,
-                                resnet.RESNET18_MODEL)}
+REGISTRY = {m.name: m for m in (
+    Model("seed_cnn", seed_cnn.init, seed_cnn.apply),
+    Model("lenet5", lenet5.init, lenet5.apply),
+    Model("resnet20", resnet.init_resnet20, resnet.apply_resnet20, resnet.OPTIONS),
+    Model("resnet18", resnet.init_resnet18, resnet.apply_resnet18, resnet.OPTIONS),
+)}
 MODELS = tuple(REGISTRY)
 
 #: ``ModelConfig.remat`` and ``.residuals`` values.
 REMAT = ("none", "blocks")
 RESIDUALS = _residuals.POLICIES
-#: The model options of ``ModelConfig``, with the value that means "not used".
+#: The model options of ``ModelConfig``, with the value that means "not used", and which of
+#: ``init`` and ``apply`` takes each.
 OPTION_DEFAULTS = {"remat": "none", "shortcuts": True, "batch_norm": True}
+INIT_OPTIONS, APPLY_OPTIONS = ("shortcuts", "batch_norm"), ("shortcuts", "remat")
 
 
 def get_model(name: str) -> Model:
@@ -67,13 +73,7 @@ def from_config(cfg) -> Model:
                          f"(its options: {', '.join(sorted(model.options)) or 'none'})")
     if not model.options:
         return model
-    init_kw = {k: chosen[k] for k in ("shortcuts", "batch_norm") if k in model.options}
-    apply_kw = {k: chosen[k] for k in ("shortcuts", "remat") if k in model.options}
-
-    def init(key, input_shape=(28, 28, 1), num_classes=10):
-        return model.init(key, input_shape, num_classes, **init_kw)
-
-    def apply(params, state, x, *, train, layers=LayerPolicy()):
-        return model.apply(params, state, x, train=train, layers=layers, **apply_kw)
-
-    return Model(model.name, init, apply, model.options)
+    init_kw = {k: chosen[k] for k in INIT_OPTIONS if k in model.options}
+    apply_kw = {k: chosen[k] for k in APPLY_OPTIONS if k in model.options}
+    return model._replace(init=functools.partial(model.init, **init_kw),
+                          apply=functools.partial(model.apply, **apply_kw))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import jax
 
-from jbp.models import Model, _init
+from jbp.models import _init
 from jbp.policy import LayerPolicy
 
 
@@ -49,5 +49,3 @@ def apply(params, state, x, *, train, layers=LayerPolicy()):
     h = nn.relu(nn.dense(h, p["fc2"]["w"], p["fc2"]["b"]))
     return nn.dense(h, p["fc3"]["w"], p["fc3"]["b"]), state
 
-
-MODEL = Model("lenet5", init, apply)

@@ -28,7 +28,6 @@ from typing import NamedTuple, Tuple
 import jax
 
 from jbp.models import _init as _init_lib
-from jbp.models import Model
 from jbp.policy import LayerPolicy
 
 
@@ -184,6 +183,5 @@ def apply_resnet18(params, state, x, *, train, layers=LayerPolicy(), shortcuts=T
     return _apply(RESNET18, params, state, x, train, layers, shortcuts, remat)
 
 
-_OPTIONS = frozenset({"shortcuts", "batch_norm", "remat"})
-RESNET20_MODEL = Model("resnet20", init_resnet20, apply_resnet20, _OPTIONS)
-RESNET18_MODEL = Model("resnet18", init_resnet18, apply_resnet18, _OPTIONS)
+#: The options of ``jbp.config.ModelConfig`` both networks have (``jbp.models.from_config``).
+OPTIONS = frozenset({"shortcuts", "batch_norm", "remat"})

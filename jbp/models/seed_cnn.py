@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import jax
 
-from jbp.models import Model, _init
+from jbp.models import _init
 from jbp.policy import LayerPolicy
 
 
@@ -31,5 +31,3 @@ def apply(params, state, x, *, train, layers=LayerPolicy()):
     a1 = nn.relu(z1)
     return nn.dense(nn.flatten(a1), params["fc"]["w"], params["fc"]["b"]), state
 
-
-MODEL = Model("seed_cnn", init, apply)

@@ -12,11 +12,9 @@ or, a step at a time:
         state, metrics = step(state, x, y)          # donated: the old state's buffers are reused
 """
 
-# .optim and .step first: jbp.config imports their names from this package, and .run_dir and
-# .loop import jbp.config.
 from jbp.train.optim import (OPTIMIZERS, SCHEDULES, make_optimizer, make_schedule,
                              optimizer_from_config)
-from jbp.train.step import (PRECISIONS, TrainState, _loss_fn, evaluate, init_train_state,
+from jbp.train.step import (PRECISIONS, TrainState, evaluate, init_train_state,
                             leaf_names, make_eval_step, make_grad_fn, make_loss,
                             make_train_step, tree_size)
 from jbp.train.stop import Stop, StopRequest

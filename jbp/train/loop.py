@@ -161,9 +161,9 @@ def fit(cfg: config_lib.Config, run_dir: str, *, resume: bool = False, overwrite
             f.write(config_text)
     if mesh is not None:
         state = parallel.replicate(state, mesh)
-    train_step = make_train_step(model.apply, optimizer, grad=layers,
+    train_step = make_train_step(model.apply, optimizer, layers=layers,
                                  check_finite=tc.check_finite, mesh=mesh, precision=tc.precision)
-    eval_step = make_eval_step(model.apply, grad=layers)
+    eval_step = make_eval_step(model.apply, layers=layers)
     names = leaf_names(state.params)
 
     def save(epoch, batch):
@@ -181,6 +181,8 @@ def fit(cfg: config_lib.Config, run_dir: str, *, resume: bool = False, overwrite
                 "checkpoint": path, "run_dir": out}
 
     conv = cpu_conv.describe()
+    if dtype is not None and np.dtype(dtype) != np.float32 and conv.startswith("onednn"):
+        conv = "xla (oneDNN's kernels are float32 only)"
     devices = (f", data parallel over {mesh.size} devices in {jax.process_count()} process(es)"
                if mesh is not None else "")
     say(f"{cfg.name}: {cfg.model.name} ({tree_size(state.params):,} parameters), {tc.grad} "
@@ -243,7 +245,7 @@ def fit(cfg: config_lib.Config, run_dir: str, *, resume: bool = False, overwrite
                         train_time + time.perf_counter() - epoch_start, 1e-9)
                     bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{rate:,.0f}")
                     write({"kind": "train", "step": step, "epoch": epoch, **values})
-                if step == max_steps != total_steps:      # (at total_steps: finish the run)
+                if max_steps is not None and step >= max_steps and step < total_steps:
                     bar.close()
                     return stopped(save(epoch, batch + 1))
             jax.block_until_ready(state.params)

@@ -70,10 +70,11 @@ _DECOUPLED_DECAY = ("adamw",)       # weight decay inside the optimiser, not add
 def make_optimizer(name: str, schedule: Union[float, optax.Schedule], *, momentum: float = 0.9,
                    weight_decay: float = 0.0, clip_norm: Optional[float] = None,
                    b1: float = 0.9, b2: float = 0.999) -> optax.GradientTransformation:
-    """An optax chain: [clip by global norm] -> [decoupled-from-loss L2 weight decay] -> optimiser.
+    """An optax chain: [clip by global norm] -> [L2 weight decay] -> optimiser.
 
     ``sgd``, ``momentum``, ``nesterov`` and ``adam`` add ``weight_decay · w`` to the gradient
-    (weights only); ``adamw`` uses optax's decoupled decay.
+    (weights only, coupled: the optimiser then scales it); ``adamw`` applies optax's decoupled
+    decay inside the optimiser instead.
     """
     if name not in _OPTIMIZERS:
         raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {name!r}")

@@ -27,7 +27,7 @@ logits, and hands float32 gradients to the optimiser.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 from jbp.models import Model
-from jbp.policy import LayerPolicy, policy
+from jbp.policy import LayerPolicy, resolve
 from jbp.parallel import DATA_AXIS
 
 #: ``make_train_step(precision=...)`` values: the dtype of the forward and backward passes.
@@ -74,16 +74,18 @@ def _loss_fn(loss: Union[str, Callable], layers: LayerPolicy) -> Callable:
 
 
 def make_loss(apply: Callable, loss: Union[str, Callable] = "softmax_cross_entropy", *,
-              grad: Union[str, LayerPolicy] = "manual", precision: str = "f32") -> Callable:
+              grad: Optional[str] = None, layers: Optional[LayerPolicy] = None,
+              precision: str = "f32") -> Callable:
     """``loss(params, model_state, x, y) -> (loss, (logits, new_model_state))``, train mode.
 
-    ``grad``: the layers the model runs with, ``"manual"``, ``"autodiff"`` or a
-    :class:`jbp.LayerPolicy` (which also carries the residual policy and batch norm's mesh axis).
+    ``grad``: ``"manual"`` (the default: jbp's hand-written rules) or ``"autodiff"``, short for
+    ``layers=LayerPolicy(grad)``; ``layers``: the :class:`jbp.LayerPolicy` the model runs with,
+    its residual policy and batch norm's mesh axis included.
 
     ``precision="bf16"`` casts floating parameters and ``x`` to bfloat16 before the model and
     its logits to float32 before the loss (module docstring); ``"f32"`` leaves dtypes alone.
     """
-    layers = policy(grad)
+    layers = resolve(grad, layers)
     loss_fn = _loss_fn(loss, layers)
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {tuple(PRECISIONS)}, got {precision!r}")
@@ -146,7 +148,8 @@ def _data_parallel(step: Callable, mesh, donate: bool) -> Callable:
 
 def make_train_step(apply: Callable, optimizer: optax.GradientTransformation,
                     loss: Union[str, Callable] = "softmax_cross_entropy", *,
-                    grad: Union[str, LayerPolicy] = "manual", donate: bool = True,
+                    grad: Optional[str] = None, layers: Optional[LayerPolicy] = None,
+                    donate: bool = True,
                     check_finite: bool = True,
                     mesh=None, precision: str = "f32") -> Callable:
     """A jit-compiled ``step(state, x, y) -> (state, metrics)``.
@@ -168,8 +171,14 @@ def make_train_step(apply: Callable, optimizer: optax.GradientTransformation,
     the input state's buffers are reused for the output (do not touch the old state after).
     """
     axis = None if mesh is None else DATA_AXIS
-    layers = dataclasses.replace(policy(grad), axis_name=axis) if axis else policy(grad)
-    objective = make_loss(apply, loss, grad=layers, precision=precision)
+    layers = resolve(grad, layers)
+    if layers.axis_name is not None and layers.axis_name != axis:
+        raise ValueError(f"layers.axis_name={layers.axis_name!r}: the train step sets batch "
+                         f"norm's mesh axis itself ({DATA_AXIS!r} with mesh=, none without); "
+                         f"leave it None")
+    if axis is not None:
+        layers = dataclasses.replace(layers, axis_name=axis)
+    objective = make_loss(apply, loss, layers=layers, precision=precision)
 
     def global_objective(params, model_state, x, y):
         loss_value, aux = objective(params, model_state, x, y)
@@ -208,9 +217,10 @@ def leaf_names(tree) -> list:
 
 
 def make_grad_fn(apply: Callable, loss: Union[str, Callable] = "softmax_cross_entropy", *,
-                 grad: Union[str, LayerPolicy] = "manual") -> Callable:
+                 grad: Optional[str] = None,
+                 layers: Optional[LayerPolicy] = None) -> Callable:
     """A jit-compiled ``(params, model_state, x, y) -> (loss, grads)`` (train-mode forward)."""
-    objective = make_loss(apply, loss, grad=grad)
+    objective = make_loss(apply, loss, grad=grad, layers=layers)
 
     def grads(params, model_state, x, y):
         (loss_value, _), g = jax.value_and_grad(objective, has_aux=True)(params, model_state, x, y)
@@ -220,7 +230,8 @@ def make_grad_fn(apply: Callable, loss: Union[str, Callable] = "softmax_cross_en
 
 
 def make_eval_step(apply: Callable, loss: Union[str, Callable] = "softmax_cross_entropy", *,
-                   grad: Union[str, LayerPolicy] = "manual") -> Callable:
+                   grad: Optional[str] = None,
+                   layers: Optional[LayerPolicy] = None) -> Callable:
     """A jit-compiled ``eval_step(state, x, y) -> {"loss_sum", "correct", "count",
     "bad_labels"}`` (eval mode); ``correct`` only when ``y`` holds class indices.
 
@@ -228,7 +239,7 @@ def make_eval_step(apply: Callable, loss: Union[str, Callable] = "softmax_cross_
     ``bad_labels`` counts integer labels outside ``[0, K)``, which the compiled step cannot
     raise for (their loss is NaN, and they never count as correct); :func:`evaluate` raises.
     """
-    layers = policy(grad)
+    layers = resolve(grad, layers)
     loss_fn = _loss_fn(loss, layers)
 
     def eval_step(state: TrainState, x, y):
