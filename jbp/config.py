@@ -27,9 +27,9 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "mnist"            # mnist (shipped) | mnist_idx | cifar10 | npz
+    dataset: str = "mnist"            # mnist (shipped) | mnist_idx | cifar10 | npz | image_folder
     path: str = ""                    # file or directory; "" = the shipped MNIST subset
-    test_path: str = ""               # for npz / mnist_idx: the test set (images file for idx)
+    test_path: str = ""               # npz / mnist_idx: the test set; image_folder: the eval folder
     labels_path: str = ""             # mnist_idx: training labels file
     test_labels_path: str = ""        # mnist_idx: test labels file
     train_limit: Optional[int] = None  # use only the first N training examples
@@ -37,6 +37,9 @@ class DataConfig:
     mean: Tuple[float, ...] = (0.1307,)
     std: Tuple[float, ...] = (0.3081,)
     augment_shift: int = 0            # random translation of training images, pixels
+    image_size: int = 224             # image_folder: the training crop and evaluation crop, pixels
+    resize_size: int = 256            # image_folder: evaluation resizes the shorter side to this
+    workers: int = 0                  # image_folder: Grain worker processes (0: decode in-process)
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,13 @@ def _validate(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: data.std: every entry must be > 0, got {cfg.data.std}")
     if cfg.data.augment_shift < 0:
         raise ConfigError(f"{source}: data.augment_shift: expected >= 0")
+    if cfg.data.workers < 0 or cfg.data.image_size < 1:
+        raise ConfigError(f"{source}: data.workers: expected >= 0 and data.image_size >= 1, got "
+                          f"{cfg.data.workers} and {cfg.data.image_size}")
+    if cfg.data.resize_size < cfg.data.image_size:
+        raise ConfigError(f"{source}: data.resize_size ({cfg.data.resize_size}) must be >= "
+                          f"data.image_size ({cfg.data.image_size}): evaluation crops the "
+                          f"resized image")
 
 
 def to_dict(cfg: Config) -> Dict[str, Any]:
