@@ -247,3 +247,22 @@ def test_two_processes_read_their_own_shards_and_resume_mid_epoch(folder, tmp_pa
         np.testing.assert_array_equal(a, b)
     summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
     assert summary["steps"] == steps and "skipped_images" in summary
+
+
+def test_a_resume_with_another_pipeline_is_a_clear_error(folder):
+    base, _ = folder
+    cfg = _config(base).data
+    kw = dict(batch_size=16, eval_batch_size=10, seed=0)
+    source = data.open_source(cfg, 4, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        next(source.train_batches(0, 0))
+    position = {"epoch": 0, "batch": 1, **source.position()}
+    assert len(position["loaders"]) == 1
+    other = data.open_source(dataclasses.replace(cfg, workers=1), 4, **kw)
+    with pytest.raises(data.DataError, match=r"(?s)does not fit .*worker count.*data\.workers"):
+        other.resume(position)
+    with pytest.raises(data.DataError, match=r"read its data in 1 process\(es\); resume it with 1"):
+        data.open_source(cfg, 4, **kw, shard=(0, 2)).resume(position)
+    with pytest.raises(data.DataError, match=r"no data-loader position"):
+        data.open_source(cfg, 4, **kw).resume({"epoch": 0, "batch": 3})

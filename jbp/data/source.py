@@ -171,6 +171,8 @@ class FolderSource:
             self._state = loaders[self.shard[0]]
             self.skipped = position["skipped_images"][self.shard[0]]
         self.close()
+        if self._state is not None:
+            self._train_iterator()       # a position that does not fit: the error comes now
 
     def counters(self) -> dict:
         """Unreadable files skipped so far in training (this process's; each is warned about)."""
