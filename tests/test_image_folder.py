@@ -266,3 +266,12 @@ def test_a_resume_with_another_pipeline_is_a_clear_error(folder):
         data.open_source(cfg, 4, **kw, shard=(0, 2)).resume(position)
     with pytest.raises(data.DataError, match=r"no data-loader position"):
         data.open_source(cfg, 4, **kw).resume({"epoch": 0, "batch": 3})
+
+
+def test_without_the_data_extra_one_line_names_it(folder, monkeypatch):
+    import jbp.data  # noqa: PLC0415
+    monkeypatch.setitem(sys.modules, "grain.python", None)      # as if grain were not installed
+    monkeypatch.delitem(sys.modules, "jbp.data.image_folder")
+    monkeypatch.delattr(jbp.data, "image_folder")
+    with pytest.raises(data.DataError, match=r"streams through Grain .* pip install 'jbp\[data\]'"):
+        data.open_source(_config(folder[0]).data, 4, batch_size=16, eval_batch_size=10, seed=0)
