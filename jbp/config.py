@@ -27,9 +27,9 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "mnist"            # mnist (shipped) | mnist_idx | cifar10 | npz
+    dataset: str = "mnist"            # mnist (shipped) | mnist_idx | cifar10 | npz | image_folder
     path: str = ""                    # file or directory; "" = the shipped MNIST subset
-    test_path: str = ""               # for npz / mnist_idx: the test set (images file for idx)
+    test_path: str = ""               # npz / mnist_idx: the test set; image_folder: the eval folder
     labels_path: str = ""             # mnist_idx: training labels file
     test_labels_path: str = ""        # mnist_idx: test labels file
     train_limit: Optional[int] = None  # use only the first N training examples
@@ -37,6 +37,9 @@ class DataConfig:
     mean: Tuple[float, ...] = (0.1307,)
     std: Tuple[float, ...] = (0.3081,)
     augment_shift: int = 0            # random translation of training images, pixels
+    image_size: int = 224             # image_folder: the training crop and evaluation crop, pixels
+    resize_size: int = 256            # image_folder: evaluation resizes the shorter side to this
+    workers: int = 0                  # image_folder: Grain worker processes (0: decode in-process)
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,13 @@ def _validate(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: data.std: every entry must be > 0, got {cfg.data.std}")
     if cfg.data.augment_shift < 0:
         raise ConfigError(f"{source}: data.augment_shift: expected >= 0")
+    if cfg.data.workers < 0 or cfg.data.image_size < 1:
+        raise ConfigError(f"{source}: data.workers: expected >= 0 and data.image_size >= 1, got "
+                          f"{cfg.data.workers} and {cfg.data.image_size}")
+    if cfg.data.resize_size < cfg.data.image_size:
+        raise ConfigError(f"{source}: data.resize_size ({cfg.data.resize_size}) must be >= "
+                          f"data.image_size ({cfg.data.image_size}): evaluation crops the "
+                          f"resized image")
 
 
 def to_dict(cfg: Config) -> Dict[str, Any]:
@@ -191,9 +201,13 @@ def to_dict(cfg: Config) -> Dict[str, Any]:
     return clean(dataclasses.asdict(cfg))
 
 
+_IMAGE_FOLDER_KEYS = ("image_size", "resize_size", "workers")
+
+
 def to_toml(cfg: Config) -> str:
     """The config as TOML text (the resolved config a run records). A model option the model
-    does not have (``Model.options``: LeNet-5 has no ``shortcuts``) is left out at its default."""
+    does not have (``Model.options``: LeNet-5 has no ``shortcuts``) is left out at its default,
+    and so are the image-folder keys of another dataset."""
     def value(v):
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -207,6 +221,10 @@ def to_toml(cfg: Config) -> str:
     for option, default in OPTION_DEFAULTS.items():
         if option not in options and d["model"].get(option) == default:
             del d["model"][option]
+    if cfg.data.dataset != "image_folder":              # its decoding options, likewise
+        for key in _IMAGE_FOLDER_KEYS:
+            if d["data"][key] == getattr(DataConfig, key):
+                del d["data"][key]
     lines = [f"name = {value(d.pop('name'))}"]
     for section, table in d.items():
         lines.append(f"\n[{section}]")

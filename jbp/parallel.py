@@ -115,6 +115,16 @@ def global_batch(mesh: Mesh, *arrays):
     return tuple(out)
 
 
+def process_batch(mesh: Mesh, *arrays):
+    """Global arrays sharded over ``mesh``'s ``"data"`` axis from each process's own rows: a
+    loader that reads a shard per process (``jbp.data.FolderSource``) gives each process
+    ``global batch / process_count`` examples, which become its rows of the global batch."""
+    sharding = NamedSharding(mesh, P(DATA_AXIS))
+    return tuple(jax.make_array_from_process_local_data(
+        sharding, np.asarray(a), (np.shape(a)[0] * jax.process_count(),) + np.shape(a)[1:])
+        for a in arrays)
+
+
 def local_view(tree):
     """This process's own copy of each replicated leaf (a one-device array), for evaluation,
     checkpoints and logs. Leaves that are not sharded arrays pass through."""

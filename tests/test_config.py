@@ -110,3 +110,6 @@ def test_saved_config_lists_only_the_models_options():
     resnet = config.to_toml(config.from_dict({"model": {"name": "resnet20"}}))
     for option in ("shortcuts", "batch_norm", "remat"):
         assert f"\n{option} = " not in lenet and f"\n{option} = " in resnet
+    folder = config.to_toml(config.from_dict({"data": {"dataset": "image_folder"}}))
+    for key in ("image_size", "resize_size", "workers"):
+        assert f"\n{key} = " not in lenet and f"\n{key} = " in folder

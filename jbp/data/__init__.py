@@ -11,6 +11,10 @@ Everything here is offline and plain numpy; arrays reach JAX only as batches.
 - :func:`batches` — fixed-size, seeded, shuffled batches as normalised NHWC float32
   (:mod:`jbp.data.batching`).
 - :func:`load_dataset` — (train, test) for a ``[data]`` config table, one of :data:`DATASETS`.
+- :func:`open_source` — what :func:`jbp.train.fit` reads: the in-memory sets above, or
+  ImageNet-style image folders (``"image_folder"``) streamed through Grain with decoding on worker
+  processes, augmentation, per-process shards and a checkpointable position (the ``[data]``
+  extra; :mod:`jbp.data.source`, :mod:`jbp.data.image_folder`, docs/data.md).
 
 A missing, corrupt or truncated file raises :class:`DataError` naming the file and what was wrong
 (:mod:`jbp.data.dataset`).
@@ -25,15 +29,17 @@ from jbp.data.dataset import DataError, Dataset, arrays_digest, check_labels
 from jbp.data.mnist import MNIST_ARRAYS_SHA256, MNIST_MEAN, MNIST_PATH, MNIST_STD, load_mnist
 from jbp.data.readers import (CIFAR10_MEAN, CIFAR10_STD, load_cifar10, load_idx, load_npz,
                               read_cifar_batch, read_idx)
+from jbp.data.source import IMAGENET_MEAN, IMAGENET_STD, FolderSource, MemorySource, open_source
 
 __all__ = [
-    "CIFAR10_MEAN", "CIFAR10_STD", "DATASETS", "DataError", "Dataset", "MNIST_ARRAYS_SHA256",
-    "MNIST_MEAN", "MNIST_PATH", "MNIST_STD", "arrays_digest", "batches", "check_labels",
-    "epoch_order", "load_cifar10", "load_dataset", "load_idx", "load_mnist", "load_npz",
-    "normalize", "num_batches", "random_shift", "read_cifar_batch", "read_idx", "subset",
+    "CIFAR10_MEAN", "CIFAR10_STD", "DATASETS", "DataError", "Dataset", "FolderSource",
+    "IMAGENET_MEAN", "IMAGENET_STD", "MNIST_ARRAYS_SHA256", "MNIST_MEAN", "MNIST_PATH",
+    "MNIST_STD", "MemorySource", "arrays_digest", "batches", "check_labels", "epoch_order",
+    "load_cifar10", "load_dataset", "load_idx", "load_mnist", "load_npz", "normalize",
+    "num_batches", "open_source", "random_shift", "read_cifar_batch", "read_idx", "subset",
 ]
 
-DATASETS = ("mnist", "mnist_idx", "cifar10", "npz")     # the values of data.dataset
+DATASETS = ("mnist", "mnist_idx", "cifar10", "npz", "image_folder")   # values of data.dataset
 
 
 def load_dataset(cfg, num_classes: Optional[int] = None) -> Tuple[Dataset, Dataset]:
@@ -56,6 +62,9 @@ def load_dataset(cfg, num_classes: Optional[int] = None) -> Tuple[Dataset, Datas
                                 f"for train and test)")
         train = load_idx(cfg.path, cfg.labels_path)
         test = load_idx(cfg.test_path, cfg.test_labels_path)
+    elif cfg.dataset == "image_folder":
+        raise DataError(f"{cfg.path}: data.dataset='image_folder' is streamed, not loaded into "
+                        f"memory: read it with jbp.data.open_source (jbp.train.fit does)")
     else:
         raise DataError(f"data.dataset: unknown dataset {cfg.dataset!r}")
     train, test = subset(train, cfg.train_limit), subset(test, cfg.test_limit)

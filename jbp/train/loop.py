@@ -75,16 +75,14 @@ def _data_parallel_mesh(tc):
     return mesh
 
 
-def _non_finite(out, metrics, names, train_set, tc, epoch, batch, step) -> NonFiniteError:
-    """Name the step and the first bad leaf, save the batch's example indices."""
+def _non_finite(out, metrics, names, source, epoch, batch, step) -> NonFiniteError:
+    """Name the step and the first bad leaf, save the batch's example indices (and files)."""
     leaf_finite = np.asarray(metrics["leaf_finite"])
     bad = [n for n, ok in zip(names, leaf_finite) if not ok]
-    order = data.epoch_order(train_set.num_examples, seed=tc.seed, epoch=epoch, shuffle=True)
-    indices = order[batch * tc.batch_size:(batch + 1) * tc.batch_size]
     path = os.path.join(out, "nonfinite_batch.json")
     with open(path, "w") as f:
         json.dump({"step": step, "epoch": epoch, "batch": batch, "loss": float(metrics["loss"]),
-                   "nonfinite_leaves": bad, "example_indices": indices.tolist()}, f)
+                   "nonfinite_leaves": bad, **source.batch_examples(epoch, batch)}, f)
     where = f"first non-finite gradient in parameter {bad[0]}" if bad else "the loss is non-finite"
     return NonFiniteError(
         f"non-finite loss or gradient at step {step} (epoch {epoch + 1}, batch {batch}): "
@@ -124,11 +122,14 @@ def fit(cfg: config_lib.Config, run_dir: str, *, resume: bool = False, overwrite
     stop.reached("data")
     main_process = parallel.is_main_process()
     tc, out = cfg.train, run_dir
-    train_set, test_set = data.load_dataset(cfg.data, cfg.model.num_classes)
-    input_shape = train_set.x.shape[1:]
-    steps_per_epoch = data.num_batches(train_set, tc.batch_size, train=True)
+    mesh = _data_parallel_mesh(tc)
+    source = data.open_source(       # a streamed source reads this process's shard (if meshed)
+        cfg.data, cfg.model.num_classes, batch_size=tc.batch_size, seed=tc.seed,
+        eval_batch_size=tc.eval_batch_size,
+        shard=(jax.process_index(), jax.process_count()) if mesh is not None else (0, 1))
+    input_shape, steps_per_epoch = source.input_shape, source.steps_per_epoch
     if steps_per_epoch == 0:
-        raise FitError(f"{train_set.num_examples} training examples is fewer than one batch of "
+        raise FitError(f"{source.num_train} training examples is fewer than one batch of "
                        f"{tc.batch_size}")
     total_steps = tc.epochs * steps_per_epoch
     try:
@@ -136,7 +137,6 @@ def fit(cfg: config_lib.Config, run_dir: str, *, resume: bool = False, overwrite
         layers = LayerPolicy(tc.grad, residuals=cfg.model.residuals)
     except ValueError as e:                        # an option this model does not have
         raise FitError(str(e)) from e
-    mesh = _data_parallel_mesh(tc)
     optimizer = optimizer_from_config(cfg.optim, total_steps)
     state = init_train_state(model, optimizer, jax.random.key(tc.seed), input_shape,
                              cfg.model.num_classes, dtype=dtype)
@@ -144,6 +144,7 @@ def fit(cfg: config_lib.Config, run_dir: str, *, resume: bool = False, overwrite
     if resume:
         state, manifest, path = checkpoint.restore_latest(out, state)
         position = manifest["position"]
+        source.resume(position)
         if position["epoch"] >= tc.epochs:
             say(f"{out}: the run already finished all {tc.epochs} epochs ({int(state.step)} "
                 f"steps, {path}); nothing to resume")
@@ -168,10 +169,10 @@ def fit(cfg: config_lib.Config, run_dir: str, *, resume: bool = False, overwrite
 
     def save(epoch, batch):
         stop.reached("checkpoint")
+        position = {"epoch": epoch, "batch": batch, **source.position()}   # (every process)
         if not main_process:
             return os.path.join(out, "(process 0 writes the checkpoint)")
-        return checkpoint.save(out, parallel.local_view(state),
-                               position={"epoch": epoch, "batch": batch},
+        return checkpoint.save(out, parallel.local_view(state), position=position,
                                config=config_text, keep=tc.keep_checkpoints)
 
     def stopped(path):
@@ -186,11 +187,11 @@ def fit(cfg: config_lib.Config, run_dir: str, *, resume: bool = False, overwrite
     devices = (f", data parallel over {mesh.size} devices in {jax.process_count()} process(es)"
                if mesh is not None else "")
     say(f"{cfg.name}: {cfg.model.name} ({tree_size(state.params):,} parameters), {tc.grad} "
-        f"gradients, {train_set.num_examples:,} train / {test_set.num_examples:,} test images "
+        f"gradients, {source.num_train:,} train / {source.num_test:,} test images "
         f"{input_shape}, {tc.epochs} epochs x {steps_per_epoch} steps of {tc.batch_size}, on "
         f"{jax.default_backend()}{devices}, convolutions: {conv} -> {out}", flush=True)
 
-    norm = dict(mean=cfg.data.mean, std=cfg.data.std)
+    to_global = parallel.process_batch if source.per_process else parallel.global_batch
     metrics_path = os.path.join(out, "metrics.jsonl")
     if not resume and main_process:
         open(metrics_path, "w").close()
@@ -209,13 +210,11 @@ def fit(cfg: config_lib.Config, run_dir: str, *, resume: bool = False, overwrite
             first = position["batch"] if epoch == position["epoch"] else 0
             bar = _progress(steps_per_epoch - first, f"epoch {epoch + 1}/{tc.epochs}", verbose)
             epoch_start = time.perf_counter()
-            for batch, (x, y) in enumerate(data.batches(
-                    train_set, tc.batch_size, seed=tc.seed, epoch=epoch, start=first,
-                    augment_shift=cfg.data.augment_shift, **norm), start=first):
+            for batch, (x, y) in enumerate(source.train_batches(epoch, first), start=first):
                 if dtype is not None:
                     x = x.astype(dtype)
                 if mesh is not None:
-                    x, y = parallel.global_batch(mesh, x, y)   # this process's rows of it
+                    x, y = to_global(mesh, x, y)           # this process's rows of it
                 state, metrics = train_step(state, x, y)
                 bar.update(1)
                 if not stop.started:
@@ -226,7 +225,7 @@ def fit(cfg: config_lib.Config, run_dir: str, *, resume: bool = False, overwrite
                 stop.started = True               # from now on a stop writes a checkpoint
                 if not finite:
                     bar.close()
-                    raise _non_finite(out, metrics, names, train_set, tc, epoch, batch, step + 1)
+                    raise _non_finite(out, metrics, names, source, epoch, batch, step + 1)
                 if stop.reason:
                     bar.close()
                     return stopped(save(epoch, batch + 1))
@@ -244,7 +243,8 @@ def fit(cfg: config_lib.Config, run_dir: str, *, resume: bool = False, overwrite
                     rate = (images + (bar.n * tc.batch_size)) / max(
                         train_time + time.perf_counter() - epoch_start, 1e-9)
                     bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{rate:,.0f}")
-                    write({"kind": "train", "step": step, "epoch": epoch, **values})
+                    write({"kind": "train", "step": step, "epoch": epoch, **values,
+                           **source.counters()})
                 if max_steps is not None and step >= max_steps and step < total_steps:
                     bar.close()
                     return stopped(save(epoch, batch + 1))
@@ -254,8 +254,7 @@ def fit(cfg: config_lib.Config, run_dir: str, *, resume: bool = False, overwrite
             images += (steps_per_epoch - first) * tc.batch_size
             path = save(epoch + 1, 0)
             stop.reached("eval")
-            result = evaluate(eval_step, parallel.local_view(state), data.batches(
-                test_set, tc.eval_batch_size, train=False, **norm))
+            result = evaluate(eval_step, parallel.local_view(state), source.test_batches())
             record = {"kind": "eval", "step": int(state.step), "epoch": epoch + 1,
                       "test_loss": result["loss"], "test_accuracy": result["accuracy"],
                       "images_per_s": images / train_time,
@@ -272,7 +271,8 @@ def fit(cfg: config_lib.Config, run_dir: str, *, resume: bool = False, overwrite
                "grad": tc.grad, "test_accuracy": result["accuracy"],
                "test_loss": result["loss"], "images_per_s": images / train_time, "wall_s": wall,
                "steps": int(state.step), "backend": jax.default_backend(),
-               "conv_backend": conv, "run_dir": out, "config": dataclasses.asdict(cfg)}
+               "conv_backend": conv, "run_dir": out, **source.counters(),
+               "config": dataclasses.asdict(cfg)}
     if not main_process:
         say(f"done (process {jax.process_index()}): test accuracy {_maybe(result['accuracy'])}")
         return summary
