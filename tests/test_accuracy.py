@@ -15,6 +15,9 @@ from jbp.layers import conv
 from jbp._conv_kernels import onednn
 from jbp.models import get_model
 
+#: Outside the fast loop (``pytest -m 'not slow'``): float64 references of whole models. CI runs it.
+pytestmark = pytest.mark.slow
+
 BACKENDS = ["xla", "onednn"]
 
 

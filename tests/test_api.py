@@ -108,6 +108,7 @@ def test_out_of_range_labels_are_rejected():
         jbp.autodiff.softmax_cross_entropy(jnp.zeros((2, 3)), jnp.array([0, -1]))
 
 
+@pytest.mark.slow             # outside the fast loop (pytest -m 'not slow'); CI runs it
 def test_readme_snippets_run(tmp_path, monkeypatch):
     """The README's "Using it" code blocks run as printed (the whole run shortened to one epoch
     of 1,024 images, into a temporary directory); the gradient comparison passes."""

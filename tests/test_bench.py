@@ -20,6 +20,9 @@ from jbp.models import get_model
 from jbp.testing import reference_models
 from jbp.train import make_loss
 
+#: Outside the fast loop (``pytest -m 'not slow'``): benchmark models and PyTorch. CI runs it.
+pytestmark = pytest.mark.slow
+
 SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "scripts")
 
 

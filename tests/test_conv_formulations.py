@@ -17,6 +17,10 @@ from jbp._conv_kernels import (FORMS, arguments, block_forms as B, choose, dispa
 from jbp.testing.grid import CONV_CASES
 from jbp._conv_kernels.onednn import set_conv_backend
 
+#: Outside the fast loop (``pytest -m 'not slow'``): every CPU form on many shapes (run it when
+#: touching jbp/_conv_kernels). CI runs it.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _xla_forms_only():

@@ -7,11 +7,16 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.flatten_util import ravel_pytree
 
 import jbp
 import jbp.models
 from jbp import config, curvature, train
+
+#: Outside the fast loop (``pytest -m 'not slow'``): second-order programs and a training run. CI
+#: runs it.
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -16,6 +16,9 @@ import sys
 
 import pytest
 
+#: Outside the fast loop (``pytest -m 'not slow'``): 8 host devices in a subprocess. CI runs it.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOL = 1e-12
 

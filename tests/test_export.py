@@ -15,6 +15,9 @@ import pytest
 from jbp.models import MODELS, get_model
 from jbp.train import init_train_state, make_optimizer, make_train_step
 
+#: Outside the fast loop (``pytest -m 'not slow'``): lowering for other platforms. CI runs it.
+pytestmark = pytest.mark.slow
+
 SHAPES = {"seed_cnn": (28, 28, 1), "lenet5": (28, 28, 1), "resnet20": (32, 32, 3),
           "resnet18": (32, 32, 3)}
 BATCH = 4

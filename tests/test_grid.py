@@ -29,7 +29,10 @@ def case(request):
     return request.param
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["float32", "float64"])
+# The float64 comparison is the fast loop's check of every rule; the float32 verdict (each
+# gradient against float64 on its own branches) costs a float64 reference more: CI runs it.
+@pytest.mark.parametrize("dtype", [pytest.param(jnp.float32, marks=pytest.mark.slow),
+                                   jnp.float64], ids=["float32", "float64"])
 def test_manual_matches_autodiff(case, dtype):
     result = gradcheck.versus_autodiff(case.fn(jbp), case.fn(jbp.autodiff), case.args(dtype),
                                        names=case.names)
@@ -54,6 +57,7 @@ def test_manual_matches_pytorch(case):
     assert result.ok, str(result)
 
 
+@pytest.mark.slow             # outside the fast loop (pytest -m 'not slow'); CI runs it
 def test_manual_matches_finite_differences(case):
     result = gradcheck.versus_finite_differences(case.fn(jbp), case.args(jnp.float64),
                                                  names=case.names)
@@ -104,6 +108,7 @@ def test_primal_of_fwd_equals_plain_call(case):
             np.testing.assert_array_equal(a, c)
 
 
+@pytest.mark.slow             # outside the fast loop (pytest -m 'not slow'); CI runs it
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.bfloat16],
                          ids=["float32", "float64", "bfloat16"])
 def test_gradient_dtype_is_input_dtype(case, dtype):
@@ -118,6 +123,7 @@ def test_gradient_dtype_is_input_dtype(case, dtype):
         assert bool(jnp.all(jnp.isfinite(g.astype(jnp.float32)))), name
 
 
+@pytest.mark.slow             # outside the fast loop (pytest -m 'not slow'); CI runs it
 def test_bfloat16_gradients_close_to_float32(case):
     """Half precision computes the same gradients, to bfloat16 accuracy.
 
@@ -138,6 +144,7 @@ def test_bfloat16_gradients_close_to_float32(case):
         assert err.ok and err.cosine > 0.999, err
 
 
+@pytest.mark.slow             # outside the fast loop (pytest -m 'not slow'); CI runs it
 @pytest.mark.parametrize("namespace", ["manual", "autodiff"])
 def test_jit_gradients_equal_eager(case, namespace):
     """Under jax.jit, both the hand-written rules and the autodiff twins give eager gradients."""

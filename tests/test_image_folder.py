@@ -21,6 +21,9 @@ Image = pytest.importorskip("PIL.Image")
 from jbp import checkpoint, config as config_lib, data, train  # noqa: E402
 from jbp.data import image_folder as folders  # noqa: E402
 
+#: Outside the fast loop (``pytest -m 'not slow'``): Grain pipelines and training runs. CI runs it.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLASSES = ("ant", "bee", "cat", "dog")         # written in another order: sorting is checked
 PER_CLASS, PER_CLASS_VAL = 40, 6

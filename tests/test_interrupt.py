@@ -15,6 +15,9 @@ import pytest
 
 from jbp import checkpoint
 
+#: Outside the fast loop (``pytest -m 'not slow'``): training runs in subprocesses. CI runs it.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The document's small network: compiles in a fraction of LeNet-5's time.
 TINY = ["--set", 'model.name="seed_cnn"', "--set", "data.augment_shift=0",

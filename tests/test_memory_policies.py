@@ -18,6 +18,10 @@ from jbp import LayerPolicy
 from jbp.models import resnet
 from jbp.config import ModelConfig
 
+#: Outside the fast loop (``pytest -m 'not slow'``): whole-model programs per residual policy. CI
+#: runs it.
+pytestmark = pytest.mark.slow
+
 SLACK = 1e-12
 
 

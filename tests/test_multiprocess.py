@@ -18,6 +18,9 @@ import pytest
 
 from jbp import checkpoint
 
+#: Outside the fast loop (``pytest -m 'not slow'``): several processes. CI runs it.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT = 240
 # 128 training images, batch 16 (4 per device): 8 steps of one epoch; a small eval.

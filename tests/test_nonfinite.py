@@ -8,10 +8,14 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import optax
 
 from jbp import checkpoint, train
 from jbp.models import get_model
+
+#: Outside the fast loop (``pytest -m 'not slow'``): training runs. CI runs it.
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

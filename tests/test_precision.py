@@ -19,6 +19,9 @@ from jbp import config as config_lib
 from jbp.models import get_model
 from jbp.train import init_train_state, make_loss, make_optimizer, make_train_step
 
+#: Outside the fast loop (``pytest -m 'not slow'``): float64 references of whole models. CI runs it.
+pytestmark = pytest.mark.slow
+
 U_BF16 = 2.0 ** -8
 
 

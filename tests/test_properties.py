@@ -17,6 +17,9 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 import jbp  # noqa: E402
 from jbp import gradcheck  # noqa: E402
 
+#: Outside the fast loop (``pytest -m 'not slow'``): generated cases, each compiled. CI runs it.
+pytestmark = pytest.mark.slow
+
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, database=None)
 RUNS = {"conv2d": 0, "pool": 0, "dense_bn": 0}
 

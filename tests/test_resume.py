@@ -12,6 +12,9 @@ import pytest
 
 from jbp import checkpoint
 
+#: Outside the fast loop (``pytest -m 'not slow'``): training runs. CI runs it.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--set", "data.train_limit=640", "--set", "data.test_limit=200", "--set",
          "train.epochs=2", "--set", "train.batch_size=32", "--set", "data.augment_shift=2",

@@ -17,6 +17,9 @@ import pytest
 
 from jbp import checkpoint
 
+#: Outside the fast loop (``pytest -m 'not slow'``): training runs. CI runs it.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--set", 'model.name="seed_cnn"', "--set", "data.augment_shift=0",
         "--set", "data.train_limit=320", "--set", "data.test_limit=100",

@@ -6,6 +6,9 @@ import sys
 
 import pytest
 
+#: Outside the fast loop (``pytest -m 'not slow'``): the scripts in subprocesses. CI runs it.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "gradcheck.py")
 

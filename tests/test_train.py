@@ -195,6 +195,7 @@ def test_train_cli_clear_errors(tmp_path, args, message):
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow             # outside the fast loop (pytest -m 'not slow'); CI runs it
 def test_compare_cli(tmp_path):
     proc = _script("compare.py", "--config", "configs/lenet_mnist.toml", "--steps", "5",
                    "--set", "data.train_limit=640", "--out", str(tmp_path))
@@ -210,6 +211,7 @@ def test_compare_cli(tmp_path):
     assert len(result["loss_manual"]) == 5
 
 
+@pytest.mark.slow             # outside the fast loop (pytest -m 'not slow'); CI runs it
 def test_compare_cli_exits_1_past_the_step0_tolerance(tmp_path):
     """LeNet-5's float32 step-0 gradients differ by ~1e-7 (the weight gradients sum in another
     order): a tolerance below that must fail the check, and say so."""

@@ -32,6 +32,7 @@ PER_EXAMPLE = [c for c in CASES if c.layer in {
 PER_EXAMPLE += [c for c in CASES if c.layer == "batch_norm" and c.config.endswith("eval")]
 
 
+@pytest.mark.slow             # outside the fast loop (pytest -m 'not slow'); CI runs it
 @pytest.mark.parametrize("case", PER_EXAMPLE, ids=[c.id for c in PER_EXAMPLE])
 def test_vmap_per_example_gradients_equal_python_loop(case):
     """jax.vmap(jax.grad(...)) over examples == a Python loop of jax.grad, parameters included."""
@@ -57,6 +58,7 @@ BATCH_COUPLED = [c for c in CASES if (c.layer == "batch_norm" and c.config.endsw
                                 "dropout")]
 
 
+@pytest.mark.slow             # outside the fast loop (pytest -m 'not slow'); CI runs it
 @pytest.mark.parametrize("case", BATCH_COUPLED, ids=[c.id for c in BATCH_COUPLED])
 def test_vmap_over_independent_batches_equals_loop(case):
     """Layers that couple a batch (batch-norm statistics, batch-mean losses, dropout's mask) under
@@ -114,6 +116,7 @@ def test_checkpoint_runs_forward_once_and_keeps_gradients(layer, op):
     assert _count_ops(jax.grad(jax.checkpoint(loss), argnums), *args, op=op) == count
 
 
+@pytest.mark.slow             # outside the fast loop (pytest -m 'not slow'); CI runs it
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_hessian_vector_product_matches_autodiff(case):
     """Reverse-over-reverse under jax.jit: H v through the rule == through jax.grad."""

@@ -14,6 +14,9 @@ from jbp import config as config_lib
 from jbp import LayerPolicy, data
 from jbp.models import get_model
 
+#: Outside the fast loop (``pytest -m 'not slow'``): per-layer timing programs. CI runs it.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 2
 
