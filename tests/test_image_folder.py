@@ -22,7 +22,10 @@ from jbp import checkpoint, config as config_lib, data, train  # noqa: E402
 from jbp.data import image_folder as folders  # noqa: E402
 
 #: Outside the fast loop (``pytest -m 'not slow'``): Grain pipelines and training runs. CI runs it.
-pytestmark = pytest.mark.slow
+#: The folder holds a corrupt file on purpose: its warning is expected wherever the loader reads
+#: it (test_grayscale_... asserts it), so it does not end up in the run's warnings summary.
+pytestmark = [pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore:.*aa_corrupt.jpg. unreadable image:UserWarning")]
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLASSES = ("ant", "bee", "cat", "dog")         # written in another order: sorting is checked
