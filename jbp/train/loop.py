@@ -153,7 +153,7 @@ def fit(cfg: config_lib.Config, run_dir: str, *, resume: bool = False, overwrite
         say(f"resuming from {path}: step {int(state.step)}, epoch {position['epoch'] + 1}, "
             f"batch {position['batch']}")
     elif main_process:
-        run_dirs.claim(out, overwrite=overwrite, created=stop.cleanup)
+        run_dirs.claim(out, overwrite=overwrite, created=stop.cleanup, say=say)
         stop.cleanup.insert(0, os.path.join(out, "config.toml"))
     config_text = config_lib.to_toml(cfg)
     if main_process:

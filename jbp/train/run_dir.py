@@ -31,10 +31,11 @@ def unused(base: str, run_files: Callable[[str], List[str]] = checkpoint.run_fil
 def claim(out: str, *, overwrite: bool = False, created: Optional[list] = None,
           run_files: Callable[[str], List[str]] = checkpoint.run_files,
           clear: Callable[[str], Sequence[str]] = checkpoint.clear_run,
-          resumable: bool = True) -> None:
+          resumable: bool = True, say: Callable[[str], None] = print) -> None:
     """Make ``out`` this new run's: create it, or delete the run it holds if ``overwrite``, or
     raise :class:`RunDirError` offering ``--resume`` (if ``resumable``), ``--out`` and
-    ``--overwrite``. A directory it creates is appended to ``created`` (a stop's cleanup).
+    ``--overwrite``. A directory it creates is appended to ``created`` (a stop's cleanup);
+    ``say`` prints what it deleted.
 
     Two runs never share a directory: their checkpoints, metrics and summaries would mix, and a
     resume would continue whichever checkpoint has the highest step.
@@ -48,7 +49,7 @@ def claim(out: str, *, overwrite: bool = False, created: Optional[list] = None,
                           f"with --overwrite")
     if existing:
         clear(out)
-        print(f"--overwrite: deleted the previous run in {out} ({len(existing)} files)")
+        say(f"--overwrite: deleted the previous run in {out} ({len(existing)} files)")
     if not os.path.isdir(out):
         os.makedirs(out)
         if created is not None:
