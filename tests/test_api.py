@@ -171,6 +171,10 @@ def test_layer_policy_binds_each_option_where_declared():
     with pytest.raises(ValueError, match="residuals"):
         jbp.LayerPolicy("manual", residuals="fp8")
     assert hash(policy) == hash(jbp.LayerPolicy("manual", "bf16", "data"))   # a static argument
+    import dataclasses
+    from jbp import _registry
+    fields = {f.name for f in dataclasses.fields(jbp.LayerPolicy)}
+    assert set(_registry.OPTIONS) == fields - {"grad"}      # every option a layer may declare
 
 
 def test_train_functions_take_grad_or_a_policy_not_both_at_odds():
