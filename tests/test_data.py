@@ -1,4 +1,5 @@
-"""Data: the shipped MNIST subset, user-format loaders (built here in a temp dir), batching."""
+"""Data: the shipped MNIST (all 60,000 training images), user-format loaders (built here in a
+temp dir), batching."""
 
 import gzip
 import pickle
@@ -7,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from jbp import data
+from jbp import config, data
 
 
 def _idx_bytes(array: np.ndarray) -> bytes:
@@ -25,7 +26,11 @@ def images():
 
 def test_shipped_mnist_is_real_and_verified():
     train, test = data.load_mnist()
-    assert train.x.shape == (10000, 28, 28, 1) and test.x.shape == (10000, 28, 28, 1)
+    assert train.x.shape == (60000, 28, 28, 1) and test.x.shape == (10000, 28, 28, 1)
+    assert train.y.shape == (60000,) and test.y.shape == (10000,)
+    # The official training set's class counts (LeCun's train-labels-idx1-ubyte).
+    assert list(np.bincount(train.y)) == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851,
+                                          5949]
     assert train.x.dtype == np.uint8 and train.y.dtype == np.int32
     assert sorted(np.unique(train.y)) == list(range(10))
     # Real digits: mostly black background, strokes up to white, classes roughly balanced.
@@ -33,6 +38,37 @@ def test_shipped_mnist_is_real_and_verified():
     assert np.bincount(test.y).min() > 800
     # The official test set starts with a 7, a 2 and a 1 (LeCun's t10k-labels-idx1-ubyte).
     assert list(test.y[:3]) == [7, 2, 1]
+
+
+# The arrays digest of the file jbp shipped before issue 29 (x_train/y_train: the first 10,000
+# training images; x_test/y_test: the official test set), pinned here independently of the loader.
+OLD_SUBSET_SHA256 = "47c7a5b2e6f31ccdd72a36a1fdca3dacca7e43302f894ce04f2d5ee427cd51ab"
+
+
+def test_shipped_mnist_checksum_is_checked(monkeypatch):
+    with np.load(data.MNIST_PATH, allow_pickle=False) as f:
+        raw = {k: f[k] for k in f.files}
+    assert data.arrays_digest(raw) == data.MNIST_ARRAYS_SHA256
+    monkeypatch.setattr("jbp.data.mnist.MNIST_ARRAYS_SHA256", "0" * 64)
+    with pytest.raises(data.DataError, match=r"mnist.npz: array SHA-256 [0-9a-f]{64} != expected "
+                                             r"0{64}; rebuild it with scripts/make_mnist_npz.py"):
+        data.load_mnist()
+    data.load_mnist(verify=False)
+
+
+def test_train_limit_10000_is_the_old_subset():
+    """data.train_limit = 10000 (the MNIST configs') trains on exactly the 10,000 images jbp
+    shipped before all 60,000: the first 10,000, whose digest is the old file's."""
+    cfg = config.from_dict({"data": {"dataset": "mnist", "train_limit": 10000}})
+    train, test = data.load_dataset(cfg.data, 10)
+    with np.load(data.MNIST_PATH, allow_pickle=False) as f:
+        raw = {k: f[k] for k in f.files}
+    np.testing.assert_array_equal(train.x, raw["x_train"][:10000])
+    np.testing.assert_array_equal(train.y, raw["y_train"][:10000])
+    assert len(test.y) == 10000
+    old = {"x_train": train.x, "y_train": train.y.astype(np.uint8), "x_test": test.x,
+           "y_test": test.y.astype(np.uint8)}
+    assert data.arrays_digest(old) == OLD_SUBSET_SHA256
 
 
 @pytest.mark.parametrize("compressed", [False, True])

