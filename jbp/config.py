@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from jbp.data import DATASETS
-from jbp.models import GRAD_MODES, MODELS, OPTION_DEFAULTS, REMAT, RESIDUALS, get_model
+from jbp.models import MODELS, OPTION_DEFAULTS, REMAT, RESIDUALS, get_model
 from jbp.parallel import DATA_PARALLEL
+from jbp.policy import GRAD_MODES
 
 
 class ConfigError(ValueError):

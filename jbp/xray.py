@@ -32,7 +32,6 @@ import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jbp.policy import LayerPolicy

@@ -16,7 +16,6 @@ import jbp
 from jbp import _residuals
 from jbp import LayerPolicy
 from jbp.models import resnet
-from jbp.config import ModelConfig
 
 #: Outside the fast loop (``pytest -m 'not slow'``): whole-model programs per residual policy. CI
 #: runs it.

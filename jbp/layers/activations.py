@@ -21,7 +21,7 @@ from jax import lax
 
 from jbp import _checks, _residuals
 from jbp._registry import layer
-from jbp._rule import cast_like, manual_rule
+from jbp._rule import manual_rule
 
 
 def _check(x):

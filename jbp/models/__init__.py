@@ -20,7 +20,6 @@ from typing import Callable, FrozenSet, NamedTuple
 
 from jbp import _residuals
 from jbp.models import lenet5, resnet, seed_cnn
-from jbp.policy import GRAD_MODES  # noqa: F401  (the config's choices)
 
 
 class Model(NamedTuple):
