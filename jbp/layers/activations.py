@@ -232,3 +232,120 @@ def log_softmax(rule, x: jax.Array, axis: int = -1) -> jax.Array:
     """
     _check(x)
     return _along_axis(rule, x, _axis(x, axis))
+
+
+# --- SiLU, ReLU6, hard sigmoid, hard swish (MobileNet / EfficientNet) ---------------------------
+
+def _silu_forward(x):
+    return x * lax.logistic(x)                    # z σ(z)
+
+
+def _silu_fwd(x):
+    return _silu_forward(x), x                    # residual: z, x.size · itemsize bytes
+
+
+def _silu_bwd(x, g):
+    s = lax.logistic(x)
+    return (g * (s * (1 + x * (1 - s))),)         # δ ⊙ σ(z)(1 + z(1 − σ(z)))
+
+
+_silu_rule = manual_rule("silu", _silu_forward, _silu_fwd, _silu_bwd, num_args=1, num_static=0)
+
+
+@layer(_silu_rule)
+def silu(rule, x: jax.Array) -> jax.Array:
+    """SiLU (swish) ``z σ(z)``, any shape: EfficientNet's activation (``torch.nn.SiLU``).
+
+    Backward ``δ ⊙ σ(z)(1 + z(1 − σ(z)))``, ``σ`` recomputed from the saved input.
+    Residuals: ``z`` (``x.size · itemsize`` bytes).
+    """
+    _check(x)
+    return rule(x)
+
+
+def _relu6_forward(x):
+    # NaN compares false both times and propagates, as in relu.
+    zero, six = jnp.zeros((), x.dtype), jnp.asarray(6, x.dtype)
+    return jnp.where(x <= 0, zero, jnp.where(x >= 6, six, x))
+
+
+def _relu6_fwd(x):
+    y = _relu6_forward(x)
+    return y, (y > 0) & (y < 6)                   # residual: bool mask 1[0 < z < 6], x.size bytes
+
+
+def _relu6_bwd(inside, g):
+    return (jnp.where(inside, g, jnp.zeros((), g.dtype)),)    # δ ⊙ 1[0 < z < 6]
+
+
+_relu6_rule = manual_rule("relu6", _relu6_forward, _relu6_fwd, _relu6_bwd,
+                          num_args=1, num_static=0)
+
+
+@layer(_relu6_rule)
+def relu6(rule, x: jax.Array) -> jax.Array:
+    """ReLU6 ``min(max(z, 0), 6)``, any shape: MobileNetV2's activation (``torch.nn.ReLU6``).
+
+    Backward ``δ ⊙ 1[0 < z < 6]`` (0 at both kinks, as PyTorch's ``hardtanh`` backward).
+    Residuals: a boolean mask (``x.size`` bytes).
+    """
+    _check(x)
+    return rule(x)
+
+
+def _hard_sigmoid_forward(x):
+    return _relu6_forward(x + jnp.asarray(3, x.dtype)) / jnp.asarray(6, x.dtype)   # relu6(z+3)/6
+
+
+def _hard_sigmoid_fwd(x):
+    return _hard_sigmoid_forward(x), (x > -3) & (x < 3)    # residual: bool mask, x.size bytes
+
+
+def _hard_sigmoid_bwd(inside, g):
+    return (jnp.where(inside, g / jnp.asarray(6, g.dtype), jnp.zeros((), g.dtype)),)  # δ/6 ⊙ 1[|z|<3]
+
+
+_hard_sigmoid_rule = manual_rule("hard_sigmoid", _hard_sigmoid_forward, _hard_sigmoid_fwd,
+                                 _hard_sigmoid_bwd, num_args=1, num_static=0)
+
+
+@layer(_hard_sigmoid_rule)
+def hard_sigmoid(rule, x: jax.Array) -> jax.Array:
+    """Hard sigmoid ``relu6(z + 3) / 6``, any shape (``torch.nn.Hardsigmoid``, MobileNetV3).
+
+    Backward ``δ/6 ⊙ 1[−3 < z < 3]`` (0 at ``z = ±3``, as PyTorch).
+    Residuals: a boolean mask (``x.size`` bytes).
+    """
+    _check(x)
+    return rule(x)
+
+
+def _hard_swish_forward(x):
+    return x * _hard_sigmoid_forward(x)           # z · relu6(z + 3) / 6
+
+
+def _hard_swish_fwd(x):
+    return _hard_swish_forward(x), x              # residual: z, x.size · itemsize bytes
+
+
+def _hard_swish_bwd(x, g):
+    # δ ⊙ (0 for z < −3; (2z + 3)/6 for −3 ≤ z ≤ 3; 1 for z > 3): PyTorch's values at the kinks
+    slope = jnp.where(x < -3, jnp.zeros((), x.dtype),
+                      jnp.where(x <= 3, (2 * x + 3) / jnp.asarray(6, x.dtype),
+                                jnp.ones((), x.dtype)))
+    return (g * slope,)
+
+
+_hard_swish_rule = manual_rule("hard_swish", _hard_swish_forward, _hard_swish_fwd,
+                               _hard_swish_bwd, num_args=1, num_static=0)
+
+
+@layer(_hard_swish_rule)
+def hard_swish(rule, x: jax.Array) -> jax.Array:
+    """Hard swish ``z · relu6(z + 3) / 6``, any shape (``torch.nn.Hardswish``, MobileNetV3).
+
+    Backward ``δ ⊙ (0 if z < −3; (2z + 3)/6 if −3 ≤ z ≤ 3; 1 if z > 3)`` (PyTorch's values at
+    the kinks). Residuals: ``z`` (``x.size · itemsize`` bytes).
+    """
+    _check(x)
+    return rule(x)

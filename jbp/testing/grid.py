@@ -88,6 +88,14 @@ CONV_CASES = [
     _conv_case((9, 8), 4, 8, 5, groups=4, stride=2, n=2),         # depthwise, multiplier 2
     _conv_case((8, 8), 4, 6, 3, n=1),                             # batch 1 (a vmapped example)
     _conv_case((7, 10), 3, 4, (3, 2), stride=(1, 2), padding=((2, 0), (1, 3))),
+    # MobileNetV2 / EfficientNet-B0 shapes (small spatial sizes): depthwise 5×5 stride 2 with
+    # torchvision's padding 2, depthwise 3×3 stride 1, and the expand-ratio-6 pointwise
+    # convolution and its projection back.
+    _conv_case((9, 9), 6, 6, 5, stride=2, padding=2, groups=6, bias=False),
+    _conv_case((8, 8), 6, 6, 5, stride=2, padding=2, groups=6, bias=False),
+    _conv_case((6, 6), 12, 12, 3, padding=1, groups=12, bias=False),
+    _conv_case((5, 5), 4, 24, 1, padding="VALID", bias=False),      # expand ×6
+    _conv_case((5, 5), 24, 4, 1, padding="VALID", bias=False),      # project back
 ]
 
 
@@ -112,13 +120,23 @@ def _away_from_kinks(rng, shapes):
     return [np.where(np.abs(x) < 1e-3, 1e-3 * np.sign(x) + 1e-3 * (x == 0), x)]
 
 
-def _activation_case(name, shape=(2, 5, 4, 3), **kw):
+def _away_from(rng, shapes, kinks, scale):
+    """Normal samples of standard deviation ``scale``, each at least 1e-3 from every kink (the
+    kinks of ReLU6, hard sigmoid, hard swish), so both sides of each kink are sampled."""
+    x = rng.standard_normal(shapes[0]) * scale
+    for k in kinks:
+        near = np.abs(x - k) < 1e-3
+        x = np.where(near, k + 1e-3 * np.where(x >= k, 1, -1), x)
+    return [x]
+
+
+def _activation_case(name, shape=(2, 5, 4, 3), make=_away_from_kinks, **kw):
     def call(ns):
         return lambda x: getattr(ns, name)(x, **kw)
     torch_kw = {k: v for k, v in kw.items() if k != "residuals"}     # jbp's own option
     config = "x".join(map(str, shape)) + "".join(f" {k}={v}" for k, v in kw.items())
     return Case(name, config, (shape,), ("x",), call, _ref.activation(name, **torch_kw),
-                make=_away_from_kinks, kwargs=dict(kw))
+                make=make, kwargs=dict(kw))
 
 
 ACTIVATION_CASES = [
@@ -133,6 +151,13 @@ ACTIVATION_CASES = [
     _activation_case("softmax", (2, 3, 4, 5), axis=1),
     _activation_case("log_softmax", (4, 6)),
     _activation_case("log_softmax", (2, 3, 4, 5), axis=2),
+    _activation_case("silu"),
+    _activation_case("silu", (3, 7)),
+    _activation_case("relu6", make=lambda rng, shapes: _away_from(rng, shapes, (0.0, 6.0), 4)),
+    _activation_case("hard_sigmoid", make=lambda rng, shapes: _away_from(rng, shapes,
+                                                                          (-3.0, 3.0), 3)),
+    _activation_case("hard_swish", make=lambda rng, shapes: _away_from(rng, shapes,
+                                                                        (-3.0, 3.0), 3)),
 ]
 
 
@@ -230,6 +255,28 @@ DROPOUT_CASES = [
 ]
 
 
+def _stochastic_depth_call(ns, *, rate, mode):
+    key = jax.random.key(11)
+    return lambda x: ns.stochastic_depth(x, rate, key, train=True, mode=mode)
+
+
+STOCHASTIC_DEPTH_CASES = [
+    Case("stochastic_depth", f"8x3x4x2 rate={r} mode={m}", ((8, 3, 4, 2),), ("x",),
+         functools.partial(_stochastic_depth_call, rate=r, mode=m),
+         kwargs={"rate": r, "train": True, "mode": m})
+    for r, m in ((0.2, "row"), (0.5, "row"), (0.3, "batch"))
+]
+
+
+# --- squeeze-and-excitation's channel scale -------------------------------------------------
+
+CHANNEL_SCALE_CASES = [
+    Case("channel_scale", f"{n}x{h}x{w}x{c}", ((n, h, w, c), (n, c)), ("x", "s"),
+         lambda ns: ns.channel_scale, _ref.channel_scale)
+    for n, h, w, c in ((2, 5, 4, 3), (3, 1, 1, 6))
+]
+
+
 # --- losses -----------------------------------------------------------------------------------
 
 _LABELS = np.array([0, 3, 5, 2])
@@ -285,4 +332,5 @@ LOSS_CASES = [
 
 
 CASES: Sequence[Case] = (CONV_CASES + DENSE_CASES + ACTIVATION_CASES + POOL_CASES + NORM_CASES
-                         + DROPOUT_CASES + LOSS_CASES + OPTION_CASES + LOSS_OPTION_CASES)
+                         + DROPOUT_CASES + STOCHASTIC_DEPTH_CASES + CHANNEL_SCALE_CASES
+                         + LOSS_CASES + OPTION_CASES + LOSS_OPTION_CASES)

@@ -50,15 +50,26 @@ def flatten(x):
 
 def activation(name, **kw):
     """The activation ``name`` (``relu``, ``leaky_relu`` with ``negative_slope``, ``sigmoid``,
-    ``tanh``, ``softmax``/``log_softmax`` with ``axis``) as a function of one tensor."""
+    ``tanh``, ``softmax``/``log_softmax`` with ``axis``, ``silu``, ``relu6``, ``hard_sigmoid``,
+    ``hard_swish``) as a function of one tensor."""
     def run(x):
         torch, F = _torch()
         fns = {"relu": F.relu, "leaky_relu": F.leaky_relu, "sigmoid": torch.sigmoid,
-               "tanh": torch.tanh, "softmax": F.softmax, "log_softmax": F.log_softmax}
+               "tanh": torch.tanh, "softmax": F.softmax, "log_softmax": F.log_softmax,
+               "silu": F.silu, "relu6": F.relu6,
+               # F.hardsigmoid's CPU backward multiplies by float32's 1/6 even for float64
+               # (relative error 3e-8), so the twin is the definition under autograd.
+               "hard_sigmoid": lambda z: F.relu6(z + 3) / 6,
+               "hard_swish": F.hardswish}
         if name in ("softmax", "log_softmax"):
             return fns[name](x, dim=kw.get("axis", -1))
         return fns[name](x, **kw)
     return run
+
+
+def channel_scale(x, s):
+    """``jbp.channel_scale``: ``x * s`` with ``s`` (N, C) broadcast over H, W (NHWC)."""
+    return x * s[:, None, None, :]
 
 
 def pool(x, *, kind, window, stride, padding, count_include_pad=True):
