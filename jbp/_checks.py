@@ -28,6 +28,16 @@ def require_array(name: str, x) -> None:
         raise TypeError(f"{name}: expected an array, got {type(x).__name__}")
 
 
+def require_key(name: str, key) -> None:
+    """A JAX PRNG key: typed (``jax.random.key``) or raw uint32 ``(..., 2)`` (``PRNGKey``)."""
+    require_array(name, key)
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return
+    if key.dtype != jnp.uint32 or key.shape[-1:] != (2,):
+        raise TypeError(f"{name}: expected a PRNG key from jax.random.key(seed), got an array "
+                        f"of dtype {key.dtype} and shape {tuple(key.shape)}")
+
+
 def require_float(name: str, x) -> None:
     """Layers compute in floating point: integer images must be converted (and scaled) first."""
     require_array(name, x)

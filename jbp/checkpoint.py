@@ -23,7 +23,7 @@ import os
 import re
 import tempfile
 import warnings
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -189,6 +189,44 @@ def _fit(path: str, manifest: dict, arrays: List[np.ndarray], like) -> Tuple[Any
         else:
             leaves.append(jnp.asarray(value, dtype=np.dtype(entry["dtype"])))
     return jax.tree.unflatten(jax.tree.structure(like), leaves), manifest
+
+
+class Weights(NamedTuple):
+    """A model's weights without an optimiser: what ``scripts/convert_torch_weights.py`` writes
+    (with :func:`save`) and ``model.init_from`` starts a run from (:func:`restore_weights`)."""
+
+    params: Any
+    model_state: Any
+    step: Any = 0
+
+
+_WEIGHT_FIELDS = (".params", ".model_state")
+
+
+def restore_weights(path: str, params_like, state_like) -> Tuple[Any, Any]:
+    """The ``params`` and ``model_state`` of the checkpoint ``path`` — a :class:`Weights` file or
+    a training run's checkpoint (its optimiser state and step are ignored) — in the structure
+    and dtypes of ``params_like``/``state_like``. A leaf that is missing, extra or of another
+    shape is a CheckpointError naming it."""
+    manifest, arrays = read(path)
+    saved = [(e["path"], a) for e, a in zip(manifest["leaves"], arrays)
+             if e["path"].startswith(_WEIGHT_FIELDS)]
+    template = [(p, leaf) for p, leaf in _leaves_with_paths(Weights(params_like, state_like))
+                if p.startswith(_WEIGHT_FIELDS)]
+    if [p for p, _ in saved] != [p for p, _ in template]:
+        first = _first_difference([p for p, _ in saved], [p for p, _ in template])
+        raise CheckpointError(f"{path}: its weights do not fit the model ({len(saved)} leaves, "
+                              f"the model has {len(template)}); first differing leaf: {first}")
+    leaves = []
+    for (name, value), (_, leaf) in zip(saved, template):
+        if tuple(value.shape) != tuple(np.shape(leaf)):
+            raise CheckpointError(f"{path}: leaf {name} has shape {tuple(value.shape)}, the "
+                                  f"model's has {tuple(np.shape(leaf))}: the weights are of "
+                                  f"another model or configuration (num_classes, channels)")
+        leaves.append(jnp.asarray(value, dtype=leaf.dtype))
+    n = len(jax.tree.leaves(params_like))
+    return (jax.tree.unflatten(jax.tree.structure(params_like), leaves[:n]),
+            jax.tree.unflatten(jax.tree.structure(state_like), leaves[n:]))
 
 
 def _first_difference(a: List[str], b: List[str]) -> str:

@@ -38,6 +38,9 @@ class DataConfig:
     mean: Tuple[float, ...] = (0.1307,)
     std: Tuple[float, ...] = (0.3081,)
     augment_shift: int = 0            # random translation of training images, pixels
+    pad: int = 0                      # zero pixels added on every side of in-memory images
+                                      # (MNIST 28×28 -> 32×32 with 2, for mobilenet_v2 and
+                                      # efficientnet_b0, which need 32×32)
     image_size: int = 224             # image_folder: the training crop and evaluation crop, pixels
     resize_size: int = 256            # image_folder: evaluation resizes the shorter side to this
     workers: int = 0                  # image_folder: Grain worker processes (0: decode in-process)
@@ -45,12 +48,15 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "lenet5"              # seed_cnn | lenet5 | resnet20 | resnet18
+    name: str = "lenet5"              # seed_cnn | lenet5 | resnet20 | resnet18 | mobilenet_v2
+                                      # | efficientnet_b0
     num_classes: int = 10
     remat: str = "none"               # none | blocks: jax.checkpoint each residual block
     residuals: str = "exact"          # exact | bf16 | int8: what conv/BN rules save (jbp.layers.conv)
     shortcuts: bool = True            # resnets: False = the plain network (no shortcuts)
     batch_norm: bool = True           # resnets: False = no batch norm (convolutions get a bias)
+    init_from: str = ""               # a jbp weights/run checkpoint to start from (fine-tuning;
+                                      # scripts/convert_torch_weights.py makes one from PyTorch)
 
 
 @dataclass(frozen=True)
@@ -183,11 +189,17 @@ def _validate(cfg: Config, source: str) -> None:
                           f"(one per channel), got {len(cfg.data.mean)} and {len(cfg.data.std)}")
     if any(s <= 0 for s in cfg.data.std):
         raise ConfigError(f"{source}: data.std: every entry must be > 0, got {cfg.data.std}")
+    if cfg.data.pad < 0 or (cfg.data.pad and cfg.data.dataset == "image_folder"):
+        raise ConfigError(f"{source}: data.pad: expected >= 0, for an in-memory dataset (an "
+                          f"image folder is cropped to data.image_size), got {cfg.data.pad}")
     if cfg.data.augment_shift < 0:
         raise ConfigError(f"{source}: data.augment_shift: expected >= 0")
     if cfg.data.workers < 0 or cfg.data.image_size < 1:
         raise ConfigError(f"{source}: data.workers: expected >= 0 and data.image_size >= 1, got "
                           f"{cfg.data.workers} and {cfg.data.image_size}")
+    if cfg.model.init_from and not os.path.isfile(cfg.model.init_from):
+        raise ConfigError(f"{source}: model.init_from: no such file {cfg.model.init_from!r} "
+                          f"(a checkpoint .npz, e.g. from scripts/convert_torch_weights.py)")
     if cfg.data.resize_size < cfg.data.image_size:
         raise ConfigError(f"{source}: data.resize_size ({cfg.data.resize_size}) must be >= "
                           f"data.image_size ({cfg.data.image_size}): evaluation crops the "
@@ -226,6 +238,10 @@ def to_toml(cfg: Config) -> str:
         for key in _IMAGE_FOLDER_KEYS:
             if d["data"][key] == getattr(DataConfig, key):
                 del d["data"][key]
+    if not cfg.model.init_from:                          # unused: left out, as above
+        del d["model"]["init_from"]
+    if not cfg.data.pad:
+        del d["data"]["pad"]
     lines = [f"name = {value(d.pop('name'))}"]
     for section, table in d.items():
         lines.append(f"\n[{section}]")

@@ -19,7 +19,7 @@ from jbp.train import init_train_state, make_optimizer, make_train_step
 pytestmark = pytest.mark.slow
 
 SHAPES = {"seed_cnn": (28, 28, 1), "lenet5": (28, 28, 1), "resnet20": (32, 32, 3),
-          "resnet18": (32, 32, 3)}
+          "resnet18": (32, 32, 3), "mobilenet_v2": (32, 32, 3), "efficientnet_b0": (32, 32, 3)}
 BATCH = 4
 
 

@@ -9,7 +9,13 @@ from jbp import LayerPolicy, gradcheck, train
 from jbp.models import MODELS, get_model
 
 SHAPES = {"seed_cnn": (6, 6, 1), "lenet5": (28, 28, 1), "resnet20": (12, 12, 3),
-          "resnet18": (32, 32, 3)}
+          "resnet18": (32, 32, 3), "mobilenet_v2": (32, 32, 3), "efficientnet_b0": (32, 32, 3)}
+# The inverted-residual networks' float64 compiles take minutes on two cores: outside the fast
+# loop (tests/test_torch_weights.py checks them against torchvision, tests/test_mobilenet.py
+# their random layers and memory policies).
+_SLOW_MODELS = ("mobilenet_v2", "efficientnet_b0")
+MODEL_PARAMS = [pytest.param(m, marks=pytest.mark.slow) if m in _SLOW_MODELS else m
+                for m in MODELS]
 
 
 def test_lenet5_parameter_count_by_hand():
@@ -41,7 +47,7 @@ def test_resnet20_parameter_count_by_hand():
     assert train.tree_size(params) == total
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", MODEL_PARAMS)
 @pytest.mark.parametrize("train_mode", [True, False], ids=["train", "eval"])
 def test_manual_gradients_match_autodiff_float64(name, train_mode):
     model = get_model(name)

@@ -47,12 +47,6 @@ def _check_rate(rate):
         raise ValueError(f"rate: expected a float in [0, 1), got {rate!r}")
 
 
-def _check_key(key):
-    _checks.require_array("key", key)
-    is_typed_key = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-    if not is_typed_key and (key.dtype != jnp.uint32 or key.shape[-1:] != (2,)):
-        raise TypeError(f"key: expected a PRNG key from jax.random.key(seed), got an array "
-                        f"of dtype {key.dtype} and shape {tuple(key.shape)}")
 
 
 @layer(_dropout_rule)
@@ -75,7 +69,7 @@ def dropout(rule, x: jax.Array, rate: float, key: jax.Array, *, train: bool) -> 
     _checks.require_static_bool("train", train)
     if not train or rate == 0.0:
         return x
-    _check_key(key)
+    _checks.require_key("key", key)
     mask = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return rule(x, mask, 1.0 / (1.0 - rate))
 
@@ -111,7 +105,7 @@ def stochastic_depth(rule, x: jax.Array, rate: float, key: jax.Array, *, train: 
     _checks.require_static_bool("train", train)
     if not train or rate == 0.0:
         return x
-    _check_key(key)
+    _checks.require_key("key", key)
     shape = ((x.shape[0] if mode == "row" else 1),) + (1,) * (x.ndim - 1)
     mask = jax.random.bernoulli(key, 1.0 - rate, shape)
     return rule(x, mask, 1.0 / (1.0 - rate))

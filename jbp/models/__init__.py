@@ -19,7 +19,7 @@ import functools
 from typing import Callable, FrozenSet, NamedTuple
 
 from jbp import _residuals
-from jbp.models import lenet5, resnet, seed_cnn
+from jbp.models import lenet5, mobilenet, resnet, seed_cnn
 
 
 class Model(NamedTuple):
@@ -35,6 +35,10 @@ REGISTRY = {m.name: m for m in (
     Model("lenet5", lenet5.init, lenet5.apply),
     Model("resnet20", resnet.init_resnet20, resnet.apply_resnet20, resnet.OPTIONS),
     Model("resnet18", resnet.init_resnet18, resnet.apply_resnet18, resnet.OPTIONS),
+    Model("mobilenet_v2", mobilenet.init_mobilenet_v2, mobilenet.apply_mobilenet_v2,
+          mobilenet.OPTIONS),
+    Model("efficientnet_b0", mobilenet.init_efficientnet_b0, mobilenet.apply_efficientnet_b0,
+          mobilenet.OPTIONS),
 )}
 MODELS = tuple(REGISTRY)
 

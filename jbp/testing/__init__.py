@@ -9,4 +9,6 @@ Not part of the training library; nothing under ``jbp`` outside this package imp
   out) and :func:`~jbp.testing.torch_reference.torch_vjp`; torch is imported only when used.
 - :mod:`jbp.testing.reference_models`: LeNet-5 and the ResNets written in plain ``lax``/``jnp``
   (differentiated by ``jax.grad``) and in PyTorch, on jbp's parameter pytrees.
+- :mod:`jbp.testing.torchvision_loader`: ``import torchvision`` on the CPU torch build, whose
+  compiled torchvision ops do not load (the models are pure Python).
 """

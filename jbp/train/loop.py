@@ -141,6 +141,12 @@ def fit(cfg: config_lib.Config, run_dir: str, *, resume: bool = False, overwrite
     state = init_train_state(model, optimizer, jax.random.key(tc.seed), input_shape,
                              cfg.model.num_classes, dtype=dtype)
     position = {"epoch": 0, "batch": 0}             # the next batch to train on
+    if cfg.model.init_from and not resume:          # fine-tuning: the weights, a fresh optimiser
+        params, model_state = checkpoint.restore_weights(cfg.model.init_from, state.params,
+                                                         state.model_state)
+        state = state._replace(params=params, model_state=model_state,
+                               opt_state=optimizer.init(params))
+        say(f"weights from {cfg.model.init_from}")
     if resume:
         state, manifest, path = checkpoint.restore_latest(out, state)
         position = manifest["position"]

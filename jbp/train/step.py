@@ -18,6 +18,12 @@ parameter is the ``psum`` of the shards' contributions (JAX inserts it for autod
 with ``LayerPolicy(axis_name="data")``).
 Parameters, optimiser state and batch-norm statistics stay replicated. docs/scaling.md.
 
+Random layers (dropout, stochastic depth): a model whose ``apply`` takes ``key=`` gets
+``fold_in(state.rng, state.step)`` each step — a resumed run draws the same keys — and, data
+parallel, that key folded once more with the device's index along ``"data"``
+(``lax.axis_index``), so each device draws its own masks for its own examples instead of every
+device repeating device 0's. Models without random layers take no key and get none.
+
 Precision (``precision="bf16"``): float32 master parameters and optimiser state; the step casts
 parameters and images to bfloat16 for the forward and backward (batch norm keeps its statistics
 in float32, as it does for any half-precision input), computes the loss in float32 from float32
@@ -27,6 +33,7 @@ logits, and hands float32 gradients to the optimiser.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -49,9 +56,9 @@ class TrainState(NamedTuple):
     model_state: Any     # batch-norm running statistics
     opt_state: Any       # the optax optimiser's state
     step: jax.Array      # int32 scalar: steps taken
-    # The run's PRNG key, for stochastic layers (dropout): a step would draw its key as
-    # fold_in(rng, step), so it never changes and a resumed run draws the same keys. No model
-    # draws one yet; the field stays so that every run directory's checkpoints still restore.
+    # The run's PRNG key, for random layers (dropout, stochastic depth): a step draws its key
+    # as fold_in(rng, step) (and the device index, data parallel), so the field never changes
+    # and a resumed run draws the same keys.
     rng: jax.Array
 
 
@@ -76,7 +83,8 @@ def _loss_fn(loss: Union[str, Callable], layers: LayerPolicy) -> Callable:
 def make_loss(apply: Callable, loss: Union[str, Callable] = "softmax_cross_entropy", *,
               grad: Optional[str] = None, layers: Optional[LayerPolicy] = None,
               precision: str = "f32") -> Callable:
-    """``loss(params, model_state, x, y) -> (loss, (logits, new_model_state))``, train mode.
+    """``loss(params, model_state, x, y, key=None) -> (loss, (logits, new_model_state))``,
+    train mode; ``key`` reaches ``apply`` (its random layers) when given.
 
     ``grad``: ``"manual"`` (the default: jbp's hand-written rules) or ``"autodiff"``, short for
     ``layers=LayerPolicy(grad)``; ``layers``: the :class:`jbp.LayerPolicy` the model runs with,
@@ -91,15 +99,24 @@ def make_loss(apply: Callable, loss: Union[str, Callable] = "softmax_cross_entro
         raise ValueError(f"precision: expected one of {tuple(PRECISIONS)}, got {precision!r}")
     dtype = PRECISIONS[precision]
 
-    def objective(params, model_state, x, y):
+    def objective(params, model_state, x, y, key=None):
         if dtype != jnp.float32:
             params, x = _cast_floats(params, dtype), _cast_floats(x, dtype)
-        logits, new_state = apply(params, model_state, x, train=True, layers=layers)
+        random = {} if key is None else {"key": key}    # models with dropout/stochastic depth
+        logits, new_state = apply(params, model_state, x, train=True, layers=layers, **random)
         if dtype != jnp.float32:
             logits = logits.astype(jnp.float32)
         return loss_fn(logits, y), (logits, new_state)
 
     return objective
+
+
+def takes_key(apply: Callable) -> bool:
+    """Whether a model's ``apply`` draws random masks: it has a ``key`` parameter."""
+    try:
+        return "key" in inspect.signature(apply).parameters
+    except (TypeError, ValueError):      # a callable without a signature: no key
+        return False
 
 
 def _class_labels(logits, y) -> bool:
@@ -180,13 +197,20 @@ def make_train_step(apply: Callable, optimizer: optax.GradientTransformation,
         layers = dataclasses.replace(layers, axis_name=axis)
     objective = make_loss(apply, loss, layers=layers, precision=precision)
 
-    def global_objective(params, model_state, x, y):
-        loss_value, aux = objective(params, model_state, x, y)
+    def global_objective(params, model_state, x, y, key):
+        loss_value, aux = objective(params, model_state, x, y, key)
         return (loss_value if axis is None else jax.lax.pmean(loss_value, axis)), aux
 
+    random = takes_key(apply)
+
     def step(state: TrainState, x, y):
+        key = None
+        if random:                       # this step's key; data parallel: this device's own
+            key = jax.random.fold_in(state.rng, state.step)
+            if axis is not None:
+                key = jax.random.fold_in(key, jax.lax.axis_index(axis))
         (loss_value, (logits, model_state)), grads = jax.value_and_grad(
-            global_objective, has_aux=True)(state.params, state.model_state, x, y)
+            global_objective, has_aux=True)(state.params, state.model_state, x, y, key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = TrainState(params, model_state, opt_state, state.step + 1, state.rng)
