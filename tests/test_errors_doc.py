@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import jbp
-from jbp import checkpoint, config, data, train
+from jbp import checkpoint, config, data, torch_weights, train
 from jbp.checkpoint import CheckpointError
 from jbp.config import ConfigError
 from jbp.data import DataError
@@ -43,7 +43,7 @@ def names(tmp_path_factory):
     open(corrupt, "wb").write(open(path, "rb").read()[:300])
     c3 = jnp.zeros((3,), jnp.float32)
     return dict(jbp=jbp, jnp=jnp, jax=jax, config=config, data=data, checkpoint=checkpoint,
-                train=train,
+                train=train, torch_weights=torch_weights,
                 get_model=get_model, X=jnp.zeros((2, 8, 8, 3), jnp.float32),
                 W=jnp.zeros((3, 3, 3, 4), jnp.float32), c3=c3, LENET=lenet,
                 LENET_CKPT=path, RESNET20=resnet, CORRUPT_CKPT=corrupt)
