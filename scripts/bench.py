@@ -50,6 +50,13 @@ CONFIGS = {  # name -> (model, batch, input_shape, num_classes)
     "resnet20_b128": ("resnet20", 128, (32, 32, 3), 10),
     "resnet20_b32": ("resnet20", 32, (32, 32, 3), 10),
     "resnet18_b16": ("resnet18", 16, (112, 112, 3), 1000),
+    # Inverted-residual networks at ImageNet size (issue 25): no plain-lax twin (lax_reference is
+    # skipped for them); the torch variant is torchvision's own model with jbp's weights
+    # (jbp.torch_weights.to_torch). Dropout and stochastic depth are off on both sides (jbp's
+    # step runs without a key, torchvision's is built with rates 0), so that the step-0 losses
+    # can agree.
+    "mobilenet_v2_b16": ("mobilenet_v2", 16, (224, 224, 3), 1000),
+    "efficientnet_b0_b16": ("efficientnet_b0", 16, (224, 224, 3), 1000),
     # Accelerator sizes (scripts/device_check.sh):
     "lenet5_b1024": ("lenet5", 1024, (28, 28, 1), 10),
     "resnet20_b512": ("resnet20", 512, (32, 32, 3), 10),
@@ -218,6 +225,9 @@ def main(argv=None):
 
     for cfg_name in args.config_names:
         model_name, batch, shape, classes = CONFIGS[cfg_name]
+        all_variants = variants
+        variants = [v for v in all_variants
+                    if v != "lax_reference" or model_name in reference_models.LAX_MODELS]
         log(f"[{cfg_name}] building {', '.join(variants)}")
         model = get_model(model_name)
         rng = np.random.default_rng(0)
@@ -308,6 +318,7 @@ def main(argv=None):
                 from jbp import cpu_conv  # noqa: PLC0415
                 rows[-1]["onednn_scratch_bytes"] = cpu_conv.scratch_bytes()
         write_json()
+        variants = all_variants
 
     print(_header(jax, torch_proc, device, peak_gflops, args, measured_peak))
     print(table(rows))

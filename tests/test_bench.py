@@ -123,3 +123,27 @@ def test_paired_ratios_by_hand():
     assert float(np.median(ratios)) == pytest.approx(0.7)
     with pytest.raises(ValueError, match="rounds"):
         bench.paired_ratios(variant[:3], manual)
+
+
+def test_inverted_residual_flops_are_torchvisions():
+    """The bench's FLOP count of the two inverted-residual rows: twice torchvision's documented
+    multiply-adds per 224×224 image (its weights' ``_ops``: 0.301 and 0.386 G), 4 images."""
+    for name, gmacs in (("mobilenet_v2", 0.301), ("efficientnet_b0", 0.386)):
+        params, state = jax.eval_shape(lambda: get_model(name).init(
+            jax.random.PRNGKey(0), (224, 224, 3), 1000))
+        x = jax.ShapeDtypeStruct((4, 224, 224, 3), jnp.float32)
+        flops = reference_models.forward_flops(name, params, state, x)
+        assert flops / (4 * 2e9) == pytest.approx(gmacs, abs=5e-4), name
+
+
+def test_torchvision_bench_models_match_jbp():
+    """The torch variant of the inverted-residual rows is torchvision's model holding jbp's
+    weights (train mode, no dropout or stochastic depth), equal to jbp's float32 forward."""
+    torch = pytest.importorskip("torch")
+    for name in ("mobilenet_v2", "efficientnet_b0"):
+        params, state, x, _ = _setup(name, (64, 64, 3), n=2)
+        logits, _ = jax.jit(lambda p, s, x: get_model(name).apply(p, s, x, train=True))(
+            params, state, x)
+        module = reference_models.torch_model(name, params, state).train()
+        out = module(torch.from_numpy(np.array(x)).permute(0, 3, 1, 2)).detach().numpy()
+        np.testing.assert_allclose(out, np.asarray(logits), rtol=1e-3, atol=1e-4)

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from jbp.models import resnet
+from jbp.models import mobilenet, resnet
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -109,10 +109,37 @@ def lax_loss(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+def _inverted_residual_flops(spec, x_shape, num_classes) -> int:
+    """The same count for MobileNetV2 / EfficientNet-B0 (no plain-lax twin), from the
+    architecture: every convolution (depthwise ones at k·k per output), SE's two dense layers,
+    the classifier."""
+    n, h, w, c = x_shape
+
+    def out(size, k, s):
+        return (size + 2 * ((k - 1) // 2) - k) // s + 1
+
+    h, w = out(h, 3, 2), out(w, 3, 2)
+    total = 2 * n * h * w * 9 * c * spec.stem_width
+    blocks = spec.blocks()
+    for b in blocks:
+        if b.expand != 1:
+            total += 2 * n * h * w * b.cin * b.hidden
+        h, w = out(h, b.kernel, b.stride), out(w, b.kernel, b.stride)
+        total += 2 * n * h * w * b.kernel * b.kernel * b.hidden
+        if b.se:
+            total += 2 * n * 2 * b.hidden * max(1, b.cin // 4)
+        total += 2 * n * h * w * b.hidden * b.cout
+    total += 2 * n * h * w * blocks[-1].cout * spec.head_width
+    return total + 2 * n * spec.head_width * num_classes
+
+
 def forward_flops(name, params, state, x) -> int:
     """Multiply-add FLOPs (2 per MAC) of the forward's convolutions and matmuls, read from the
     reference model's jaxpr. A train step is counted as 3× this (forward, input and weight
     gradients), the usual convention for MFU."""
+    if name in ("mobilenet_v2", "efficientnet_b0"):
+        spec = mobilenet.MOBILENET_V2 if name == "mobilenet_v2" else mobilenet.EFFICIENTNET_B0
+        return _inverted_residual_flops(spec, x.shape, params["fc"]["w"].shape[1])
     jaxpr = jax.make_jaxpr(lambda p, s, x: LAX_MODELS[name](p, s, x))(params, state, x)
     total = 0
     for eqn in jaxpr.jaxpr.eqns:
@@ -134,6 +161,19 @@ def torch_model(name, params, state):
     channels-last tensors). Raises ImportError without torch."""
     import torch  # noqa: PLC0415
     from torch import nn  # noqa: PLC0415
+
+    if name in ("mobilenet_v2", "efficientnet_b0"):      # torchvision's own, jbp's weights
+        from jbp import torch_weights  # noqa: PLC0415
+        from jbp.testing.torchvision_loader import torchvision  # noqa: PLC0415
+        rates = {"dropout": 0.0}                          # as jbp's key-less step
+        if name == "efficientnet_b0":
+            rates["stochastic_depth_prob"] = 0.0
+        module = getattr(torchvision().models, name)(
+            num_classes=params["fc"]["w"].shape[1], **rates)
+        module.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32) if
+                                                    v.dtype.kind == "f" else v)
+                                for k, v in torch_weights.to_torch(name, params, state).items()})
+        return module
 
     def t(a):
         return torch.from_numpy(np.array(a, dtype=np.float32))
