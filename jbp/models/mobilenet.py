@@ -22,7 +22,9 @@ squeeze-and-excitation (Hu et al., 2018) and stochastic depth (Huang et al., 201
 Every convolution is padded ``(k − 1) // 2`` on each side, as torchvision's (XLA's "SAME" would
 pad stride-2 layers asymmetrically), and carries no bias; batch norm uses PyTorch's defaults in
 both (``eps = 1e-5``, PyTorch ``momentum = 0.1``, i.e. jbp's ``momentum = 0.9``: torchvision's
-``efficientnet_b0`` does not pass the ``eps = 1e-3, momentum = 0.01`` of its V2 models). The
+``efficientnet_b0`` builds plain ``nn.BatchNorm2d``; only its B5–B7 pass ``eps = 1e-3,
+momentum = 0.01`` and its V2 models ``eps = 1e-3``). The float64 comparison with torchvision
+checks the updated running statistics, and with them this choice. The
 depthwise kernels are HWIO ``(k, k, 1, C)`` with ``groups = C``; SE's two 1×1 convolutions on a
 1×1 map are ``dense`` layers ``(C, C_se)`` and ``(C_se, C)``.
 
