@@ -180,9 +180,8 @@ def from_torch(model_name: str, state_dict: Mapping, *, dtype=jnp.float32):
 
     def put(tree, path, key, value, want):
         if tuple(value.shape) != tuple(want.shape):
-            raise ValueError(f"state_dict[{key!r}]: has shape {tuple(value.shape)} (as jbp "
-                             f"{'/'.join(map(str, path))}: {tuple(value.shape)}), {model_name} "
-                             f"expects {_torch_shape(kind, want.shape)}")
+            raise ValueError(f"state_dict[{key!r}]: has shape {tuple(value.shape)}, "
+                             f"{model_name} expects {tuple(want.shape)}")
         _set(tree, path, jnp.asarray(value, dtype))
 
     for prefix, kind, path in entries:

@@ -245,3 +245,12 @@ def test_fit_starts_from_init_from(tmp_path):
             assert not np.allclose(a, c)
     with pytest.raises(config.ConfigError, match=r"model.init_from: no such file"):
         config.from_dict({"model": {"init_from": str(tmp_path / "none.npz")}})
+
+
+def test_batch_norm_entry_of_the_wrong_length_is_named():
+    model = _torch_model("resnet18")
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    sd["layer1.0.bn2.running_var"] = np.ones(65)
+    with pytest.raises(ValueError, match=r"state_dict\['layer1.0.bn2.running_var'\]: has shape "
+                                         r"\(65,\), resnet18 expects \(64,\)"):
+        torch_weights.from_torch("resnet18", sd)
