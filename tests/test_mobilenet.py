@@ -122,3 +122,22 @@ def test_parameters_are_float32_under_x64():
     for name in ("mobilenet_v2", "efficientnet_b0"):
         tree = jax.eval_shape(lambda: get_model(name).init(jax.random.key(0), (32, 32, 3), 10))
         assert {leaf.dtype for leaf in jax.tree.leaves(tree)} == {jnp.dtype(jnp.float32)}, name
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0"])
+def test_mnist_configs_pad_to_32(name):
+    """configs/<name>_mnist.toml: the shipped MNIST with a 2-pixel zero border, 32×32 (the
+    nets' smallest input), the original pixels unchanged inside it."""
+    import os  # noqa: PLC0415
+
+    from jbp import data  # noqa: PLC0415
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = config.load(os.path.join(root, "configs", f"{name}_mnist.toml"),
+                      ["data.train_limit=5", "data.test_limit=5"])
+    assert cfg.model.name == name and cfg.data.pad == 2
+    train_set, test_set = data.load_dataset(cfg.data, 10)
+    plain, _ = data.load_dataset(config.from_dict({"data": {"train_limit": 5}}).data, 10)
+    assert train_set.x.shape[1:] == test_set.x.shape[1:] == (32, 32, 1)
+    np.testing.assert_array_equal(train_set.x[:, 2:30, 2:30], plain.x)
+    assert not train_set.x[:, :2].any() and not train_set.x[:, 30:].any()
+    assert not train_set.x[:, :, :2].any() and not train_set.x[:, :, 30:].any()

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+import numpy as np
+
 from jbp.data.batching import batches, epoch_order, normalize, num_batches, random_shift, subset
 from jbp.data.dataset import DataError, Dataset, arrays_digest, check_labels
 from jbp.data.mnist import MNIST_ARRAYS_SHA256, MNIST_MEAN, MNIST_PATH, MNIST_STD, load_mnist
@@ -43,8 +45,14 @@ __all__ = [
 DATASETS = ("mnist", "mnist_idx", "cifar10", "npz", "image_folder")   # values of data.dataset
 
 
+def _pad(dataset: Dataset, pad: int) -> Dataset:
+    """Each image with ``pad`` zero pixels on every side (``data.pad``), before normalisation:
+    the value of MNIST's own black background."""
+    return dataset._replace(x=np.pad(dataset.x, ((0, 0), (pad, pad), (pad, pad), (0, 0))))
+
+
 def load_dataset(cfg, num_classes: Optional[int] = None) -> Tuple[Dataset, Dataset]:
-    """(train, test) for a ``jbp.config.DataConfig``; limits applied; clear errors for paths.
+    """(train, test) for a ``jbp.config.DataConfig``; limits and ``data.pad`` applied; clear errors for paths.
 
     With ``num_classes``, every label must lie in [0, num_classes) (see :func:`check_labels`).
     """
@@ -69,6 +77,8 @@ def load_dataset(cfg, num_classes: Optional[int] = None) -> Tuple[Dataset, Datas
     else:
         raise DataError(f"data.dataset: unknown dataset {cfg.dataset!r}")
     train, test = subset(train, cfg.train_limit), subset(test, cfg.test_limit)
+    if getattr(cfg, "pad", 0):           # zero border: MNIST 28×28 + 2 -> 32×32
+        train, test = _pad(train, cfg.pad), _pad(test, cfg.pad)
     channels = train.x.shape[-1]
     if len(cfg.mean) != channels:
         raise DataError(f"{cfg.path or cfg.dataset}: images have {channels} channel(s) but "

@@ -37,8 +37,6 @@ class MemorySource:
         self.cfg, self.batch_size, self.eval_batch_size, self.seed = (
             cfg, batch_size, eval_batch_size, seed)
         self.train, self.test = load_dataset(cfg, num_classes)
-        if getattr(cfg, "pad", 0):           # zero border: MNIST 28×28 + 2 -> 32×32
-            self.train, self.test = (_pad(d, cfg.pad) for d in (self.train, self.test))
         self.num_train, self.num_test = self.train.num_examples, self.test.num_examples
         self.input_shape = tuple(self.train.x.shape[1:])
         self.steps_per_epoch = num_batches(self.train, batch_size, train=True)
@@ -68,13 +66,6 @@ class MemorySource:
 
     def close(self) -> None:
         pass
-
-
-def _pad(dataset, pad: int):
-    """Each image with ``pad`` zero pixels on every side (``data.pad``), before normalisation:
-    the value of MNIST's own black background."""
-    x = np.pad(dataset.x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    return dataset._replace(x=x)
 
 
 def _import_image_folder():
