@@ -15,6 +15,12 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+#: Outside the fast loop (``pytest -m 'not slow'``), like tests/test_data_parallel.py: a
+#: subprocess with its own devices (about 25 s on two cores). CI runs it.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RATE = 0.5
 
