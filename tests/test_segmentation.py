@@ -187,3 +187,23 @@ def test_fit_records_pixel_accuracy_iou_and_predictions(tmp_path, monkeypatch):
     assert 0.0 <= summary["test_miou"] <= 1.0
     assert os.path.getsize(tmp_path / "run" / "predictions.png") > 0
     assert os.path.getsize(tmp_path / "run" / "curves.png") > 0
+
+
+@pytest.mark.slow
+def test_xray_runs_through_the_unet():
+    """Every call of the U-Net, concat's list input and the transposed convolution included:
+    manual == autodiff gradients per call, and conv_transpose2d's FLOPs by hand."""
+    from jbp import xray
+    model = get_model("unet")
+    params, state = model.init(jax.random.key(0), (8, 8, 1), 3)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 1)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 3, (2, 8, 8)))
+    rows = xray.xray(model.apply, params, state, x, y, repeats=0).rows
+    layers = [r["layer"] for r in rows]
+    assert layers.count("concat") == 3 and layers.count("conv_transpose2d") == 3
+    assert max(r["grad_rel_err"] for r in rows) < 1e-5
+    up = next(r for r in rows if r["layer"] == "conv_transpose2d")     # 1x1x128 -> 2x2x64
+    assert up["in_shape"] == [2, 1, 1, 128] and up["out_shape"] == [2, 2, 2, 64]
+    macs = 2 * 1 * 1 * 128 * (2 * 2 * 64)            # every input cell, every tap, C_out
+    assert up["flops_fwd"] == 2 * macs + 2 * 2 * 2 * 64
