@@ -140,7 +140,8 @@ def test_unet_shapes_options_and_parameter_count(decoder):
     cfg = config.from_dict({"model": {"name": "unet", "num_classes": 11,
                                       "decoder": decoder}}).model
     model = from_config(cfg)
-    params, state = model.init(jax.random.key(0), (64, 64, 1), 11)
+    # Shapes only (eval_shape): drawing the weights eagerly compiles one program per shape.
+    params, state = jax.eval_shape(lambda k: model.init(k, (64, 64, 1), 11), jax.random.key(0))
 
     def conv(k, cin, cout, bias):
         return k * k * cin * cout + (cout if bias else 0)
@@ -153,10 +154,10 @@ def test_unet_shapes_options_and_parameter_count(decoder):
         total += conv(3, 2 * width, width, False) + conv(3, width, width, False) + 4 * width
         cin = width
     total += conv(1, 16, 11, True)
-    assert train.tree_size(params) == total
-    params, state = model.init(jax.random.key(0), (13, 11, 1), 4)
-    logits, new_state = model.apply(params, state, jnp.ones((2, 13, 11, 1), jnp.float32),
-                                    train=True)
+    assert sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)) == total
+    params, state = jax.eval_shape(lambda k: model.init(k, (13, 11, 1), 4), jax.random.key(0))
+    logits, new_state = jax.eval_shape(lambda p, s, x: model.apply(p, s, x, train=True),
+                                       params, state, jnp.ones((2, 13, 11, 1), jnp.float32))
     assert logits.shape == (2, 13, 11, 4)
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
     with pytest.raises(ValueError, match="decoder: expected one of"):
