@@ -18,10 +18,10 @@ was ever seen in training.
 Generation is seeded (``numpy.random.default_rng([seed, 0])`` for training canvases, ``[seed,
 1]`` for test canvases), so the same seed gives the same arrays on every machine. The arrays are
 cached on first use, as ``.npz`` under ``$JBP_CACHE_DIR`` (default ``$XDG_CACHE_HOME/jbp``, else
-``~/.cache/jbp``) or at the path ``data.path`` names, with the SHA-256 of their arrays (:func:`jbp.data.arrays_digest`) stored
-beside them; a cache whose arrays do not match their digest is regenerated. For the default
-arguments the digest must also equal :data:`SCENES_SHA256` (generation is then checked to be the
-one this module documents).
+``~/.cache/jbp``) or at the path ``data.path`` names, with the SHA-256 of their arrays
+(:func:`jbp.data.arrays_digest`) stored beside them; a cache whose arrays do not match their
+digest is regenerated. For the default arguments the digest must also equal
+:data:`SCENES_SHA256` (generation is then checked to be the one this module documents).
 """
 
 from __future__ import annotations

@@ -288,7 +288,8 @@ def fit(cfg: config_lib.Config, run_dir: str, *, resume: bool = False, overwrite
     wall = time.perf_counter() - start
     summary = {"status": "finished", "name": cfg.name, "model": cfg.model.name,
                "grad": tc.grad, "test_accuracy": result["accuracy"],
-               "test_loss": result["loss"], **_segmentation_record(result), "images_per_s": images / train_time, "wall_s": wall,
+               "test_loss": result["loss"], **_segmentation_record(result),
+               "images_per_s": images / train_time, "wall_s": wall,
                "steps": int(state.step), "backend": jax.default_backend(),
                "conv_backend": conv, "run_dir": out, **source.counters(),
                "config": dataclasses.asdict(cfg)}
