@@ -4,7 +4,6 @@ per-pixel scores and a segmentation run of ``fit``."""
 
 import json
 import os
-import warnings
 
 import jax
 import jax.numpy as jnp

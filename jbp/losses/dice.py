@@ -23,7 +23,7 @@ import numpy as np
 
 from jbp import _checks
 from jbp._registry import layer
-from jbp._rule import cast_like, compute_dtype, manual_rule
+from jbp._rule import compute_dtype, manual_rule
 
 
 def _dice_parts(z, y, mask, smooth):
