@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from jbp.data import DATASETS
-from jbp.models import MODELS, OPTION_DEFAULTS, REMAT, RESIDUALS, get_model
+from jbp.models import DECODERS, MODELS, OPTION_DEFAULTS, REMAT, RESIDUALS, get_model
 from jbp.parallel import DATA_PARALLEL
 from jbp.policy import GRAD_MODES
 
@@ -29,7 +29,9 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "mnist"            # mnist (shipped) | mnist_idx | cifar10 | npz | image_folder
-    path: str = ""                    # file or directory; "" = the shipped MNIST
+    #                                   | mnist_scenes (segmentation, generated from the MNIST)
+    path: str = ""                    # file or directory; "" = the shipped MNIST (mnist_scenes:
+    #                                   the cache file, "" = ~/.cache/jbp or $JBP_CACHE_DIR)
     test_path: str = ""               # npz / mnist_idx: the test set; image_folder: the eval folder
     labels_path: str = ""             # mnist_idx: training labels file
     test_labels_path: str = ""        # mnist_idx: test labels file
@@ -49,7 +51,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "lenet5"              # seed_cnn | lenet5 | resnet20 | resnet18 | mobilenet_v2
-                                      # | efficientnet_b0
+                                      # | efficientnet_b0 | unet
     num_classes: int = 10
     remat: str = "none"               # none | blocks: jax.checkpoint each residual block
     residuals: str = "exact"          # exact | bf16 | int8: what conv/BN rules save (jbp.layers.conv)
@@ -57,6 +59,7 @@ class ModelConfig:
     batch_norm: bool = True           # resnets: False = no batch norm (convolutions get a bias)
     init_from: str = ""               # a jbp weights/run checkpoint to start from (fine-tuning;
                                       # scripts/convert_torch_weights.py makes one from PyTorch)
+    decoder: str = "transpose"        # unet: transpose (2×2 up-convolution) | upsample (+ conv)
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,7 @@ def choices() -> Dict[Tuple[str, str], Tuple[str, ...]]:
         ("data", "dataset"): DATASETS,
         ("model", "name"): MODELS,
         ("model", "remat"): REMAT,
+        ("model", "decoder"): DECODERS,
         ("model", "residuals"): RESIDUALS,
         ("optim", "optimizer"): OPTIMIZERS,
         ("optim", "schedule"): SCHEDULES,

@@ -42,8 +42,13 @@ def plot_training(records: Sequence[dict], png_path: str, title: str = "") -> Op
                 alpha=0.7)
     ax_acc.plot([r["step"] for r in evals], [r["test_accuracy"] for r in evals], "o-",
                 label="test")
+    segmented = [r for r in evals if r.get("test_miou") is not None]
+    if segmented:                                       # per-pixel labels: the mIoU too
+        ax_acc.plot([r["step"] for r in segmented], [r["test_miou"] for r in segmented], "s-",
+                    label="test mIoU")
     ax_acc.set(xlabel="step", ylabel="accuracy", title="accuracy",
-               ylim=(max(0.0, min([r["test_accuracy"] for r in evals] or [0.9]) - 0.05), 1.0))
+               ylim=(max(0.0, min([r["test_accuracy"] for r in evals]
+                                  + [r["test_miou"] for r in segmented] or [0.9]) - 0.05), 1.0))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -93,5 +98,38 @@ def plot_gradient_norms(steps: Sequence[int], series: Dict[str, Sequence[float]]
     ax.legend(fontsize=7, ncol=2 if len(series) > 8 else 1)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path
+
+
+def plot_segmentation(images, truth, predicted, png_path: str, title: str = "",
+                      num_classes: int = 11) -> Optional[str]:
+    """One row per canvas: the input image, the true classes, the predicted classes (one colour
+    per class, background black), for ``images`` (B, H, W, 1), ``truth`` and ``predicted``
+    (B, H, W) integer classes."""
+    plt = matplotlib_or_none()
+    if plt is None:
+        return None
+    import numpy as np  # noqa: PLC0415
+    from matplotlib.colors import ListedColormap  # noqa: PLC0415
+    colours = ListedColormap(["black"] + [plt.get_cmap("tab10")(i) for i in range(10)]
+                             + ["white"] * max(0, num_classes - 11))
+    rows = len(images)
+    fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.5 * rows), squeeze=False)
+    for i in range(rows):
+        panels = ((np.asarray(images[i])[..., 0], "gray", "input"),
+                  (np.asarray(truth[i]), colours, "truth"),
+                  (np.asarray(predicted[i]), colours, "prediction"))
+        for ax, (panel, cmap, name) in zip(axes[i], panels):
+            kw = {} if cmap == "gray" else {"vmin": 0, "vmax": colours.N - 1,
+                                            "interpolation": "nearest"}
+            ax.imshow(panel, cmap=cmap, **kw)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name)
+    fig.suptitle(title + "\n(classes: 0 background black, digit d in tab10 colour d)")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
     plt.close(fig)
     return png_path

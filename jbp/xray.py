@@ -138,7 +138,8 @@ def record(apply: Callable, params, state, x, y, *, loss: str = "softmax_cross_e
 def cotangents(apply: Callable, params, state, x, y, calls: List[Call], *,
                loss: str = "softmax_cross_entropy", nn=None) -> List[jax.Array]:
     """Pass 2: ``δ_k = ∂L/∂(output of call k)`` in the full model, by zero probes."""
-    probes = [np.zeros(c.out_shape, np.result_type(c.args[0].dtype)) for c in calls]
+    probes = [np.zeros(c.out_shape, np.result_type(jax.tree.leaves(c.args[0])[0].dtype))
+              for c in calls]                  # (concat's input is a list of arrays)
     probes[-1] = np.zeros((), np.float32)
 
     def objective(probes):
@@ -192,6 +193,10 @@ def flops(call: Call):
         kh, kw, cin_g, cout = np.shape(call.args[1])
         out = int(np.prod(call.out_shape))
         macs = out * kh * kw * cin_g
+    elif call.layer == "conv_transpose2d":            # every input cell · every tap · C_out/G
+        kh, kw, _, cout_g = np.shape(call.args[1])
+        out = int(np.prod(call.out_shape))
+        macs = int(np.size(call.args[0])) * kh * kw * cout_g
     elif call.layer == "dense":
         d_in, d_out = np.shape(call.args[1])
         out = int(np.prod(call.out_shape))
@@ -222,10 +227,17 @@ def _measure(nn, call: Call, delta, repeats: int) -> Dict[str, Any]:
 
 def _rel_err(got, want) -> float:
     errs = []
-    for g, w in zip(got, want):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
         errs.append(float(np.max(np.abs(g - w)) / max(float(np.max(np.abs(w))), 1e-30)))
     return max(errs)
+
+
+def _in_shape(x) -> list:
+    """The input's shape; a list of shapes for a list of inputs (concat)."""
+    if isinstance(x, (list, tuple)):
+        return [list(np.shape(a)) for a in x]
+    return list(np.shape(x))
 
 
 def _ratio(a, b):
@@ -233,7 +245,8 @@ def _ratio(a, b):
 
 
 def _norm(arrays) -> float:
-    return float(np.sqrt(sum(np.sum(np.square(np.asarray(a, np.float64))) for a in arrays)))
+    return float(np.sqrt(sum(np.sum(np.square(np.asarray(a, np.float64)))
+                             for a in jax.tree.leaves(arrays))))
 
 
 def xray(apply: Callable, params, state, x, y, *, repeats: int = 5,
@@ -261,7 +274,7 @@ def xray(apply: Callable, params, state, x, y, *, repeats: int = 5,
         f_fwd, f_bwd = counted if counted else m["xla_flops"]
         rows.append({
             "path": call.path, "layer": call.layer,
-            "in_shape": list(np.shape(call.args[0])), "out_shape": list(call.out_shape),
+            "in_shape": _in_shape(call.args[0]), "out_shape": list(call.out_shape),
             "params": call.params, "flops_fwd": f_fwd, "flops_bwd": f_bwd,
             "residual_bytes": m["residual_bytes"], "autodiff_residual_bytes": a["residual_bytes"],
             "fwd_ms": m["fwd_ms"], "bwd_ms": m["bwd_ms"],

@@ -57,6 +57,7 @@ CONFIGS = {  # name -> (model, batch, input_shape, num_classes)
     # can agree.
     "mobilenet_v2_b16": ("mobilenet_v2", 16, (224, 224, 3), 1000),
     "efficientnet_b0_b16": ("efficientnet_b0", 16, (224, 224, 3), 1000),
+    "unet": ("unet", 16, (64, 64, 1), 11),          # segmentation: labels per pixel
     # Accelerator sizes (scripts/device_check.sh):
     "lenet5_b1024": ("lenet5", 1024, (28, 28, 1), 10),
     "resnet20_b512": ("resnet20", 512, (32, 32, 3), 10),
@@ -232,7 +233,8 @@ def main(argv=None):
         model = get_model(model_name)
         rng = np.random.default_rng(0)
         x_np = rng.standard_normal((batch, *shape), dtype=np.float32)
-        y_np = rng.integers(0, classes, batch).astype(np.int32)
+        labels_shape = (batch, *shape[:2]) if model_name == "unet" else (batch,)   # per pixel
+        y_np = rng.integers(0, classes, labels_shape).astype(np.int32)
         with jax.default_device(device):
             params, state = model.init(jax.random.PRNGKey(0), shape, classes)
             flops = 3 * reference_models.forward_flops(model_name, params, state,

@@ -108,6 +108,17 @@ def _layer_cases(ns):
         ("softmax_cross_entropy", plain(lambda xs, ps: ns.softmax_cross_entropy(
             xs[0], jnp.argmax(xs[1], -1))), [(N, 5), (N, 5)], [], True),
         ("mse", plain(lambda xs, ps: ns.mse(xs[0], xs[1])), [(N, 3), (N, 3)], [], True),
+        # Segmentation's layers (issue 26); the Dice loss's sums span the batch: not here.
+        ("conv_transpose2d", plain(lambda xs, ps: ns.conv_transpose2d(
+            xs[0], ps[0], ps[1], stride=2)), [(N, 3, 3, 4)], [(2, 2, 4, 3), (3,)], False),
+        ("upsample[bilinear]", plain(lambda xs, ps: ns.upsample(xs[0], scale=2,
+                                                                mode="bilinear")),
+         [(N, 3, 4, 2)], [], False),
+        ("concat+pad[constant]", plain(lambda xs, ps: ns.pad(ns.concat([xs[0], xs[1]]),
+                                                             ((1, -1), (0, 1)), "constant")),
+         [(N, 3, 3, 2), (N, 3, 3, 1)], [], False),
+        ("softmax_cross_entropy[per pixel]", plain(lambda xs, ps: ns.softmax_cross_entropy(
+            xs[0], jnp.argmax(xs[1], -1))), [(N, 2, 3, 4), (N, 2, 3, 4)], [], True),
         ("sigmoid_binary_cross_entropy", plain(lambda xs, ps: ns.sigmoid_binary_cross_entropy(
             xs[0], jnp.abs(jnp.sin(xs[1])))), [(N, 3), (N, 3)], [], True),
     ]

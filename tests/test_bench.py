@@ -38,11 +38,13 @@ def _setup(name, shape, n=4, classes=10):
     params, state = get_model(name).init(jax.random.PRNGKey(0), shape, classes)
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((n, *shape)), jnp.float32)
-    y = jnp.asarray(rng.integers(0, classes, n), jnp.int32)
+    y = jnp.asarray(rng.integers(0, classes, (n, *shape[:2]) if name == "unet" else n),
+                    jnp.int32)
     return params, state, x, y
 
 
-@pytest.mark.parametrize("name,shape", [("lenet5", (28, 28, 1)), ("resnet20", (16, 16, 3))])
+@pytest.mark.parametrize("name,shape", [("lenet5", (28, 28, 1)), ("resnet20", (16, 16, 3)),
+                                        ("unet", (16, 16, 1))])
 def test_lax_reference_matches_jbp(name, shape):
     """The benchmark's plain-lax model is jbp's model: compared in float64, where neither
     summation order nor a ReLU flipped by float32 rounding can tell them apart
@@ -60,7 +62,8 @@ def test_lax_reference_matches_jbp(name, shape):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12 * float(jnp.max(jnp.abs(b))))
 
 
-@pytest.mark.parametrize("name,shape", [("lenet5", (28, 28, 1)), ("resnet20", (16, 16, 3))])
+@pytest.mark.parametrize("name,shape", [("lenet5", (28, 28, 1)), ("resnet20", (16, 16, 3)),
+                                        ("unet", (16, 16, 1))])
 def test_torch_model_matches_jbp(name, shape):
     torch = pytest.importorskip("torch")
     params, state, x, y = _setup(name, shape)
@@ -69,6 +72,8 @@ def test_torch_model_matches_jbp(name, shape):
     xt = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous(
         memory_format=torch.channels_last)
     out = module(xt).detach().numpy()
+    if out.ndim == 4:                         # the U-Net's per-pixel logits, NCHW -> NHWC
+        out = out.transpose(0, 2, 3, 1)
     np.testing.assert_allclose(out, np.asarray(logits), rtol=1e-4, atol=1e-4)
 
 

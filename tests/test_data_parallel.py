@@ -39,7 +39,8 @@ def test_every_layer_under_shard_map_equals_the_global_batch(checks):
     families = {k.split(":")[1].split("[")[0] for k in layers}
     assert {"conv2d", "dense", "flatten", "relu", "leaky_relu", "sigmoid", "tanh", "softmax",
             "log_softmax", "max_pool", "avg_pool", "global_avg_pool", "batch_norm",
-            "softmax_cross_entropy", "mse", "sigmoid_binary_cross_entropy"} <= families
+            "softmax_cross_entropy", "mse", "sigmoid_binary_cross_entropy", "conv_transpose2d",
+            "upsample", "concat+pad"} <= families
     bad = {k: v for k, v in layers.items() if not v <= TOL}
     assert not bad, bad
 

@@ -19,7 +19,8 @@ from jbp.train import init_train_state, make_optimizer, make_train_step
 pytestmark = pytest.mark.slow
 
 SHAPES = {"seed_cnn": (28, 28, 1), "lenet5": (28, 28, 1), "resnet20": (32, 32, 3),
-          "resnet18": (32, 32, 3), "mobilenet_v2": (32, 32, 3), "efficientnet_b0": (32, 32, 3)}
+          "resnet18": (32, 32, 3), "mobilenet_v2": (32, 32, 3), "efficientnet_b0": (32, 32, 3),
+          "unet": (16, 16, 1)}
 BATCH = 4
 
 
@@ -30,7 +31,8 @@ def _export_text(model_name, grad, platform):
     state = jax.eval_shape(lambda: init_train_state(model, opt, jax.random.key(0), shape, 10))
     step = make_train_step(model.apply, opt, grad=grad, donate=False)
     x = jax.ShapeDtypeStruct((BATCH, *shape), jnp.float32)
-    y = jax.ShapeDtypeStruct((BATCH,), jnp.int32)
+    y = jax.ShapeDtypeStruct((BATCH, *shape[:2]) if model_name == "unet" else (BATCH,),
+                             jnp.int32)                     # the U-Net: a class per pixel
     exported = jax.export.export(step, platforms=(platform,))(state, x, y)
     assert exported.platforms == (platform,)
     return exported.mlir_module()

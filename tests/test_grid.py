@@ -65,9 +65,10 @@ def test_manual_matches_finite_differences(case):
 
 
 # Layers the grid calls as ``layer(*args, **case.kwargs)``; the rest close over fixed inputs
-# (batch norm's running statistics, dropout's and stochastic depth's key, integer labels, max_unpool's indices).
+# (batch norm's running statistics, dropout's and stochastic depth's key, integer labels,
+# max_unpool's indices); concat takes its arrays as one list.
 _DIRECT = [c for c in CASES if not (c.layer in ("batch_norm", "dropout", "stochastic_depth",
-                                                 "max_unpool")
+                                                 "max_unpool", "concat")
                                      or c.names == ("logits",))]
 
 

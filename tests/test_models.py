@@ -9,11 +9,12 @@ from jbp import LayerPolicy, gradcheck, train
 from jbp.models import MODELS, get_model
 
 SHAPES = {"seed_cnn": (6, 6, 1), "lenet5": (28, 28, 1), "resnet20": (12, 12, 3),
-          "resnet18": (32, 32, 3), "mobilenet_v2": (32, 32, 3), "efficientnet_b0": (32, 32, 3)}
+          "resnet18": (32, 32, 3), "mobilenet_v2": (32, 32, 3), "efficientnet_b0": (32, 32, 3),
+          "unet": (12, 10, 1)}
 # The inverted-residual networks' float64 compiles take minutes on two cores: outside the fast
 # loop (tests/test_torch_weights.py checks them against torchvision, tests/test_mobilenet.py
-# their random layers and memory policies).
-_SLOW_MODELS = ("mobilenet_v2", "efficientnet_b0")
+# their random layers and memory policies); so is the U-Net's (a per-pixel loss).
+_SLOW_MODELS = ("mobilenet_v2", "efficientnet_b0", "unet")
 MODEL_PARAMS = [pytest.param(m, marks=pytest.mark.slow) if m in _SLOW_MODELS else m
                 for m in MODELS]
 
@@ -57,7 +58,7 @@ def test_manual_gradients_match_autodiff_float64(name, train_mode):
     state = jax.tree.map(lambda s: s.astype(jnp.float64), state)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((3, *shape)))
-    y = jnp.asarray(rng.integers(0, 5, 3))
+    y = jnp.asarray(rng.integers(0, 5, (3, *shape[:2]) if name == "unet" else 3))
     if name == "resnet18":
         x = x[:2]
         y = y[:2]

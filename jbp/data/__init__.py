@@ -9,6 +9,9 @@ Everything here is offline and plain numpy; arrays reach JAX only as batches.
 - :func:`load_idx` (MNIST IDX files, plain or .gz), :func:`load_cifar10` (the CIFAR-10 python
   pickle batches, read without executing code), :func:`load_npz` (``x``/``y`` arrays)
   (:mod:`jbp.data.readers`).
+- :func:`load_mnist_scenes` — a segmentation set generated deterministically from the shipped
+  MNIST (64×64 canvases of 1–4 digits, a class per pixel; :mod:`jbp.data.mnist_scenes`),
+  cached with a checksum on first use.
 - :func:`batches` — fixed-size, seeded, shuffled batches as normalised NHWC float32
   (:mod:`jbp.data.batching`).
 - :func:`load_dataset` — (train, test) for a ``[data]`` config table, one of :data:`DATASETS`.
@@ -30,6 +33,7 @@ import numpy as np
 from jbp.data.batching import batches, epoch_order, normalize, num_batches, random_shift, subset
 from jbp.data.dataset import DataError, Dataset, arrays_digest, check_labels
 from jbp.data.mnist import MNIST_ARRAYS_SHA256, MNIST_MEAN, MNIST_PATH, MNIST_STD, load_mnist
+from jbp.data.mnist_scenes import load_mnist_scenes
 from jbp.data.readers import (CIFAR10_MEAN, CIFAR10_STD, load_cifar10, load_idx, load_npz,
                               read_cifar_batch, read_idx)
 from jbp.data.source import IMAGENET_MEAN, IMAGENET_STD, FolderSource, MemorySource, open_source
@@ -38,11 +42,15 @@ __all__ = [
     "CIFAR10_MEAN", "CIFAR10_STD", "DATASETS", "DataError", "Dataset", "FolderSource",
     "IMAGENET_MEAN", "IMAGENET_STD", "MNIST_ARRAYS_SHA256", "MNIST_MEAN", "MNIST_PATH",
     "MNIST_STD", "MemorySource", "arrays_digest", "batches", "check_labels", "epoch_order",
-    "load_cifar10", "load_dataset", "load_idx", "load_mnist", "load_npz", "normalize",
+    "load_cifar10", "load_dataset", "load_idx", "load_mnist", "load_mnist_scenes", "load_npz",
+    "normalize", "SEGMENTATION_DATASETS",
     "num_batches", "open_source", "random_shift", "read_cifar_batch", "read_idx", "subset",
 ]
 
-DATASETS = ("mnist", "mnist_idx", "cifar10", "npz", "image_folder")   # values of data.dataset
+DATASETS = ("mnist", "mnist_idx", "cifar10", "npz", "image_folder",   # values of data.dataset
+            "mnist_scenes")
+#: The datasets whose labels are a class per pixel (N, H, W): fit evaluates IoU on them.
+SEGMENTATION_DATASETS = ("mnist_scenes",)
 
 
 def _pad(dataset: Dataset, pad: int) -> Dataset:
@@ -58,6 +66,11 @@ def load_dataset(cfg, num_classes: Optional[int] = None) -> Tuple[Dataset, Datas
     """
     if cfg.dataset == "mnist":
         train, test = load_mnist(cfg.path or MNIST_PATH)
+    elif cfg.dataset == "mnist_scenes":
+        if cfg.augment_shift:
+            raise DataError("data.augment_shift: shifts move the images but not their per-pixel "
+                            "labels; use 0 with data.dataset='mnist_scenes'")
+        train, test = load_mnist_scenes(cfg.path)
     elif cfg.dataset == "cifar10":
         train, test = load_cifar10(cfg.path)
     elif cfg.dataset == "npz":

@@ -2,7 +2,9 @@
 and the weighted rule (PyTorch's class ``weight``, ``ignore_index`` and ``reduction``).
 
 Equations (EQUATIONS.md, "Loss"), ``N`` examples, ``K`` classes, targets ``y`` (one-hot, soft or
-smoothed), ``g`` the incoming cotangent::
+smoothed), ``g`` the incoming cotangent. Logits may carry extra axes before the classes, ``(N, H,
+W, K)`` with labels ``(N, H, W)`` (per-pixel, a segmentation's loss, as ``F.cross_entropy`` over
+``(N, K, H, W)``): every pixel is then an example and ``N`` below counts them all, ``N·H·W``::
 
     default   L = −(1/N) Σ_n Σ_k y_nk log ŷ_nk,   ŷ = softmax(z)
               δ = ∂L/∂z = (ŷ Σ_k y_k − y) / N   = (ŷ − y)/N for labels summing to 1
@@ -38,11 +40,16 @@ def _log_sum_exp(z):
 
 # --- the default: a mean over the batch ---------------------------------------------------------
 
+def _examples(z) -> int:
+    """N: the rows of logits (N, K), the pixels of logits (N, H, W, K)."""
+    return z.size // z.shape[-1]
+
+
 def _ce_parts(z, y):
     """Loss, shifted logits s and Σ_k e^{s_k}: what the backward needs."""
     s, sum_exp = _log_sum_exp(z)
     log_p = s - jnp.log(sum_exp)
-    return (-jnp.sum(y * log_p) / z.shape[0]).astype(z.dtype), s, sum_exp
+    return (-jnp.sum(y * log_p) / _examples(z)).astype(z.dtype), s, sum_exp
 
 
 def _ce_forward(z, y):
@@ -60,10 +67,10 @@ def _ce_bwd(res, g):
     # δ = (ŷ Σ_k y_k − y) / N  (= (ŷ − y)/N for labels summing to 1), with ŷ = e^{s} / Σ e^{s}:
     # finite for any logits. Written as  −y/N + ŷ · Σ_k y_k/N,  in the order JAX differentiates
     # the forward, so that manual and autodiff training runs stay bit-for-bit together.
-    d_log_p = y * -(g.astype(s.dtype) / s.shape[0])              # ∂L/∂log ŷ = −y/N
+    d_log_p = y * -(g.astype(s.dtype) / _examples(s))            # ∂L/∂log ŷ = −y/N
     d_lse = jnp.sum(-d_log_p, axis=-1, keepdims=True)            # Σ_k y_k / N
     dz = d_log_p + jnp.exp(s) * (d_lse / sum_exp)
-    dy = (s - jnp.log(sum_exp)) * -(g.astype(s.dtype) / s.shape[0])   # ∂L/∂y = −log ŷ / N
+    dy = (s - jnp.log(sum_exp)) * -(g.astype(s.dtype) / _examples(s))   # ∂L/∂y = −log ŷ / N
     return dz.astype(g.dtype), cast_like(dy, y)
 
 
@@ -93,7 +100,7 @@ def _weighted_fwd(z, y, w, reduction):
 
 def _weighted_bwd(reduction, res, g):
     s, sum_exp, y, w = res
-    c = _reduction.loss_cotangent(g, w, reduction, True, s.shape[0])[:, None]   # (N, 1)
+    c = _reduction.loss_cotangent(g, w, reduction, True, _examples(s))[..., None]   # (N, 1)
     log_p = s - jnp.log(sum_exp)
     dz = c * (jnp.exp(log_p) * jnp.sum(y, axis=-1, keepdims=True) - y)       # c (ŷ Σy − y)
     dy = -c * log_p                                                           # −c log ŷ
@@ -108,14 +115,20 @@ _weighted_rule = manual_rule("softmax_cross_entropy", _weighted_forward, _weight
 
 def _targets(logits, labels, label_smoothing):
     """Dense targets (N, K) from integer labels (N,) or soft labels (N, K), smoothed, and for
-    integer labels which of them lie in [0, K) (None for soft labels)."""
+    integer labels which of them lie in [0, K) (None for soft labels); (N, H, W, K) and (N, H, W)
+    likewise."""
     valid = None
-    n, k = logits.shape
+    lead, k = tuple(logits.shape[:-1]), logits.shape[-1]
     _checks.require_array("labels", labels)
     if jnp.issubdtype(labels.dtype, jnp.integer):
-        if tuple(labels.shape) != (n,):
-            raise ValueError(f"labels: integer labels must have shape ({n},) (one class per "
+        if tuple(labels.shape) != lead and len(lead) == 1:
+            raise ValueError(f"labels: integer labels must have shape {lead} (one class per "
                              f"example), got {tuple(labels.shape)}")
+        if tuple(labels.shape) != lead:
+            raise ValueError(f"labels: integer labels for logits of shape "
+                             f"{tuple(logits.shape)} must have shape {lead} (one class per "
+                             f"pixel: the logits' shape without the class axis), got "
+                             f"{tuple(labels.shape)}")
         if not isinstance(labels, jax.core.Tracer) and labels.size:
             concrete = np.asarray(labels)         # numpy, so nothing is staged under jax.jit
             low, high = int(concrete.min()), int(concrete.max())
@@ -125,9 +138,9 @@ def _targets(logits, labels, label_smoothing):
         y = jax.nn.one_hot(labels, k, dtype=compute_dtype(logits.dtype))
         valid = (labels >= 0) & (labels < k)
     elif jnp.issubdtype(labels.dtype, jnp.floating):
-        if tuple(labels.shape) != (n, k):
-            raise ValueError(f"labels: one-hot/soft labels must have the logits' shape ({n}, {k}),"
-                             f" got {tuple(labels.shape)}")
+        if tuple(labels.shape) != tuple(logits.shape):
+            raise ValueError(f"labels: one-hot/soft labels must have the logits' shape "
+                             f"{tuple(logits.shape)}, got {tuple(labels.shape)}")
         y = labels.astype(compute_dtype(logits.dtype))
     else:
         raise TypeError(f"labels: expected integer class indices or float probabilities, got "
@@ -148,17 +161,17 @@ def _poison_invalid_rows(logits, valid):
     Adding 0 leaves valid rows' values bit for bit as they were (docs/precision.md, "Labels
     under jit"; tests/test_labels_jit.py).
     """
-    return logits + jnp.where(valid, 0.0, jnp.nan).astype(logits.dtype)[:, None]
+    return logits + jnp.where(valid, 0.0, jnp.nan).astype(logits.dtype)[..., None]
 
 
 def _example_weights(logits, labels, weight, ignore_index):
     """Labels with ``ignore_index`` replaced by class 0, and w_n = weight[y_n]·1[y_n ≠ ignore]."""
-    n, k = logits.shape
+    k = logits.shape[-1]
     dtype = compute_dtype(logits.dtype)
     if not jnp.issubdtype(jnp.asarray(labels).dtype, jnp.integer):
         raise TypeError("labels: weight and ignore_index take integer class labels (N,); "
                         "PyTorch's class weights for probability targets are not supported")
-    w = jnp.ones((n,), dtype)
+    w = jnp.ones(labels.shape, dtype)
     if ignore_index is not None:
         if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
             raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
@@ -178,19 +191,25 @@ def _example_weights(logits, labels, weight, ignore_index):
 def softmax_cross_entropy(rule, weighted_rule, logits: jax.Array, labels: jax.Array, *,
                           label_smoothing: float = 0.0, weight=None, ignore_index=None,
                           reduction: str = "mean") -> jax.Array:
-    """Softmax cross-entropy from logits, mean over the batch.
+    """Softmax cross-entropy from logits, mean over the batch (over every pixel for per-pixel
+    logits).
 
     Args:
-      logits: ``z``, shape ``(N, K)``.
-      labels: integer classes ``(N,)`` in ``[0, K)``, or one-hot/soft labels ``(N, K)``.
+      logits: ``z``, shape ``(N, K)``, or per pixel ``(N, H, W, K)`` (any extra axes before
+        the classes: each position is an example, as ``F.cross_entropy`` over
+        ``(N, K, H, W)``).
+      labels: integer classes ``(N,)`` in ``[0, K)`` (``(N, H, W)`` per pixel), or
+        one-hot/soft labels of the logits' shape.
       label_smoothing: ``ε`` in ``[0, 1)``; targets become ``(1 − ε) y + ε / K``.
       weight: optional class weights ``(K,)`` (integer labels, no smoothing): example n
         weighs ``weight[y_n]``, and the mean is PyTorch's weighted mean
         ``Σ w_n l_n / Σ w_n``.
-      ignore_index: optional int label (e.g. PyTorch's -100, a segmentation's void) whose
-        examples weigh 0: no loss, no gradient, not counted in the mean.
+      ignore_index: optional int label whose examples (pixels) weigh 0: no loss, no gradient,
+        not counted in the mean, as PyTorch's. No label is ignored by default (PyTorch ignores
+        -100 by default; jbp makes NaN of it, as of any label outside ``[0, K)``): pass
+        ``ignore_index=-100`` for PyTorch's convention, ``255`` for VOC's void pixels.
       reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-example ``w_n l_n``, shape
-        ``(N,)``), as PyTorch.
+        ``(N,)``, ``(N, H, W)`` per pixel), as PyTorch.
 
     Returns:
       scalar ``L = −(1/N) Σ_n Σ_k y_nk log ŷ_nk`` (by default), dtype of ``logits``.
@@ -208,7 +227,9 @@ def softmax_cross_entropy(rule, weighted_rule, logits: jax.Array, labels: jax.Ar
     :func:`jbp.train.make_train_step` skips the update and reports it, and
     :func:`jbp.train.evaluate` raises.
     """
-    _checks.require_rank("logits", logits, 2, "(N, K)")
+    _checks.require_array("logits", logits)
+    if logits.ndim < 2:
+        _checks.require_rank("logits", logits, 2, "(N, K) or per pixel (N, H, W, K)")
     _checks.require_float("logits", logits)
     _reduction.check_batch("logits", logits)
     if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
@@ -221,7 +242,7 @@ def softmax_cross_entropy(rule, weighted_rule, logits: jax.Array, labels: jax.Ar
             return rule(logits, y)
         loss = rule(_poison_invalid_rows(logits, valid), y)
         return loss + jnp.where(jnp.all(valid), 0.0, jnp.nan).astype(loss.dtype)
-    w = jnp.ones((logits.shape[0],), compute_dtype(logits.dtype))
+    w = jnp.ones(logits.shape[:-1], compute_dtype(logits.dtype))
     if weight is not None or ignore_index is not None:
         if label_smoothing:
             raise ValueError("label_smoothing: not supported together with weight or "

@@ -19,14 +19,15 @@ import functools
 from typing import Callable, FrozenSet, NamedTuple
 
 from jbp import _residuals
-from jbp.models import lenet5, mobilenet, resnet, seed_cnn
+from jbp.models import lenet5, mobilenet, resnet, seed_cnn, unet
 
 
 class Model(NamedTuple):
     name: str
     init: Callable
     apply: Callable
-    options: FrozenSet[str] = frozenset()   # of ModelConfig's: "shortcuts", "batch_norm", "remat"
+    options: FrozenSet[str] = frozenset()   # of ModelConfig's: "shortcuts", "batch_norm", "remat",
+    #                                         "decoder"
 
 
 #: Every model, by name.
@@ -39,6 +40,7 @@ REGISTRY = {m.name: m for m in (
           mobilenet.OPTIONS),
     Model("efficientnet_b0", mobilenet.init_efficientnet_b0, mobilenet.apply_efficientnet_b0,
           mobilenet.OPTIONS),
+    Model("unet", unet.init, unet.apply, unet.OPTIONS),
 )}
 MODELS = tuple(REGISTRY)
 
@@ -47,8 +49,12 @@ REMAT = ("none", "blocks")
 RESIDUALS = _residuals.POLICIES
 #: The model options of ``ModelConfig``, with the value that means "not used", and which of
 #: ``init`` and ``apply`` takes each.
-OPTION_DEFAULTS = {"remat": "none", "shortcuts": True, "batch_norm": True}
-INIT_OPTIONS, APPLY_OPTIONS = ("shortcuts", "batch_norm"), ("shortcuts", "remat")
+OPTION_DEFAULTS = {"remat": "none", "shortcuts": True, "batch_norm": True,
+                   "decoder": "transpose"}
+INIT_OPTIONS = ("shortcuts", "batch_norm", "decoder")
+APPLY_OPTIONS = ("shortcuts", "remat", "decoder")
+#: ``ModelConfig.decoder`` values (the U-Net's upsampling).
+DECODERS = unet.DECODERS
 
 
 def get_model(name: str) -> Model:

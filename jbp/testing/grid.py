@@ -21,6 +21,7 @@ from jbp.layers import pooling as _pooling
 from jbp.testing import torch_reference as _ref
 from jbp.testing.case import Case  # re-exported: jbp.testing.grid.Case
 from jbp.testing.option_grid import LOSS_OPTION_CASES, OPTION_CASES
+from jbp.testing.segmentation_grid import SEGMENTATION_CASES
 
 
 # --- conv2d -----------------------------------------------------------------------------------
@@ -333,4 +334,4 @@ LOSS_CASES = [
 
 CASES: Sequence[Case] = (CONV_CASES + DENSE_CASES + ACTIVATION_CASES + POOL_CASES + NORM_CASES
                          + DROPOUT_CASES + STOCHASTIC_DEPTH_CASES + CHANNEL_SCALE_CASES
-                         + LOSS_CASES + OPTION_CASES + LOSS_OPTION_CASES)
+                         + LOSS_CASES + OPTION_CASES + LOSS_OPTION_CASES + SEGMENTATION_CASES)

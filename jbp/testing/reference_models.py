@@ -89,8 +89,35 @@ def _resnet(spec):
     return apply
 
 
+def _unet(params, state, x):
+    """jbp.models.unet with the transposed-convolution decoder, input sizes divisible by 8:
+    ``lax.conv_transpose`` with the kernel given as the forward convolution's
+    (``transpose_kernel=True``), ``jnp.concatenate`` for the skips."""
+    def block(p, s, h):
+        new = {}
+        for name in ("conv1", "conv2"):
+            h, new[name + "_bn"] = _bn(_conv(h, p[name]["w"], padding=1), p[name + "_bn"],
+                                       s[name + "_bn"])
+            h = jax.nn.relu(h)
+        return h, new
+    new = {"down": [], "dec": []}
+    skips, h = [], x
+    for level, (p, s) in enumerate(zip(params["down"], state["down"])):
+        if level:
+            h = _max_pool(h, 2, 2)
+        h, ns = block(p, s, h)
+        new["down"].append(ns)
+        skips.append(h)
+    for p_up, p, s, skip in zip(params["up"], params["dec"], state["dec"], reversed(skips[:-1])):
+        h = lax.conv_transpose(h, p_up["w"].transpose(0, 1, 3, 2), (2, 2), "VALID",
+                               dimension_numbers=_NHWC, transpose_kernel=True) + p_up["b"]
+        h, ns = block(p, s, jnp.concatenate([skip, h], axis=-1))
+        new["dec"].append(ns)
+    return _conv(h, params["head"]["w"], params["head"]["b"]), new
+
+
 LAX_MODELS = {"lenet5": _lenet5, "resnet20": _resnet(resnet.RESNET20),
-              "resnet18": _resnet(resnet.RESNET18)}
+              "resnet18": _resnet(resnet.RESNET18), "unet": _unet}
 
 
 def lax_apply(name):
@@ -216,6 +243,9 @@ def torch_model(name, params, state):
                              linear(p["fc1"]), nn.ReLU(), linear(p["fc2"]), nn.ReLU(),
                              linear(p["fc3"]))
 
+    if name == "unet":
+        return _torch_unet(torch, nn, conv, bn, t, params, state)
+
     spec = {"resnet20": resnet.RESNET20, "resnet18": resnet.RESNET18}[name]
 
     class Block(nn.Module):
@@ -238,3 +268,39 @@ def torch_model(name, params, state):
         layers.append(Block(p, s, stride))
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), linear(params["fc"])]
     return nn.Sequential(*layers)
+
+
+def _torch_unet(torch, nn, conv, bn, t, params, state):
+    """jbp.models.unet (transposed-convolution decoder) in PyTorch: ``ConvTranspose2d`` with
+    jbp's (KH, KW, C_in, C_out) kernel as PyTorch's (C_in, C_out, KH, KW), ``torch.cat``."""
+    def block(p, s):
+        return nn.Sequential(conv(p["conv1"], 1, 1), bn(p["conv1_bn"], s["conv1_bn"]), nn.ReLU(),
+                             conv(p["conv2"], 1, 1), bn(p["conv2_bn"], s["conv2_bn"]), nn.ReLU())
+
+    def up(p):
+        kh, kw, cin, cout = p["w"].shape
+        m = nn.ConvTranspose2d(cin, cout, (kh, kw), stride=2)
+        with torch.no_grad():
+            m.weight.copy_(t(p["w"]).permute(2, 3, 0, 1))
+            m.bias.copy_(t(p["b"]))
+        return m
+
+    class UNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down = nn.ModuleList(block(p, s) for p, s in zip(params["down"],
+                                                                   state["down"]))
+            self.up = nn.ModuleList(up(p) for p in params["up"])
+            self.dec = nn.ModuleList(block(p, s) for p, s in zip(params["dec"], state["dec"]))
+            self.head = conv(params["head"])
+
+        def forward(self, x):
+            skips = []
+            for level, down in enumerate(self.down):
+                x = down(torch.nn.functional.max_pool2d(x, 2) if level else x)
+                skips.append(x)
+            for up_conv, dec, skip in zip(self.up, self.dec, reversed(skips[:-1])):
+                x = dec(torch.cat([skip, up_conv(x)], dim=1))
+            return self.head(x)
+
+    return UNet()

@@ -186,3 +186,50 @@ def torch_vjp(case, args, cotangent):
     out.backward(torch.tensor(np.asarray(cotangent, np.float64)))
     return out.detach().numpy(), [t.grad.numpy() if t.grad is not None else np.zeros(t.shape)
                                   for t in tensors]
+
+
+# --- segmentation's layers (jbp.testing.segmentation_grid) --------------------------------------
+
+def conv_transpose2d(x, w, b=None, **kw):
+    """``F.conv_transpose2d``; jbp's kernel (KH, KW, C_in, C_out/G) is PyTorch's transposed."""
+    _, F = _torch()
+    return _nhwc(F.conv_transpose2d(_nchw(x), w.permute(2, 3, 0, 1), b, **kw))
+
+
+def interpolate(x, **kw):
+    """``F.interpolate`` (``size`` or ``scale_factor``, ``mode``, ``align_corners``)."""
+    _, F = _torch()
+    return _nhwc(F.interpolate(_nchw(x), **kw))
+
+
+def concat(*xs):
+    torch, _ = _torch()
+    return torch.cat(xs, dim=-1)
+
+
+def pad_constant(x, *, padding, value):
+    """``F.pad(x, (left, right, top, bottom), value=value)``; negative pads crop."""
+    _, F = _torch()
+    (t, b), (l, r) = padding
+    return _nhwc(F.pad(_nchw(x), (l, r, t, b), value=value))
+
+
+def cross_entropy_pixels(z, *, labels, **kw):
+    """``F.cross_entropy`` of (N, K, H, W) logits against (N, H, W) labels (per pixel)."""
+    torch, F = _torch()
+    if kw.get("weight") is not None:
+        kw["weight"] = torch.tensor(np.asarray(kw["weight"]))
+    return F.cross_entropy(_nchw(z), torch.tensor(labels), **kw)
+
+
+def soft_dice(z, *, labels, smooth, ignore_index=None):
+    """``1 − mean_k (2 Σ p y + ε) / (Σ p + Σ y + ε)`` written in torch from the definition."""
+    torch, F = _torch()
+    k = z.shape[-1]
+    keep = np.ones(labels.shape, bool) if ignore_index is None else labels != ignore_index
+    y = F.one_hot(torch.tensor(np.where(keep, labels, 0)), k).double()
+    mask = torch.tensor(keep).double()[..., None]
+    p = F.softmax(z, dim=-1)
+    axes = tuple(range(z.ndim - 1))
+    intersection, union = (mask * p * y).sum(axes), (mask * (p + y)).sum(axes) + smooth
+    return 1 - ((2 * intersection + smooth) / union).mean()

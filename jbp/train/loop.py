@@ -14,6 +14,11 @@ with evaluation after each, and writes into the run directory:
     summary.json    final test accuracy, throughput, wall time, the convolution kernels
     curves.png      loss and accuracy curves (needs matplotlib: the [plots] extra)
 
+With a class per pixel (a segmentation set, ``data.dataset = "mnist_scenes"``) every evaluation
+also records the pixel accuracy, the IoU of every class and their mean (mIoU) in metrics.jsonl,
+the summary and the curves, and the run ends with ``predictions.png``: a few test canvases,
+input | truth | prediction side by side.
+
 A resume replays the same data order from the checkpoint's position, so the result is
 bit-identical to an uninterrupted run on the same machine. A non-finite loss or gradient stops
 the run (:class:`NonFiniteError`, the batch's example indices in ``nonfinite_batch.json``); the
@@ -88,6 +93,18 @@ def _non_finite(out, metrics, names, source, epoch, batch, step) -> NonFiniteErr
         f"non-finite loss or gradient at step {step} (epoch {epoch + 1}, batch {batch}): "
         f"{where}. The update was not applied; the newest checkpoint in {out} is the last good "
         f"state. The batch's example indices are in {path}.", step, path)
+
+
+#: How many test canvases ``predictions.png`` shows (segmentation runs).
+PREDICTION_CANVASES = 4
+
+
+def _segmentation_record(result: dict) -> dict:
+    """The per-pixel scores of an evaluation (empty for classification)."""
+    if result.get("miou") is None:
+        return {}
+    return {"test_pixel_accuracy": result["pixel_accuracy"], "test_miou": result["miou"],
+            "test_iou": result["iou"]}
 
 
 def _maybe(accuracy) -> str:
@@ -263,11 +280,13 @@ def fit(cfg: config_lib.Config, run_dir: str, *, resume: bool = False, overwrite
             result = evaluate(eval_step, parallel.local_view(state), source.test_batches())
             record = {"kind": "eval", "step": int(state.step), "epoch": epoch + 1,
                       "test_loss": result["loss"], "test_accuracy": result["accuracy"],
+                      **_segmentation_record(result),
                       "images_per_s": images / train_time,
                       "wall_s": time.perf_counter() - start}
             write(record)
+            miou = f"  test mIoU {result['miou']:.4f}" if result.get("miou") is not None else ""
             say(f"epoch {epoch + 1:>3}/{tc.epochs}  test loss {result['loss']:.4f}  test acc "
-                f"{_maybe(result['accuracy'])}  "
+                f"{_maybe(result['accuracy'])}{miou}  "
                 f"{images / train_time:,.0f} img/s  {record['wall_s']:.0f} s", flush=True)
             if stop.reason and epoch + 1 < tc.epochs:   # during the checkpoint or the evaluation
                 return stopped(path)
@@ -275,7 +294,8 @@ def fit(cfg: config_lib.Config, run_dir: str, *, resume: bool = False, overwrite
     wall = time.perf_counter() - start
     summary = {"status": "finished", "name": cfg.name, "model": cfg.model.name,
                "grad": tc.grad, "test_accuracy": result["accuracy"],
-               "test_loss": result["loss"], "images_per_s": images / train_time, "wall_s": wall,
+               "test_loss": result["loss"], **_segmentation_record(result),
+               "images_per_s": images / train_time, "wall_s": wall,
                "steps": int(state.step), "backend": jax.default_backend(),
                "conv_backend": conv, "run_dir": out, **source.counters(),
                "config": dataclasses.asdict(cfg)}
@@ -286,6 +306,14 @@ def fit(cfg: config_lib.Config, run_dir: str, *, resume: bool = False, overwrite
         json.dump(summary, f, indent=2)
     png = report.plot_training(report.read_jsonl(metrics_path), os.path.join(out, "curves.png"),
                                title=f"{cfg.name} ({tc.grad} gradients)")
+    if result.get("miou") is not None:
+        x, y = next(iter(source.test_batches()))
+        logits, _ = model.apply(state.params, state.model_state, x[:PREDICTION_CANVASES],
+                                train=False, layers=layers)
+        report.plot_segmentation(x[:PREDICTION_CANVASES], y[:PREDICTION_CANVASES],
+                                 np.argmax(np.asarray(logits), -1),
+                                 os.path.join(out, "predictions.png"),
+                                 title=f"{cfg.name}: test mIoU {result['miou']:.3f}")
     say(f"done: test accuracy {_maybe(result['accuracy'])}, {images / train_time:,.0f} images/s, "
         f"wall time {wall:.1f} s (compilation included); "
         f"{'plot ' + png if png else 'no plot'}, metrics {metrics_path}")

@@ -256,8 +256,11 @@ def make_grad_fn(apply: Callable, loss: Union[str, Callable] = "softmax_cross_en
 def make_eval_step(apply: Callable, loss: Union[str, Callable] = "softmax_cross_entropy", *,
                    grad: Optional[str] = None,
                    layers: Optional[LayerPolicy] = None) -> Callable:
-    """A jit-compiled ``eval_step(state, x, y) -> {"loss_sum", "correct", "count",
-    "bad_labels"}`` (eval mode); ``correct`` only when ``y`` holds class indices.
+    """A jit-compiled ``eval_step(state, x, y) -> {"loss_sum", "correct", "labelled", "count",
+    "bad_labels"}`` (eval mode); ``correct`` and ``labelled`` (the labels counted: one per
+    example, or one per pixel) only when ``y`` holds class indices; with a class per pixel
+    (``y`` of shape ``(N, H, W)``) also ``confusion``, the ``(K, K)`` counts of pixels of true
+    class ``i`` predicted as ``j`` (labels outside ``[0, K)`` not counted).
 
     Sums, not means, so that batches of any size (the last partial one) add up exactly.
     ``bad_labels`` counts integer labels outside ``[0, K)``, which the compiled step cannot
@@ -274,20 +277,46 @@ def make_eval_step(apply: Callable, loss: Union[str, Callable] = "softmax_cross_
         out = {"loss_sum": loss_fn(logits, y) * n, "count": jnp.asarray(n, jnp.int32),
                "bad_labels": jnp.sum(bad, dtype=jnp.int32)}
         if _class_labels(logits, y):
-            out["correct"] = jnp.sum(jnp.argmax(logits, -1) == y)
+            predicted = jnp.argmax(logits, -1)
+            out["correct"] = jnp.sum(predicted == y)
+            out["labelled"] = jnp.asarray(y.size, jnp.int32)
+            if y.ndim > 1:
+                out["confusion"] = confusion_matrix(y, predicted, logits.shape[-1])
         return out
 
     return jax.jit(eval_step)
 
 
+def confusion_matrix(y, predicted, k: int):
+    """C[i, j] = #{pixels of true class i predicted as j} (int32, (K, K)); labels outside
+    [0, K) (an ignored void label) are not counted."""
+    valid = (y >= 0) & (y < k)
+    cell = jnp.where(valid, y * k + predicted, k * k).reshape(-1)
+    return jnp.bincount(cell, length=k * k + 1)[:k * k].reshape(k, k).astype(jnp.int32)
+
+
+def segmentation_scores(confusion) -> dict:
+    """Pixel accuracy, per-class IoU and mIoU from a summed confusion matrix C:
+    ``IoU_k = C[k,k] / (Σ_j C[k,j] + Σ_i C[i,k] − C[k,k])`` (``None`` for a class neither
+    present nor predicted), mIoU their mean over the classes that have one."""
+    c = np.asarray(confusion, np.float64)
+    hits = np.diag(c)
+    union = c.sum(0) + c.sum(1) - hits
+    iou = [float(h / u) if u else None for h, u in zip(hits, union)]
+    present = [v for v in iou if v is not None]
+    return {"pixel_accuracy": float(hits.sum() / max(c.sum(), 1)), "iou": iou,
+            "miou": float(np.mean(present)) if present else None}
+
+
 def evaluate(eval_step: Callable, state: TrainState, batches) -> dict:
     """Mean loss and accuracy (``None`` unless the labels are class indices) over an iterable of
-    (x, y) batches.
+    (x, y) batches; with a class per pixel also ``pixel_accuracy``, ``iou`` (per class) and
+    ``miou`` (:func:`segmentation_scores`).
 
     Raises ``ValueError`` naming the batch if one holds labels outside ``[0, K)``: an accuracy
     over them would be meaningless (they can never be right) and the loss is NaN.
     """
-    loss_sum, correct, count = 0.0, 0, 0
+    loss_sum, correct, count, labelled, confusion = 0.0, 0, 0, 0, None
     for i, (x, y) in enumerate(batches):
         out = eval_step(state, x, y)
         if int(out.get("bad_labels", 0)):
@@ -296,11 +325,18 @@ def evaluate(eval_step: Callable, state: TrainState, batches) -> dict:
                              f"against the model's num_classes")
         loss_sum += float(out["loss_sum"])
         correct = correct + int(out["correct"]) if "correct" in out else None
+        labelled += int(out.get("labelled", out["count"]))
+        if "confusion" in out:
+            batch = np.asarray(out["confusion"], np.int64)
+            confusion = batch if confusion is None else confusion + batch
         count += int(out["count"])
     if count == 0:
         raise ValueError("evaluate: no batches")
-    return {"loss": loss_sum / count, "accuracy": None if correct is None else correct / count,
-            "count": count}
+    result = {"loss": loss_sum / count,
+              "accuracy": None if correct is None else correct / labelled, "count": count}
+    if confusion is not None:
+        result.update(segmentation_scores(confusion), confusion=confusion.tolist())
+    return result
 
 
 def tree_size(tree) -> int:

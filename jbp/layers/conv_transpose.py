@@ -1,0 +1,187 @@
+"""2-D transposed convolution (PyTorch's ``conv_transpose2d``) with a hand-written backward.
+
+Layout: images NHWC, kernels ``(KH, KW, C_in, C_out // groups)``: PyTorch's
+``(C_in, C_out // groups, KH, KW)`` transposed by ``(2, 3, 0, 1)``. With stride ``s``,
+dilation ``d``, padding ``p``, output padding ``o`` and ``δ = ∂L/∂z`` (EQUATIONS.md,
+"Transposed convolution")::
+
+    H_out = (H − 1)·s − 2p + (KH − 1)·d + o + 1
+    z[n, h·s+i·d−p, w·s+j·d−p, g·C_out/G + k] += Σ_c a[n,h,w,c] · W[i,j,c,k]   (c in group g)
+    ∂L/∂a[n,h,w,c] = Σ_{i,j,k} δ[n, h·s+i·d−p, w·s+j·d−p, k] · W[i,j,c,k]        (δ ⋆ W)
+    ∂L/∂W[i,j,c,k] = Σ_{n,h,w} a[n,h,w,c] · δ[n, h·s+i·d−p, w·s+j·d−p, k]        (a ⋆ δ)
+    ∂L/∂b[k]       = Σ_{n,h,w} δ[n,h,w,k]
+
+The transposed convolution *is* conv2d's input gradient (the document's "convolution with
+rotated filters") of a convolution ``C`` from ``(N, H_out, W_out, C_out)`` to ``(N, H, W, C_in)``
+with HWIO kernel ``W_C = W.transpose(0, 1, 3, 2)`` (``(KH, KW, C_out // G, C_in)``), stride ``s``,
+padding ``p``, dilation ``d``, ``G`` groups; ``o`` is the bottom/right cells of ``C``'s padded
+input past its last window. Read the other way, the backward is ``C`` itself:
+
+- ``∂L/∂a`` = ``C``'s forward, the correlation ``δ ⋆ W_C`` (cropped to ``H × W`` when
+  ``d > s`` lets ``o ≥ s`` add one window);
+- ``∂L/∂W`` = ``C``'s weight gradient with ``δ`` as ``C``'s input and ``a`` as ``C``'s error signal.
+
+What runs: the forward is ``jbp.layers.conv_equations.input_grad`` (one XLA convolution, the
+same for the rule and for ``jbp.autodiff``, so the two forwards are bit for bit equal); the two
+backward equations go through ``jbp._conv_kernels.dispatch`` as ``"forward"`` and
+``"weight_grad"`` of ``C``: on CPU the table's forms (oneDNN's kernels where installed) where
+their predicates choose ``C``'s shape, one XLA convolution elsewhere.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from jbp import _checks
+from jbp._conv_kernels import dispatch
+from jbp._registry import layer
+from jbp._rule import cast_like, manual_rule
+from jbp.layers import conv_equations as E
+
+
+class TransposeConfig(NamedTuple):
+    """Static configuration: ``conv`` is the convolution ``C`` this layer transposes (padding
+    ``((p_h, p_h), (p_w, p_w))``; the output padding ``o`` is what ``C``'s padded input has past
+    its last window), ``out_hw`` the output size ``(H_out, W_out)``."""
+
+    conv: E.ConvConfig
+    out_hw: Tuple[int, int]
+
+
+def _conv_kernel(w):
+    """W_C[i, j, k, c] = W[i, j, c, k]: the HWIO kernel of the convolution C."""
+    return w.transpose(0, 1, 3, 2)
+
+
+def _forward(x, w, b, cfg: TransposeConfig):
+    """z = C's input gradient of a: the scatter of each a[n,h,w,:] · W over the output."""
+    n, _, _, _ = x.shape
+    z_shape = (n, *cfg.out_hw, w.shape[3] * cfg.conv.groups)
+    z = E.input_grad(x, _conv_kernel(w), z_shape, cfg.conv)
+    return z if b is None else z + b
+
+
+def _fwd(x, w, b, cfg: TransposeConfig):
+    # Residuals: the input a and the kernel W; the bias only for its dtype/None-ness.
+    return _forward(x, w, b, cfg), (x, w, b)
+
+
+def _bwd(cfg: TransposeConfig, res, g):
+    x, w, b = res
+    w_c = _conv_kernel(w)
+    # ∂L/∂a = δ ⋆ W_C: C's forward (one extra window cropped when o >= s, possible when d > s)
+    dx = dispatch("forward", (g, w_c), (cfg.conv,))[:, :x.shape[1], :x.shape[2]]
+    # ∂L/∂W[i,j,c,k] = Σ_{n,h,w} a[n,h,w,c] · δ[n, h·s+i·d−p, w·s+j·d−p, k]: C's weight gradient,
+    # a zero-padded to C's output size where C has that extra window (its error signal is 0)
+    extra = [c_size - a_size for c_size, a_size in
+             zip(E.out_hw(g.shape, w_c.shape, cfg.conv), x.shape[1:3])]
+    a = jnp.pad(x, ((0, 0), (0, extra[0]), (0, extra[1]), (0, 0))) if max(extra) else x
+    dw = _conv_kernel(dispatch("weight_grad", (g, a), (w_c.shape, cfg.conv)))
+    # ∂L/∂b[k] = Σ_{n,h,w} δ[n,h,w,k]
+    db = None if b is None else E.channel_sum(g)
+    return cast_like(dx, x), cast_like(dw, w), cast_like(db, b)
+
+
+_conv_transpose_rule = manual_rule("conv_transpose2d", _forward, _fwd, _bwd, num_args=4)
+
+
+def _non_negative_pair(name, value):
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = (value, value)
+    try:
+        pair = tuple(int(v) for v in value)
+        assert len(pair) == 2 and all(isinstance(v, numbers.Integral)
+                                      and not isinstance(v, bool) for v in value)
+    except (TypeError, ValueError, AssertionError):
+        raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}") from None
+    if min(pair) < 0:
+        raise ValueError(f"{name}: every entry must be >= 0, got {value!r}")
+    return pair
+
+
+def conv_transpose_config(x, w, b=None, *, stride=1, padding=0, output_padding=0, dilation=1,
+                          groups=1) -> TransposeConfig:
+    """Check the arguments of :func:`conv_transpose2d` and resolve them."""
+    _checks.require_rank("x", x, 4, "(N, H, W, C_in) in NHWC layout")
+    _checks.require_float("x", x)
+    _checks.require_rank("w", w, 4, "(KH, KW, C_in, C_out // groups)")
+    if w.dtype != x.dtype:
+        raise TypeError(f"w: dtype {w.dtype} differs from x dtype {x.dtype}; cast one of them")
+    stride = _checks.pair("stride", stride)
+    dilation = _checks.pair("dilation", dilation)
+    padding = _non_negative_pair("padding", padding)
+    output_padding = _non_negative_pair("output_padding", output_padding)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups: expected a positive int, got {groups!r}")
+    n, h, wd, cin = x.shape
+    kh, kw, w_cin, cout_g = w.shape
+    if w_cin != cin:
+        hint = ""
+        if kh == cin and w_cin != cin:
+            hint = (" w looks like PyTorch's (C_in, C_out // groups, KH, KW) layout; pass "
+                    "w.transpose(2, 3, 0, 1)")
+        raise ValueError(f"w: kernel input channels w.shape[2]={w_cin} must equal C_in={cin} "
+                         f"(w.shape={tuple(w.shape)} is (KH, KW, C_in, C_out // groups), "
+                         f"x.shape={tuple(x.shape)}).{hint}")
+    if cin == 0 or cout_g == 0:
+        raise ValueError(f"x, w: a transposed convolution needs C_in >= 1 and C_out >= 1, got "
+                         f"x.shape={tuple(x.shape)}, w.shape={tuple(w.shape)}")
+    if cin % groups:
+        raise ValueError(f"groups: x has C_in={cin} channels, not divisible by groups={groups}")
+    if b is not None:
+        _checks.require_array("b", b)
+        if tuple(b.shape) != (cout_g * groups,):
+            raise ValueError(f"b: expected shape ({cout_g * groups},) (C_out), got "
+                             f"{tuple(b.shape)}")
+        if b.dtype != x.dtype:
+            raise TypeError(f"b: dtype {b.dtype} differs from x dtype {x.dtype}")
+    out = []
+    for axis, what in ((0, "height"), (1, "width")):
+        s, d, p, o = stride[axis], dilation[axis], padding[axis], output_padding[axis]
+        if o >= max(s, d):
+            raise ValueError(f"output_padding: {output_padding} along the {what} must be smaller "
+                             f"than the stride or the dilation ({s}, {d}), as in PyTorch: it "
+                             f"only picks one of the input sizes a strided convolution maps "
+                             f"to the same output")
+        k_eff = ((kh, kw)[axis] - 1) * d + 1
+        size = (((h, wd)[axis]) - 1) * s - 2 * p + k_eff + o
+        if size < 1 or (h, wd)[axis] < 1:
+            raise ValueError(f"padding: the output {what} (H - 1)·s - 2p + (K - 1)·d + o + 1 = "
+                             f"{size} is not positive (x.shape={tuple(x.shape)}, kernel "
+                             f"{(kh, kw)}, stride {stride}, padding {padding})")
+        out.append(size)
+    conv = E.ConvConfig(stride, ((padding[0], padding[0]), (padding[1], padding[1])), dilation,
+                        groups)
+    return TransposeConfig(conv, tuple(out))
+
+
+@layer(_conv_transpose_rule)
+def conv_transpose2d(rule, x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None, *,
+                     stride=1, padding=0, output_padding=0, dilation=1,
+                     groups=1) -> jax.Array:
+    """Transposed convolution (fractionally strided convolution), PyTorch's semantics.
+
+    Args:
+      x: input ``a``, shape ``(N, H, W, C_in)``.
+      w: kernel ``W``, shape ``(KH, KW, C_in, C_out // groups)`` (PyTorch's weight
+        ``(C_in, C_out // groups, KH, KW)`` transposed by ``(2, 3, 0, 1)``).
+      b: optional bias ``(C_out,)``.
+      stride, padding, output_padding, dilation: int or ``(h, w)``, as PyTorch: ``padding``
+        crops ``p`` cells from each side of the full output, ``output_padding`` (smaller than
+        the stride or the dilation) adds cells at the bottom/right.
+      groups: ``C_in`` and ``C_out`` split into this many independent groups.
+
+    Returns:
+      ``z`` of shape ``(N, H_out, W_out, C_out)``, ``H_out = (H − 1)·s − 2p + (KH − 1)·d + o + 1``.
+
+    Backward (hand-written in ``jbp.layers.conv_transpose``): ``∂L/∂a = δ ⋆ W`` (a strided
+    convolution: this layer's convolution read the other way), ``∂L/∂W = a ⋆ δ``,
+    ``∂L/∂b = Σ δ``. Residuals: ``x``, ``w`` (``b`` only for its dtype).
+    """
+    return rule(x, w, b, conv_transpose_config(x, w, b, stride=stride, padding=padding,
+                                               output_padding=output_padding, dilation=dilation,
+                                               groups=groups))
