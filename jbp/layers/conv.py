@@ -16,11 +16,12 @@ Per-example quantities (``jbp._probes``; EQUATIONS.md, "Per-example quantities")
 positions, ``p_{n,t}`` the patch of ``a_n`` under output position ``t`` flattened as (KH, KW,
 C_in) (= W's rows flattened to (KH·KW·C_in, C_out)), ``δ_{n,t}`` its output gradient::
 
-    batch_grad        ∂ℓ_n/∂W = Σ_t p_{n,t} ⊗ δ_{n,t}   (the weight-gradient equation on example n
-                      alone, vmapped over n),  ∂ℓ_n/∂b = Σ_t δ_{n,t}
+    batch_grad        ∂ℓ_n/∂W = Σ_t p_{n,t} ⊗ δ_{n,t}   (a batched matrix product of patches and
+                      δ; grouped: the weight-gradient equation on example n alone, vmapped),
+                      ∂ℓ_n/∂b = Σ_t δ_{n,t}
     batch_l2          ‖∂ℓ_n/∂W‖² = Σ_{t,t'} (p_{n,t}·p_{n,t'}) (δ_{n,t}·δ_{n,t'})  (Gram matrices of
-                      patches and output gradients, N·(T·K + T²) values) when that is smaller than
-                      the per-example gradients (N·K·C_out values), else from those
+                      patches and output gradients, N·T² values) when they are smaller than the
+                      per-example gradients (N·K·C_out values, K = KH·KW·C_in), else from those
     sum_grad_squared  Σ_n (∂ℓ_n/∂W)²
     kfac (KFC)        A = Σ_{n,t} p_{n,t} p_{n,t}ᵀ,  G = (1/T) Σ_{n,t} δ_{n,t} δ_{n,t}ᵀ   (groups = 1)
 
@@ -46,7 +47,7 @@ from jax import lax
 from jbp import _checks, _probes, _residuals
 from jbp._conv_kernels import dispatch
 from jbp.layers import padding as _padding
-from jbp.layers.conv_equations import ConvConfig, channel_sum, weight_grad
+from jbp.layers.conv_equations import ConvConfig, channel_sum, out_hw, weight_grad
 from jbp._registry import layer
 from jbp._rule import call_probed, cast_like, manual_rule
 
@@ -89,20 +90,30 @@ def _bwd(cfg: ConvConfig, res, g):
 # --- per-example quantities from the same residuals and δ (module docstring) -------------------
 
 def per_example_weight_grad(x, g, w_shape, cfg: ConvConfig):
-    """∂ℓ_n/∂W for every n, shape (N, KH, KW, C_in // groups, C_out): the weight-gradient
-    equation applied to each example alone (vmapped over n)."""
+    """∂ℓ_n/∂W for every n, shape (N, KH, KW, C_in // groups, C_out): with groups = 1 the
+    batched matrix product Σ_t p_{n,t} ⊗ δ_{n,t} of the patches (:func:`patches`) and δ;
+    otherwise the weight-gradient equation applied to each example alone (vmapped over n, which
+    XLA runs as a grouped convolution)."""
+    if cfg.groups == 1:
+        p = patches(x, w_shape, cfg)                                   # (N, T, K)
+        d = g.reshape(g.shape[0], -1, g.shape[-1])                     # (N, T, C_out)
+        return jnp.einsum("ntk,ntc->nkc", p, d).reshape(g.shape[0], *w_shape)
     return jax.vmap(lambda xn, gn: weight_grad(xn[None], gn[None], w_shape, cfg))(x, g)
 
 
 def patches(x, w_shape, cfg: ConvConfig):
-    """p_{n,t}: shape (N, T, KH·KW·C_in), each patch flattened as (KH, KW, C_in) like W's rows
-    (groups = 1)."""
+    """p_{n,t}: shape (N, T, KH·KW·C_in), T = H_out·W_out, each patch flattened as (KH, KW,
+    C_in) like W's rows (groups = 1): KH·KW strided slices of the zero-padded input,
+    p[n, (h, w), (i, j, c)] = a[n, h·s+i·d, w·s+j·d, c] (memory moves, no arithmetic)."""
     kh, kw, cin, _ = w_shape
-    p = lax.conv_general_dilated_patches(
-        x, (kh, kw), cfg.stride, cfg.padding, rhs_dilation=cfg.dilation,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))          # features ordered (C_in, KH, KW)
-    n, ho, wo, _ = p.shape
-    return p.reshape(n, ho * wo, cin, kh, kw).transpose(0, 1, 3, 4, 2).reshape(n, ho * wo, -1)
+    (sh, sw), (dh, dw) = cfg.stride, cfg.dilation
+    ho, wo = out_hw(x.shape, w_shape, cfg)
+    a = jnp.pad(x, ((0, 0), *cfg.padding, (0, 0)))
+    taps = [lax.slice(a, (0, i * dh, j * dw, 0),
+                      (a.shape[0], i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, cin),
+                      (1, sh, sw, 1))
+            for i in range(kh) for j in range(kw)]                     # each (N, H_out, W_out, C)
+    return jnp.stack(taps, axis=3).reshape(x.shape[0], ho * wo, kh * kw * cin)
 
 
 def batch_l2_by_gram(x, g, w_shape, cfg: ConvConfig):
@@ -115,10 +126,10 @@ def batch_l2_by_gram(x, g, w_shape, cfg: ConvConfig):
 
 def gram_is_smaller(x_shape, g_shape, w_shape, groups) -> bool:
     """Whether the Gram route of ``batch_l2`` holds fewer values than the per-example
-    gradients: T·K + T² < K·C_out (per example; groups = 1 only)."""
+    gradients, T² < K·C_out per example (both routes read the same patches; groups = 1 only)."""
     t = g_shape[1] * g_shape[2]
     k = w_shape[0] * w_shape[1] * w_shape[2]
-    return groups == 1 and t * k + t * t < k * w_shape[3]
+    return groups == 1 and t * t < k * w_shape[3]
 
 
 def _quantities(cfg: ConvConfig, res, g, names):
