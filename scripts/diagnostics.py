@@ -105,8 +105,16 @@ def _plot(points, path, title):
     left.set_ylabel("gradient SNR  Σ ḡ² / Σ Var_n(∇ℓ_n)")
     left.legend(fontsize=6, ncol=2)
     chosen = sorted({0, len(points) // 2, len(points) - 1})
+    # log-spaced bins: a trained network's norms span orders of magnitude (a few examples it
+    # still gets wrong carry most of the gradient)
+    every = np.concatenate([np.asarray(points[i]["norms"]) for i in chosen])
+    positive = every[every > 0]
+    lo, hi = (positive.min(), positive.max()) if positive.size else (1e-8, 1.0)
+    bins = np.geomspace(lo, hi * 1.0001 if hi > lo else lo * 10, 31)
     for i in chosen:
-        right.hist(points[i]["norms"], bins=30, alpha=0.5, label=f"step {points[i]['step']}")
+        right.hist(np.clip(points[i]["norms"], lo, None), bins=bins, alpha=0.5,
+                   label=f"step {points[i]['step']}")
+    right.set_xscale("log")
     right.set_xlabel("per-example gradient norm ‖∇ℓ_n‖")
     right.set_ylabel("examples")
     right.legend(fontsize=8)
