@@ -91,9 +91,10 @@ class ManualRule:
             primal or forward, fwd, bwd, quantities, num_diff, num_static)
 
     def with_probes(self, probes: tuple, *args: Any):
-        """The rule with probes (``jbp._probes``), outside ``shard_map`` (no axis matching): ``probes`` has one entry per differentiable
-        argument (``None``, or a dict quantity name -> zeros); the backward also returns, as
-        their cotangents, the quantities the rule's ``quantities`` function computes."""
+        """The rule with probes (``jbp._probes``), outside ``shard_map`` (no axis matching):
+        ``probes`` has one entry per differentiable argument (``None``, or a dict quantity name
+        -> zeros); the backward also returns, as their cotangents, the quantities the rule's
+        ``quantities`` function computes."""
         if self._probed is None:
             raise ValueError(f"quantities: jbp.{self.name} declares no per-example quantities")
         return self._probed(*args[:len(probes)], probes, *args[len(probes):])

@@ -44,8 +44,9 @@ everything is one forward and one backward under ``jax.jit`` (the model code is 
   ``√(2/C) ε``, ``ε ~ N(0, I)``), ``E[s sᵀ] = ∇²_z ℓ_n``, averaged over ``M``; needs ``key``.
 - ``kfac``: the rules' ``Σ a aᵀ`` and ``(1/T) Σ δ δᵀ`` over the exact factor's columns:
   ``A = (1/N) Σ_{n,t} a aᵀ`` and ``G = (1/N) Σ_n (1/T) Σ_{t,c} δ δᵀ`` (KFC for convolutions, Grosse
-  & Martens 2016). For one example ``kron(A, G)`` is the GGN block of ``W`` flattened row-major
-  (dense ``(in, out)``; conv with a 1×1 output ``(KH·KW·C_in, C_out)``) exactly.
+  & Martens 2016); with ``reduction="sum"`` ``G`` drops its ``1/N``, ``A`` stays a mean. For one
+  example ``kron(A, G)`` is the GGN block of ``W`` flattened row-major (dense ``(in, out)``;
+  conv with a 1×1 output ``(KH·KW·C_in, C_out)``) exactly.
 
 Batch norm in training mode couples the examples: per-example quantities through it are an
 error (run with ``train=False``). A parameter used by two layers would add the two layers'
@@ -143,7 +144,7 @@ def _loss_value(loss, logits, labels, reduction):
     return fn(logits, labels) if reduction == "mean" else fn(logits, labels, reduction="sum")
 
 
-def _rank_of_weight(leaf) -> bool:
+def _is_weight(leaf) -> bool:
     """Dense (in, out) and conv (KH, KW, C_in, C_out) weights get K-FAC probes."""
     return leaf.ndim in (2, 4)
 
@@ -152,7 +153,7 @@ def _probe(leaf, names, n):
     shapes = {"batch_grad": (n, *leaf.shape), "batch_l2": (n,),
               "sum_grad_squared": leaf.shape}
     probes = {name: jnp.zeros(shapes[name], leaf.dtype) for name in names if name in shapes}
-    if "kfac" in names and _rank_of_weight(leaf):
+    if "kfac" in names and _is_weight(leaf):
         rows = leaf.shape[0] if leaf.ndim == 2 else leaf.shape[0] * leaf.shape[1] * leaf.shape[2]
         probes["kfac"] = (jnp.zeros((rows, rows), leaf.dtype),
                           jnp.zeros((leaf.shape[-1],) * 2, leaf.dtype))
@@ -185,7 +186,7 @@ def _hessian_columns(loss, logits, reduction):
         p = jax.nn.softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
         sqrt_p = jnp.sqrt(p)
         # S[n, i, k] = δ_ik √p_k − p_i √p_k;  column k is S[:, :, k]
-        s = jnp.eye(c, dtype=p.dtype)[None] * sqrt_p[:, None, :] - p[:, :, None] * sqrt_p[:, None, :]
+        s = (jnp.eye(c, dtype=p.dtype)[None] - p[:, :, None]) * sqrt_p[:, None, :]
         return jnp.transpose(s, (2, 0, 1)).astype(logits.dtype)
     scale = jnp.sqrt(2.0 / c) if reduction == "mean" else jnp.sqrt(2.0)
     return jnp.broadcast_to(scale * jnp.eye(c, dtype=logits.dtype)[:, None, :], (c, n, c))

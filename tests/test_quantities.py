@@ -125,7 +125,7 @@ def _data(key, n, shape, classes):
             jax.random.randint(ky, (n,), 0, classes))
 
 
-# --- per-example quantities ------------------------------------------------------------------------
+# --- per-example quantities ----------------------------------------------------------------
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_mlp_per_example_quantities_and_diag_ggn(reduction):
@@ -260,7 +260,7 @@ def test_diag_ggn_mc_converges_within_its_standard_error():
     assert errors[1] < errors[0]
 
 
-# --- bad input -------------------------------------------------------------------------------------
+# --- bad input -----------------------------------------------------------------------------
 
 def test_bad_input_messages():
     params = mlp_init(jax.random.key(0))

@@ -23,7 +23,7 @@ C_in) (= W's rows flattened to (KH·KW·C_in, C_out)), ``δ_{n,t}`` its output g
                       patches and output gradients, N·T² values) when they are smaller than the
                       per-example gradients (N·K·C_out values, K = KH·KW·C_in), else from those
     sum_grad_squared  Σ_n (∂ℓ_n/∂W)²
-    kfac (KFC)        A = Σ_{n,t} p_{n,t} p_{n,t}ᵀ,  G = (1/T) Σ_{n,t} δ_{n,t} δ_{n,t}ᵀ   (groups = 1)
+    kfac (KFC)        A = Σ_{n,t} p_{n,t} p_{n,t}ᵀ,  G = (1/T) Σ_{n,t} δ_{n,t} δ_{n,t}ᵀ  (groups 1)
 
 What runs: each equation is named once here and run by ``jbp._conv_kernels.dispatch``. Its
 generic form, one XLA convolution (``jbp.layers.conv_equations``), is what runs on GPU and TPU.

@@ -200,7 +200,12 @@ def make_train_step(apply: Callable, optimizer: optax.GradientTransformation,
                              "are not written for shard_map); set train.data_parallel='off'")
         if not isinstance(loss, str) or precision != "f32":
             raise ValueError("train.dp: DP-SGD needs a loss by name and precision='f32'")
-        per_example_loss = functools.partial(_loss_fn(loss, layers), reduction="none")
+        per_element = functools.partial(_loss_fn(loss, layers), reduction="none")
+
+        def per_example_loss(logits, y):
+            """ℓ_n: the mean over an example's elements (mse, BCE), so that mean_n ℓ_n = L."""
+            values = per_element(logits, y)
+            return jnp.mean(values.reshape(values.shape[0], -1), axis=1)
 
     def gradients(state: TrainState, x, y):
         """(loss, (logits, model_state), grads, extra metrics)."""
