@@ -75,7 +75,8 @@ def per_example_loss(apply, state, loss):
 
 
 def vmap_route(apply, params, state, x, y, loss, reduction):
-    grads = jax.vmap(jax.grad(per_example_loss(apply, state, loss)), (None, 0, 0))(params, x, y)
+    grads = jax.jit(jax.vmap(jax.grad(per_example_loss(apply, state, loss)), (None, 0, 0)))(
+        params, x, y)
     n = x.shape[0]
     return jax.tree.map(lambda g: g / n if reduction == "mean" else g, grads)
 
@@ -136,6 +137,14 @@ def test_mlp_per_example_quantities_and_diag_ggn(reduction):
     check_first_pass(out, mlp_apply, params, {}, x, y, "softmax_cross_entropy", reduction)
     ggn, unravel = dense_ggn(mlp_apply, params, {}, x, y, "softmax_cross_entropy", reduction)
     assert_tree_close(out["diag_ggn"], unravel(jnp.diag(ggn)))
+    if reduction == "mean":        # one example: kron(A, G) is the dense layers' GGN block
+        one = Q.compute(mlp_apply, params, {}, x[:1], y[:1], quantities=("kfac",))
+        ggn1, _ = dense_ggn(mlp_apply, params, {}, x[:1], y[:1], "softmax_cross_entropy", "mean")
+        for layer, (start, size) in ((k[0], v) for k, v in _offsets(params).items()
+                                     if k[1] == "w"):
+            a, g = one["kfac"][layer]["w"]
+            np.testing.assert_allclose(np.kron(a, g), ggn1[start:start + size, start:start + size],
+                                       rtol=1e-9, atol=1e-12)
 
 
 def test_mlp_mse_diag_ggn_and_batch_l2():
@@ -150,15 +159,22 @@ def test_mlp_mse_diag_ggn_and_batch_l2():
     assert_tree_close(out["diag_ggn"], unravel(jnp.diag(ggn)))
 
 
-@pytest.mark.slow
-def test_bn_net_in_eval_mode_everything():
-    """Conv (dilated, with and without bias), batch norm in eval, dense: per-example quantities,
-    the GGN diagonal, and for one example the K-FAC blocks of the dense and the 1×1-output conv
-    weight against the dense GGN."""
+def test_bn_net_in_eval_mode_per_example():
+    """Conv (dilated, with and without bias; one by per-example gradients, one by Gram
+    matrices), batch norm in eval, dense: per-example quantities against vmap(grad)."""
     params, state = bn_net_init(jax.random.key(5))
     x, y = _data(jax.random.key(6), 3, (7, 7, 2), 3)
-    out = Q.compute(bn_net_apply, params, state, x, y, quantities=FIRST + ("diag_ggn",))
+    out = Q.compute(bn_net_apply, params, state, x, y, quantities=FIRST)
     check_first_pass(out, bn_net_apply, params, state, x, y, "softmax_cross_entropy", "mean")
+
+
+@pytest.mark.slow
+def test_bn_net_in_eval_mode_ggn_and_kfac():
+    """The GGN diagonal, and for one example the K-FAC blocks of the dense and the 1×1-output
+    conv weight, against the dense GGN."""
+    params, state = bn_net_init(jax.random.key(5))
+    x, y = _data(jax.random.key(6), 3, (7, 7, 2), 3)
+    out = Q.compute(bn_net_apply, params, state, x, y, quantities=("diag_ggn",))
     ggn, unravel = dense_ggn(bn_net_apply, params, state, x, y, "softmax_cross_entropy", "mean")
     assert_tree_close(out["diag_ggn"], unravel(jnp.diag(ggn)))
 
