@@ -105,3 +105,26 @@ def test_dp_config_and_messages():
         config.from_dict({"train": {"dp": {"clip_norm": 1.0}}})
     with pytest.raises(ValueError, match="train.dp.clip_norm: expected a finite number"):
         make_train_step(apply, optax.sgd(1.0), dp=(float("nan"), 1.0))
+
+
+@pytest.mark.slow
+def test_clipped_gradient_of_mse_is_per_example():
+    """With a loss of several elements per example (mse), clipping acts on each example's
+    gradient (the mean of its elements' losses), as the vmap route does."""
+    params, x, _ = _setup(4)
+    y = jax.random.normal(jax.random.key(4), (4, 4), jnp.float64)
+
+    def ell(p, xn, yn):
+        logits, _ = apply(p, {}, xn[None], train=True, layers=LayerPolicy("autodiff"))
+        return jbp.autodiff.mse(logits, yn[None])
+    grads = jax.vmap(jax.grad(ell), (None, 0, 0))(params, x, y)
+    norms = jnp.sqrt(sum(jnp.sum(g.reshape(4, -1) ** 2, 1) for g in jax.tree.leaves(grads)))
+    clip = float(jnp.median(norms))
+    c = jnp.minimum(1.0, clip / norms)
+    want = jax.tree.map(lambda g: jnp.tensordot(c, g, 1) / 4, grads)
+    state = TrainState(params, {}, optax.sgd(1.0).init(params), jnp.zeros((), jnp.int32),
+                       jax.random.key(3))
+    step = make_train_step(apply, optax.sgd(1.0), "mse", dp=(clip, 0.0), donate=False)
+    new, _ = step(state, x, y)
+    got = jax.tree.map(lambda a, b: a - b, params, new.params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13), got, want)

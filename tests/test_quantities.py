@@ -292,3 +292,20 @@ def test_bad_input_messages():
     with pytest.raises(ValueError, match="not defined through batch_norm in training mode"):
         Q.compute(bn_net_apply, p, s, jnp.zeros((2, 7, 7, 2)), y, quantities=("batch_l2",),
                   train=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("remat", ["none", "blocks"])
+def test_resnet20_eval_batch_norm_and_remat_batch_l2(remat):
+    """ResNet-20 (batch norm in evaluation mode, projection shortcuts; with jax.checkpoint
+    around every block) on 8×8 images: batch_l2 against vmap(grad) of the autodiff twin."""
+    from jbp import models
+    from jbp.config import ModelConfig
+    model = models.from_config(ModelConfig(name="resnet20", remat=remat))
+    params, state = model.init(jax.random.key(0), (8, 8, 1), 3)
+    params, state = jax.tree.map(lambda a: a.astype(jnp.float64), (params, state))
+    x, y = _data(jax.random.key(1), 2, (8, 8, 1), 3)
+    out = Q.compute(model.apply, params, state, x, y, quantities=("batch_l2",))
+    grads = vmap_route(model.apply, params, state, x, y, "softmax_cross_entropy", "mean")
+    assert_tree_close(out["batch_l2"], jax.tree.map(
+        lambda g: jnp.sum(g.reshape(2, -1) ** 2, axis=1), grads), atol=1e-15)
