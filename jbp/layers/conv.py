@@ -16,12 +16,11 @@ Per-example quantities (``jbp._probes``; EQUATIONS.md, "Per-example quantities")
 positions, ``p_{n,t}`` the patch of ``a_n`` under output position ``t`` flattened as (KH, KW,
 C_in) (= W's rows flattened to (KH·KW·C_in, C_out)), ``δ_{n,t}`` its output gradient::
 
-    batch_grad        ∂ℓ_n/∂W = Σ_t p_{n,t} ⊗ δ_{n,t}   (a batched matrix product of patches and
-                      δ; grouped: the weight-gradient equation on example n alone, vmapped),
-                      ∂ℓ_n/∂b = Σ_t δ_{n,t}
-    batch_l2          ‖∂ℓ_n/∂W‖² = Σ_{t,t'} (p_{n,t}·p_{n,t'}) (δ_{n,t}·δ_{n,t'})  (Gram matrices of
-                      patches and output gradients, N·T² values) when they are smaller than the
-                      per-example gradients (N·K·C_out values, K = KH·KW·C_in), else from those
+    batch_grad        ∂ℓ_n/∂W = Σ_t p_{n,t} ⊗ δ_{n,t}   (the weight-gradient equation on example n
+                      alone, vmapped over n: no patches),  ∂ℓ_n/∂b = Σ_t δ_{n,t}
+    batch_l2          ‖∂ℓ_n/∂W‖² = Σ_{t,t'} (p_{n,t}·p_{n,t'}) (δ_{n,t}·δ_{n,t'})  (patches and Gram
+                      matrices, N·(T·K + T²) values) when they are fewer than the per-example
+                      gradients (N·K·C_out values, K = KH·KW·C_in), else from those
     sum_grad_squared  Σ_n (∂ℓ_n/∂W)²
     kfac (KFC)        A = Σ_{n,t} p_{n,t} p_{n,t}ᵀ,  G = (1/T) Σ_{n,t} δ_{n,t} δ_{n,t}ᵀ  (groups 1)
 
@@ -90,14 +89,9 @@ def _bwd(cfg: ConvConfig, res, g):
 # --- per-example quantities from the same residuals and δ (module docstring) -------------------
 
 def per_example_weight_grad(x, g, w_shape, cfg: ConvConfig):
-    """∂ℓ_n/∂W for every n, shape (N, KH, KW, C_in // groups, C_out): with groups = 1 the
-    batched matrix product Σ_t p_{n,t} ⊗ δ_{n,t} of the patches (:func:`patches`) and δ;
-    otherwise the weight-gradient equation applied to each example alone (vmapped over n, which
-    XLA runs as a grouped convolution)."""
-    if cfg.groups == 1:
-        p = patches(x, w_shape, cfg)                                   # (N, T, K)
-        d = g.reshape(g.shape[0], -1, g.shape[-1])                     # (N, T, C_out)
-        return jnp.einsum("ntk,ntc->nkc", p, d).reshape(g.shape[0], *w_shape)
+    """∂ℓ_n/∂W for every n, shape (N, KH, KW, C_in // groups, C_out): the weight-gradient
+    equation applied to each example alone, vmapped over n (XLA batches it into one grouped
+    convolution; N·K·C_out values, no patches)."""
     return jax.vmap(lambda xn, gn: weight_grad(xn[None], gn[None], w_shape, cfg))(x, g)
 
 
@@ -126,10 +120,10 @@ def batch_l2_by_gram(x, g, w_shape, cfg: ConvConfig):
 
 def gram_is_smaller(x_shape, g_shape, w_shape, groups) -> bool:
     """Whether the Gram route of ``batch_l2`` holds fewer values than the per-example
-    gradients, T² < K·C_out per example (both routes read the same patches; groups = 1 only)."""
+    gradients: patches and Gram matrices, T·K + T², against K·C_out per example (groups = 1)."""
     t = g_shape[1] * g_shape[2]
     k = w_shape[0] * w_shape[1] * w_shape[2]
-    return groups == 1 and t * t < k * w_shape[3]
+    return groups == 1 and t * k + t * t < k * w_shape[3]
 
 
 def _quantities(cfg: ConvConfig, res, g, names):
