@@ -26,6 +26,11 @@ failed to produce known values" (fixed upstream in JAX PR #38452, "fix higher-or
 custom_remat"). Second order matters more to jbp than a rewrite DCE already performs;
 :data:`OPTIMIZE_REMAT` is the switch, and a canary test reports when JAX has the fix.
 
+A rule may also declare ``quantities`` (``manual_rule(..., quantities=fn)``): per-example
+quantities its backward computes from its residuals and ``δ`` (per-example gradients and norms,
+K-FAC factors), which leave the backward as cotangents of zero probes passed beside the
+arguments (:meth:`ManualRule.with_probes`, ``jbp._probes``, ``jbp.quantities``).
+
 Under ``jax.shard_map`` (``check_vma=True``, the default) every value has a type that says over
 which manual mesh axes it *varies* (JAX's "vma"). A replicated parameter ``w`` used with a
 batch sharded over ``"data"`` is implicitly broadcast (``pvary``) to a varying value, and the
