@@ -12,6 +12,7 @@ Images are NHWC, convolution kernels HWIO.
 from jbp import _registry
 from jbp import autodiff, manual  # noqa: F401  (namespaces read from the table)
 from jbp import init  # noqa: F401  (He/LeCun/Glorot initialisers)
+from jbp import quantities  # noqa: F401  (per-example quantities, GGN, K-FAC from the rules)
 from jbp.policy import LayerPolicy
 # CPU convolution kernels: "onednn" (the default where the [onednn] extra is installed and
 # builds, else XLA's forms) or "xla"; GPU and TPU always run XLA's convolution. docs/onednn.md.
@@ -22,5 +23,5 @@ LAYERS = tuple(_registry.layers())
 globals().update({name: entry.manual for name, entry in _registry.layers().items()})
 
 __version__ = "0.1.0"
-__all__ = list(LAYERS) + ["autodiff", "manual", "init", "LAYERS", "LayerPolicy",
+__all__ = list(LAYERS) + ["autodiff", "manual", "init", "quantities", "LAYERS", "LayerPolicy",
                           "conv_backend", "set_conv_backend"]

@@ -26,6 +26,11 @@ failed to produce known values" (fixed upstream in JAX PR #38452, "fix higher-or
 custom_remat"). Second order matters more to jbp than a rewrite DCE already performs;
 :data:`OPTIMIZE_REMAT` is the switch, and a canary test reports when JAX has the fix.
 
+A rule may also declare ``quantities`` (``manual_rule(..., quantities=fn)``): per-example
+quantities its backward computes from its residuals and ``δ`` (per-example gradients and norms,
+K-FAC factors), which leave the backward as cotangents of zero probes passed beside the
+arguments (:meth:`ManualRule.with_probes`, ``jbp._probes``, ``jbp.quantities``).
+
 Under ``jax.shard_map`` (``check_vma=True``, the default) every value has a type that says over
 which manual mesh axes it *varies* (JAX's "vma"). A replicated parameter ``w`` used with a
 batch sharded over ``"data"`` is implicitly broadcast (``pvary``) to a varying value, and the
@@ -68,8 +73,10 @@ class ManualRule:
     """
 
     def __init__(self, name: str, forward: Callable, fwd: Callable, bwd: Callable,
-                 num_args: int, num_static: int = 1, primal: Callable = None):
+                 num_args: int, num_static: int = 1, primal: Callable = None,
+                 quantities: Callable = None):
         self.name = name
+        self.quantities = quantities
         self.forward = forward
         static = tuple(range(num_args - num_static, num_args))
         num_diff = num_args - num_static
@@ -85,6 +92,17 @@ class ManualRule:
             return tuple(_match_axes(ct, axes) for ct, axes in zip(cts, arg_axes.axes))
 
         self._vjp.defvjp(fwd_with_axes, bwd_with_axes, optimize_remat=OPTIMIZE_REMAT)
+        self._probed = None if quantities is None else _probed_vjp(
+            primal or forward, fwd, bwd, quantities, num_diff, num_static)
+
+    def with_probes(self, probes: tuple, *args: Any):
+        """The rule with probes (``jbp._probes``), outside ``shard_map`` (no axis matching):
+        ``probes`` has one entry per differentiable argument (``None``, or a dict quantity name
+        -> zeros); the backward also returns, as their cotangents, the quantities the rule's
+        ``quantities`` function computes."""
+        if self._probed is None:
+            raise ValueError(f"quantities: jbp.{self.name} declares no per-example quantities")
+        return self._probed(*args[:len(probes)], probes, *args[len(probes):])
 
     # Note: inside jax.jit the rule is staged out first, so jax.jvp(jax.jit(f)) fails later, in
     # JAX itself, with JAX's own message ("can't apply forward-mode autodiff (jvp) to a
@@ -108,6 +126,14 @@ class _ArgAxes:
     as static structure from the forward to the backward of a rule."""
 
     axes: Tuple[Optional[frozenset], ...]
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _ProbeNames:
+    """Which quantities each differentiable argument's probes ask for (static structure)."""
+
+    names: Tuple[Optional[tuple], ...]
 
 
 def _varying_axes(x) -> Optional[frozenset]:
@@ -146,11 +172,53 @@ def make_varying(x, axes: frozenset):
     return x
 
 
+def _probed_vjp(primal: Callable, fwd: Callable, bwd: Callable, quantities: Callable,
+                num_diff: int, num_static: int):
+    """``primal(*diff, probes, *static)`` as a ``custom_vjp`` whose backward is the rule's plus
+    ``quantities(*static, residuals, g, names)`` for the probes (``jbp._probes``). The probes'
+    names travel as static structure; the probes themselves (zeros) are not kept."""
+    from jbp._probes import names_of  # noqa: PLC0415  (a leaf module; kept local for clarity)
+
+    def probed_primal(*args):
+        return primal(*args[:num_diff], *args[num_diff + 1:])
+
+    static = tuple(range(num_diff + 1, num_diff + 1 + num_static))
+    vjp = jax.custom_vjp(probed_primal, nondiff_argnums=static)
+
+    def probed_fwd(*args):
+        out, res = fwd(*args[:num_diff], *args[num_diff + 1:])
+        return out, (res, _ProbeNames(tuple(names_of(p) for p in args[num_diff])))
+
+    def probed_bwd(*args):
+        *static_args, (res, names), g = args
+        cts = bwd(*static_args, res, g)
+        return (*cts, tuple(quantities(*static_args, res, g, names.names)))
+
+    vjp.defvjp(probed_fwd, probed_bwd, optimize_remat=OPTIMIZE_REMAT)
+    return vjp
+
+
 def manual_rule(name: str, forward: Callable, fwd: Callable, bwd: Callable, *,
-                num_args: int, num_static: int = 1, primal: Callable = None) -> ManualRule:
+                num_args: int, num_static: int = 1, primal: Callable = None,
+                quantities: Callable = None) -> ManualRule:
     """Build a :class:`ManualRule`; ``num_args`` counts every positional argument. ``primal``
-    (default ``forward``) is what the rule computes when not differentiated (module docstring)."""
-    return ManualRule(name, forward, fwd, bwd, num_args, num_static, primal)
+    (default ``forward``) is what the rule computes when not differentiated (module docstring).
+    ``quantities(*static, residuals, g, names) -> tuple``: the per-example quantities the
+    backward can also give (``jbp._probes``), one dict (or ``None``) per differentiable
+    argument, ``names`` saying which."""
+    return ManualRule(name, forward, fwd, bwd, num_args, num_static, primal, quantities)
+
+
+def call_probed(rule, probes: tuple, *args: Any):
+    """``rule(*args)``, with ``probes`` (``jbp._probes``) when any argument has some: the
+    hand-written rule's probed form. The autodiff twin (a plain forward) has no backward to
+    fill probes with, which is an error."""
+    if all(p is None for p in probes):
+        return rule(*args)
+    if not isinstance(rule, ManualRule):
+        raise ValueError("quantities: per-example quantities come from jbp's hand-written "
+                         "rules; run the model with LayerPolicy('manual'), not 'autodiff'")
+    return rule.with_probes(probes, *args)
 
 
 def cast_like(grad, primal):

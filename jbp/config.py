@@ -76,6 +76,14 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class DPConfig:
+    """``train.dp``: DP-SGD (jbp.train.privacy), e.g. ``dp = {clip_norm = 1.0,
+    noise_multiplier = 1.1}``; both keys required."""
+    clip_norm: float                  # bound on every example's gradient norm, > 0
+    noise_multiplier: float           # Gaussian noise std / clip_norm, >= 0
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 64
@@ -88,6 +96,7 @@ class TrainConfig:
     check_finite: bool = True         # stop on a NaN/Inf loss or gradient (checked on device)
     data_parallel: str = "auto"       # auto: shard each batch over every device JAX sees | off
     precision: str = "f32"            # f32 | bf16 (bfloat16 forward/backward, f32 master weights)
+    dp: Optional[DPConfig] = None     # DP-SGD: {clip_norm, noise_multiplier} (jbp.train.privacy)
 
 
 @dataclass(frozen=True)
@@ -136,6 +145,15 @@ def _coerce(value: Any, tp, where: str):
             raise ConfigError(f"{where}: expected a list of {_type_name(args[0])}, "
                               f"got {value!r} ({type(value).__name__})")
         return tuple(_coerce(v, args[0], where) for v in value)
+    if dataclasses.is_dataclass(tp):                  # a nested table: train.dp
+        section = where.split(": ")[-1]
+        source = where[:-len(section) - 2] if where.endswith(section) and ": " in where else where
+        missing = [f.name for f in dataclasses.fields(tp) if isinstance(value, dict)
+                   and f.name not in value and f.default is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(f"{where}: missing key {missing[0]!r}; expected a table with "
+                              f"keys {', '.join(f.name for f in dataclasses.fields(tp))}")
+        return _section(tp, value, section, source)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float, str, bool) and (type(value) is not tp):
@@ -204,6 +222,12 @@ def _validate(cfg: Config, source: str) -> None:
     if cfg.model.init_from and not os.path.isfile(cfg.model.init_from):
         raise ConfigError(f"{source}: model.init_from: no such file {cfg.model.init_from!r} "
                           f"(a checkpoint .npz, e.g. from scripts/convert_torch_weights.py)")
+    if cfg.train.dp is not None:
+        from jbp.train import privacy  # noqa: PLC0415  (jbp.train reads configs)
+        try:
+            privacy.check(cfg.train.dp.clip_norm, cfg.train.dp.noise_multiplier)
+        except ValueError as e:
+            raise ConfigError(f"{source}: {e}") from e
     if cfg.data.resize_size < cfg.data.image_size:
         raise ConfigError(f"{source}: data.resize_size ({cfg.data.resize_size}) must be >= "
                           f"data.image_size ({cfg.data.image_size}): evaluation crops the "
@@ -232,6 +256,8 @@ def to_toml(cfg: Config) -> str:
             return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
         if isinstance(v, list):
             return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):                       # a nested table (train.dp), inline
+            return "{" + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + "}"
         return repr(v)
     d = to_dict(cfg)
     options = get_model(cfg.model.name).options if cfg.model.name in MODELS else OPTION_DEFAULTS

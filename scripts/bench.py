@@ -68,6 +68,22 @@ VARIANTS = ("manual", "autodiff", "lax_reference", "torch")
 # Memory policies of jbp's rules (docs/memory.md), on request only: --variants manual,manual-remat
 MEMORY_VARIANTS = {"manual-remat": {"remat": "blocks"}, "manual-bf16res": {"residuals": "bf16"},
                    "manual-int8res": {"residuals": "int8"}}
+# More out of one backward (jbp.quantities, jbp.train.privacy; docs/quantities.md), on request
+# only: --variants manual,q-batch_l2,q-batch_grad,vmap-batch_grad. Each is a whole step (the
+# quantity, the gradient from the same pass, the SGD-momentum update); the per-example outputs
+# are returned so that XLA keeps them. The model runs in evaluation mode (batch norm would
+# couple the examples): use a configuration without batch norm (resnet20nobn_b32, lenet5_b128).
+QUANTITY_VARIANTS = {
+    "q-batch_l2": "jbp.quantities batch_l2: per-example gradient norms from the rules",
+    "q-batch_grad": "jbp.quantities batch_grad: per-example gradients from the rules",
+    "q-diag_ggn": "jbp.quantities diag_ggn: C extra backward columns, vmapped",
+    "vmap-batch_grad": "jax.vmap(jax.grad) of the autodiff twin, per-example norms from it",
+    "dp": "DP-SGD (clip 1, noise 1): norms from the rules, a second backward",
+    "dp-vmap": "DP-SGD (clip 1, noise 1) by clipping jax.vmap(jax.grad)'s per-example gradients",
+}
+# Configurations with model options (no batch norm: train and eval mode are one model).
+CONFIGS["resnet20nobn_b32"] = ("resnet20", 32, (32, 32, 3), 10)
+CONFIG_OPTIONS = {"resnet20nobn_b32": {"batch_norm": False}}
 
 
 def parse_args(argv=None):
@@ -108,10 +124,11 @@ def parse_args(argv=None):
             p.error(f"--configs: unknown {bad}; choose from {', '.join(CONFIGS)}")
     args.config_names = names
     args.variant_names = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    bad = [v for v in args.variant_names if v not in VARIANTS + tuple(MEMORY_VARIANTS)]
+    known = VARIANTS + tuple(MEMORY_VARIANTS) + tuple(QUANTITY_VARIANTS)
+    bad = [v for v in args.variant_names if v not in known]
     if bad or "manual" not in args.variant_names:
         p.error(f"--variants: need 'manual' plus any of "
-                f"{', '.join(VARIANTS + tuple(MEMORY_VARIANTS))}; got "
+                f"{', '.join(known)}; got "
                 f"{args.variants!r}")
     return args
 
@@ -194,6 +211,8 @@ def main(argv=None):
     optimizer = optax.sgd(0.01, momentum=0.9)
 
     def jax_step(variant, model_name, apply):
+        if variant in QUANTITY_VARIANTS:
+            return jax.jit(quantity_step(variant, apply, optimizer), donate_argnums=(0, 1, 2))
         if variant == "lax_reference":
             loss_fn = make_loss(reference_models.lax_apply(model_name), reference_models.lax_loss,
                                 grad="autodiff", precision=args.precision)
@@ -224,21 +243,33 @@ def main(argv=None):
                 json.dump(rows, f, indent=1)
             os.replace(tmp, args.json)
 
+    all_variants = variants
     for cfg_name in args.config_names:
         model_name, batch, shape, classes = CONFIGS[cfg_name]
-        all_variants = variants
         variants = [v for v in all_variants
                     if v != "lax_reference" or model_name in reference_models.LAX_MODELS]
+        if cfg_name in CONFIG_OPTIONS:     # a model the lax and torch twins do not build
+            from jbp import models as _models  # noqa: PLC0415
+            from jbp.config import ModelConfig  # noqa: PLC0415
+            model = _models.from_config(ModelConfig(name=model_name,
+                                                    **CONFIG_OPTIONS[cfg_name]))
+            variants = [v for v in variants if v not in ("lax_reference", "torch")
+                        and v not in MEMORY_VARIANTS]
+        else:
+            model = get_model(model_name)
+        if model_name in ("resnet20", "resnet18") and cfg_name not in CONFIG_OPTIONS:
+            variants = [v for v in variants if v not in QUANTITY_VARIANTS]   # batch norm
         log(f"[{cfg_name}] building {', '.join(variants)}")
-        model = get_model(model_name)
         rng = np.random.default_rng(0)
         x_np = rng.standard_normal((batch, *shape), dtype=np.float32)
         labels_shape = (batch, *shape[:2]) if model_name == "unet" else (batch,)   # per pixel
         y_np = rng.integers(0, classes, labels_shape).astype(np.int32)
         with jax.default_device(device):
             params, state = model.init(jax.random.PRNGKey(0), shape, classes)
-            flops = 3 * reference_models.forward_flops(model_name, params, state,
-                                                       jnp.asarray(x_np))
+            # (a configuration without batch norm has the same convolutions and matmuls)
+            flops = 3 * reference_models.forward_flops(
+                model_name, *get_model(model_name).init(jax.random.PRNGKey(0), shape, classes),
+                jnp.asarray(x_np))
             x, y = jax.device_put(x_np, device), jax.device_put(y_np, device)
             runners, info = {}, {}
             for v in variants:
@@ -328,6 +359,61 @@ def main(argv=None):
         print(f"\nwrote {len(rows)} rows to {args.json}")
 
 
+def quantity_step(variant, apply, optimizer):
+    """One step of a :data:`QUANTITY_VARIANTS` variant: ``(params, model_state, opt_state, x,
+    y) -> (params, model_state, opt_state, loss, per-example output)``."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    import optax  # noqa: PLC0415
+
+    import jbp  # noqa: PLC0415
+    from jbp import quantities  # noqa: PLC0415
+    from jbp.policy import LayerPolicy  # noqa: PLC0415
+    from jbp.train import privacy  # noqa: PLC0415
+
+    def vmap_grads(params, model_state, x, y):
+        def ell(p, xn, yn):
+            logits, _ = apply(p, model_state, xn[None], train=False,
+                              layers=LayerPolicy("autodiff"))
+            return jbp.autodiff.softmax_cross_entropy(logits, yn[None])
+        losses, grads = jax.vmap(jax.value_and_grad(ell), (None, 0, 0))(params, x, y)
+        norms = jnp.sqrt(sum(jnp.sum(jnp.square(g.reshape(x.shape[0], -1)), 1)
+                             for g in jax.tree.leaves(grads)))
+        return jnp.mean(losses), grads, norms
+
+    def gradient(params, model_state, x, y):
+        if variant.startswith("q-"):
+            name = variant[2:]
+            out = quantities.compute(apply, params, model_state, x, y, quantities=(name,))
+            return out["loss"], out["grad"], out[name]
+        if variant == "vmap-batch_grad":
+            loss, grads, norms = vmap_grads(params, model_state, x, y)
+            return loss, jax.tree.map(lambda g: jnp.mean(g, 0), grads), norms
+        key = jax.random.PRNGKey(1)
+        if variant == "dp":
+            loss, _, _, grads, stats = privacy.clipped_gradient(
+                lambda p, s, xx, *, train, layers: apply(p, s, xx, train=False, layers=layers),
+                lambda logits, labels: jbp.softmax_cross_entropy(logits, labels,
+                                                                 reduction="none"),
+                LayerPolicy(), params, model_state, x, y, clip_norm=1.0, noise_multiplier=1.0,
+                key=key)
+            return loss, grads, stats["per_example_norms"]
+        loss, grads, norms = vmap_grads(params, model_state, x, y)        # dp-vmap
+        scale = jnp.minimum(1.0, 1.0 / norms)
+        leaves, tree = jax.tree.flatten(grads)
+        keys = jax.random.split(key, len(leaves))
+        noisy = [(jnp.tensordot(scale, g, 1) + jax.random.normal(k, g.shape[1:], g.dtype))
+                 / x.shape[0] for g, k in zip(leaves, keys)]
+        return loss, jax.tree.unflatten(tree, noisy), norms
+
+    def step(params, model_state, opt_state, x, y):
+        loss, grads, per_example = gradient(params, model_state, x, y)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), model_state, opt_state, loss, per_example
+
+    return step
+
+
 def _conv_backend(variant: str, platform: str) -> str:
     """The convolution kernels a variant's step ran on. Only jbp's manual rule takes oneDNN
     (float32 on CPU, JBP_CONV_BACKEND / jbp.set_conv_backend; docs/onednn.md), the memory-policy
@@ -335,7 +421,7 @@ def _conv_backend(variant: str, platform: str) -> str:
     and the lax reference differentiate XLA's convolution."""
     if variant == "torch":
         return "torch"
-    if not variant.startswith("manual") or platform != "cpu":
+    if not (variant.startswith(("manual", "q-")) or variant == "dp") or platform != "cpu":
         return "xla"
     from jbp import cpu_conv  # noqa: PLC0415
     return cpu_conv.describe()

@@ -12,6 +12,18 @@ Equations (EQUATIONS.md, "Convolution"), with stride ``s``, dilation ``d``, ``δ
 
 ``a`` above is the zero-padded input; the backward crops the padding away again.
 
+Per-example quantities (``jbp._probes``; EQUATIONS.md, "Per-example quantities"), ``T`` output
+positions, ``p_{n,t}`` the patch of ``a_n`` under output position ``t`` flattened as (KH, KW,
+C_in) (= W's rows flattened to (KH·KW·C_in, C_out)), ``δ_{n,t}`` its output gradient::
+
+    batch_grad        ∂ℓ_n/∂W = Σ_t p_{n,t} ⊗ δ_{n,t}   (the weight-gradient equation on example n
+                      alone, vmapped over n: no patches),  ∂ℓ_n/∂b = Σ_t δ_{n,t}
+    batch_l2          ‖∂ℓ_n/∂W‖² = Σ_{t,t'} (p_{n,t}·p_{n,t'}) (δ_{n,t}·δ_{n,t'})  (patches and Gram
+                      matrices, N·(T·K + T²) values) when they are fewer than the per-example
+                      gradients (N·K·C_out values, K = KH·KW·C_in), else from those
+    sum_grad_squared  Σ_n (∂ℓ_n/∂W)²
+    kfac (KFC)        A = Σ_{n,t} p_{n,t} p_{n,t}ᵀ,  G = (1/T) Σ_{n,t} δ_{n,t} δ_{n,t}ᵀ  (groups 1)
+
 What runs: each equation is named once here and run by ``jbp._conv_kernels.dispatch``. Its
 generic form, one XLA convolution (``jbp.layers.conv_equations``), is what runs on GPU and TPU.
 On CPU, where XLA runs some shapes of those convolutions slowly, the same sums have faster
@@ -28,12 +40,15 @@ from typing import Optional
 
 import jax
 
-from jbp import _checks, _residuals
+import jax.numpy as jnp
+from jax import lax
+
+from jbp import _checks, _probes, _residuals
 from jbp._conv_kernels import dispatch
 from jbp.layers import padding as _padding
-from jbp.layers.conv_equations import ConvConfig, channel_sum
+from jbp.layers.conv_equations import ConvConfig, channel_sum, out_hw, weight_grad
 from jbp._registry import layer
-from jbp._rule import cast_like, manual_rule
+from jbp._rule import call_probed, cast_like, manual_rule
 
 
 # --- the rule: forward, residuals, backward ---------------------------------------------------
@@ -71,7 +86,74 @@ def _bwd(cfg: ConvConfig, res, g):
     return cast_like(dx, x), cast_like(dw, w), cast_like(db, b)
 
 
-_conv2d_rule = manual_rule("conv2d", _forward, _fwd, _bwd, num_args=4, primal=_rule_forward)
+# --- per-example quantities from the same residuals and δ (module docstring) -------------------
+
+def per_example_weight_grad(x, g, w_shape, cfg: ConvConfig):
+    """∂ℓ_n/∂W for every n, shape (N, KH, KW, C_in // groups, C_out): the weight-gradient
+    equation applied to each example alone, vmapped over n (XLA batches it into one grouped
+    convolution; N·K·C_out values, no patches)."""
+    return jax.vmap(lambda xn, gn: weight_grad(xn[None], gn[None], w_shape, cfg))(x, g)
+
+
+def patches(x, w_shape, cfg: ConvConfig):
+    """p_{n,t}: shape (N, T, KH·KW·C_in), T = H_out·W_out, each patch flattened as (KH, KW,
+    C_in) like W's rows (groups = 1): KH·KW strided slices of the zero-padded input,
+    p[n, (h, w), (i, j, c)] = a[n, h·s+i·d, w·s+j·d, c] (memory moves, no arithmetic)."""
+    kh, kw, cin, _ = w_shape
+    (sh, sw), (dh, dw) = cfg.stride, cfg.dilation
+    ho, wo = out_hw(x.shape, w_shape, cfg)
+    a = jnp.pad(x, ((0, 0), *cfg.padding, (0, 0)))
+    taps = [lax.slice(a, (0, i * dh, j * dw, 0),
+                      (a.shape[0], i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, cin),
+                      (1, sh, sw, 1))
+            for i in range(kh) for j in range(kw)]                     # each (N, H_out, W_out, C)
+    return jnp.stack(taps, axis=3).reshape(x.shape[0], ho * wo, kh * kw * cin)
+
+
+def batch_l2_by_gram(x, g, w_shape, cfg: ConvConfig):
+    """‖∂ℓ_n/∂W‖² = Σ_{t,t'} (p_{n,t}·p_{n,t'}) (δ_{n,t}·δ_{n,t'}), shape (N,) (groups = 1)."""
+    p = patches(x, w_shape, cfg)
+    d = g.reshape(g.shape[0], -1, g.shape[-1])
+    return jnp.einsum("nts,nts->n", jnp.einsum("ntk,nsk->nts", p, p),
+                      jnp.einsum("ntc,nsc->nts", d, d))
+
+
+def gram_is_smaller(x_shape, g_shape, w_shape, groups) -> bool:
+    """Whether the Gram route of ``batch_l2`` holds fewer values than the per-example
+    gradients: patches and Gram matrices, T·K + T², against K·C_out per example (groups = 1)."""
+    t = g_shape[1] * g_shape[2]
+    k = w_shape[0] * w_shape[1] * w_shape[2]
+    return groups == 1 and t * k + t * t < k * w_shape[3]
+
+
+def _quantities(cfg: ConvConfig, res, g, names):
+    """The per-example quantities of W and b (module docstring)."""
+    kept, w, b = res
+    x = _residuals.decompress(kept, cfg.residuals, w.dtype)
+    _, names_w, names_b = names
+    qw, qb = {}, {}
+    if names_w:
+        materialised = [n for n in names_w if n in ("batch_grad", "sum_grad_squared")]
+        if "batch_l2" in names_w and not gram_is_smaller(x.shape, g.shape, w.shape, cfg.groups):
+            materialised.append("batch_l2")
+        if materialised:
+            grad_n = per_example_weight_grad(x, g, w.shape, cfg)
+            qw.update(_probes.from_per_example(grad_n, materialised, w.dtype))
+        if "batch_l2" in names_w and "batch_l2" not in qw:
+            qw["batch_l2"] = cast_like(batch_l2_by_gram(x, g, w.shape, cfg), w)
+        if "kfac" in names_w:
+            p = patches(x, w.shape, cfg).reshape(-1, w.shape[0] * w.shape[1] * w.shape[2])
+            d = g.reshape(-1, g.shape[-1])
+            t = g.shape[1] * g.shape[2]
+            qw["kfac"] = (cast_like(p.T @ p, w), cast_like(d.T @ d / t, w))
+    if names_b:
+        _probes.check_kfac(names_b, "a bias")
+        qb = _probes.from_per_example(jnp.sum(g, axis=(1, 2)), names_b, b.dtype)
+    return None, qw or None, qb or None
+
+
+_conv2d_rule = manual_rule("conv2d", _forward, _fwd, _bwd, num_args=4, primal=_rule_forward,
+                           quantities=_quantities)
 
 
 def conv_config(x, w, b=None, *, stride=1, padding="SAME", dilation=1, groups=1,
@@ -143,7 +225,14 @@ def conv2d(rule, pad, x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None,
     ``∂L/∂a`` = full convolution of the stride-dilated ``δ`` with ``W`` rotated 180° and
     channels swapped. Residuals: ``x``, ``w`` and ``b`` (``(x.size + w.size + C_out) ·
     itemsize`` bytes; ``b`` only for its dtype; the padded ``x`` with a padding mode).
+    ``w``/``b`` wrapped by ``jbp.quantities`` (``jbp._probes.Probed``): the backward also gives
+    their per-example quantities (module docstring).
     """
+    w, probes_w = _probes.unwrap(w)
+    b, probes_b = _probes.unwrap(b)
+    if probes_w and "kfac" in probes_w and groups != 1:
+        raise ValueError(f"quantities: 'kfac' (KFC) factors are defined for conv2d with "
+                         f"groups=1, got groups={groups}")
     cfg = conv_config(x, w, b, stride=stride, padding=padding, dilation=dilation,
                       groups=groups, residuals=residuals)
     if padding_mode != "zeros":
@@ -152,4 +241,4 @@ def conv2d(rule, pad, x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None,
                              f"got {padding_mode!r}")
         x = pad(x, cfg.padding, padding_mode)
         cfg = cfg._replace(padding=((0, 0), (0, 0)))
-    return rule(x, w, b, cfg)
+    return call_probed(rule, (None, probes_w, probes_b), x, w, b, cfg)

@@ -6,6 +6,14 @@ Equations (EQUATIONS.md, "Fully connected"), ``z = a W + b`` with ``a: (N, in)``
     ∂L/∂W = aᵀ δ          (a sum over the batch of outer products a_n ⊗ δ_n)
     ∂L/∂b = Σ_n δ_n
     ∂L/∂a = δ Wᵀ
+
+Per-example quantities (``jbp._probes``; EQUATIONS.md, "Per-example quantities"), from the
+kept ``a_n`` and the received ``δ_n`` of example ``n``::
+
+    batch_grad        ∂ℓ_n/∂W = a_n ⊗ δ_n,           ∂ℓ_n/∂b = δ_n
+    batch_l2          ‖a_n ⊗ δ_n‖² = ‖a_n‖² ‖δ_n‖²,  ‖δ_n‖²       (no (N, in, out) tensor)
+    sum_grad_squared  Σ_n (a_n ⊗ δ_n)² = (a²)ᵀ (δ²),  Σ_n δ_n²
+    kfac              A = Σ_n a_n a_nᵀ (in, in),  G = Σ_n δ_n δ_nᵀ (out, out)
 """
 
 from __future__ import annotations
@@ -16,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jbp import _checks
+from jbp import _checks, _probes
 from jbp._registry import layer
-from jbp._rule import cast_like, manual_rule
+from jbp._rule import call_probed, cast_like, manual_rule
 
 
 def _dense_forward(x, w, b, _cfg=None):
@@ -39,7 +47,29 @@ def _dense_bwd(_cfg, res, g):
     return cast_like(dx, x), cast_like(dw, w), cast_like(db, b)
 
 
-_dense_rule = manual_rule("dense", _dense_forward, _dense_fwd, _dense_bwd, num_args=4)
+def _dense_quantities(_cfg, res, g, names):
+    """The per-example quantities of W and b (module docstring) from a (N, in), δ (N, out)."""
+    x, w, b = res
+    _, names_w, names_b = names
+    qw, qb = {}, {}
+    for name in names_w or ():
+        if name == "batch_grad":
+            qw[name] = jnp.einsum("ni,no->nio", x, g)                 # a_n ⊗ δ_n
+        elif name == "batch_l2":
+            qw[name] = jnp.sum(x * x, axis=1) * jnp.sum(g * g, axis=1)   # ‖a_n‖² ‖δ_n‖²
+        elif name == "sum_grad_squared":
+            qw[name] = jnp.square(x).T @ jnp.square(g)                # (a²)ᵀ (δ²)
+        elif name == "kfac":
+            qw[name] = (cast_like(x.T @ x, w), cast_like(g.T @ g, w))  # Σ a aᵀ, Σ δ δᵀ
+    qw = {k: v if k == "kfac" else cast_like(v, w) for k, v in qw.items()}
+    if names_b:
+        _probes.check_kfac(names_b, "a bias")
+        qb = _probes.from_per_example(g, names_b, b.dtype)          # ∂ℓ_n/∂b = δ_n
+    return None, qw or None, qb or None
+
+
+_dense_rule = manual_rule("dense", _dense_forward, _dense_fwd, _dense_bwd, num_args=4,
+                          quantities=_dense_quantities)
 
 
 def _check_dense(x, w, b):
@@ -78,8 +108,17 @@ def dense(rule, x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None) -> ja
 
     Backward (``jbp.layers.linear``): ``∂L/∂W = aᵀ δ``, ``∂L/∂b = Σ_n δ_n``, ``∂L/∂a = δ Wᵀ``.
     Residuals: ``a``, ``W`` and ``b`` (``(N·in + in·out + out) · itemsize`` bytes).
+    ``w``/``b`` wrapped by ``jbp.quantities`` (``jbp._probes.Probed``): the backward also gives
+    their per-example quantities (module docstring); ``x`` must then be ``(N, in)``.
     """
+    w, probes_w = _probes.unwrap(w)
+    b, probes_b = _probes.unwrap(b)
     _check_dense(x, w, b)
+    if probes_w is not None or probes_b is not None:
+        if x.ndim != 2:
+            raise ValueError(f"x: per-example quantities of dense need x of shape (N, in), one "
+                             f"row per example, got {tuple(x.shape)}")
+        return call_probed(rule, (None, probes_w, probes_b), x, w, b, None)
     if x.ndim == 2:
         return rule(x, w, b, None)
     z = rule(x.reshape(-1, x.shape[-1]), w, b, None)     # N = the product of leading axes

@@ -8,6 +8,12 @@ other axes, ``M`` = number of values per channel (``N·H·W`` for images)::
     ∂L/∂x = (γ / (M √(σ² + ε))) · (M δ − Σ δ − x̂ ⊙ Σ(δ ⊙ x̂))
     evaluation (running statistics, affine in x):  ∂L/∂x = δ γ / √(σ²_run + ε)
 
+Per-example quantities (``jbp._probes``; EQUATIONS.md, "Per-example quantities") exist in
+evaluation mode only, where example n's output depends on example n alone:
+``∂ℓ_n/∂γ = Σ_{h,w} δ_n ⊙ x̂_n``, ``∂ℓ_n/∂β = Σ_{h,w} δ_n``. In training mode the batch
+statistics couple every example to every other, so "the gradient of example n" is not defined
+by the backward; asking for it is an error (as in BackPACK).
+
 Conventions: running statistics are state, not parameters. They are updated as
 ``m·old + (1 − m)·batch`` with the *unbiased* batch variance (``σ² · M/(M − 1)``, like PyTorch;
 ``m = momentum = 0.9`` matches PyTorch's ``momentum=0.1``), and they receive no gradient in either
@@ -30,9 +36,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbp import _checks, _residuals
+from jbp import _checks, _probes, _residuals
 from jbp._registry import layer
-from jbp._rule import cast_like, compute_dtype, manual_rule
+from jbp._rule import call_probed, cast_like, compute_dtype, manual_rule
 
 
 def _stat_axes(x):
@@ -132,7 +138,26 @@ def _eval_bwd(eps, res, g):
     return dx.astype(g.dtype), cast_like(d_gamma, gamma), cast_like(d_beta, beta), None, None
 
 
-_eval_rule = manual_rule("batch_norm", _eval_forward, _eval_fwd, _eval_bwd, num_args=6)
+def _eval_quantities(_eps, res, g, names):
+    """Per-example quantities of γ and β: from ∂ℓ_n/∂γ = Σ δ_n ⊙ x̂_n, ∂ℓ_n/∂β = Σ δ_n (sums
+    over every axis but the batch and the channels)."""
+    x_hat, _, gamma, beta = res
+    gc = g.astype(x_hat.dtype)
+    inner = tuple(range(1, x_hat.ndim - 1))
+    _, names_gamma, names_beta, _, _ = names
+    q_gamma = q_beta = None
+    if names_gamma:
+        _probes.check_kfac(names_gamma, "batch norm's gamma")
+        q_gamma = _probes.from_per_example(jnp.sum(gc * x_hat, axis=inner), names_gamma,
+                                           gamma.dtype)
+    if names_beta:
+        _probes.check_kfac(names_beta, "batch norm's beta")
+        q_beta = _probes.from_per_example(jnp.sum(gc, axis=inner), names_beta, beta.dtype)
+    return None, q_gamma, q_beta, None, None
+
+
+_eval_rule = manual_rule("batch_norm", _eval_forward, _eval_fwd, _eval_bwd, num_args=6,
+                         quantities=_eval_quantities)
 
 
 def _check(x, gamma, beta, running_mean, running_var, train, momentum, eps):
@@ -203,13 +228,24 @@ def batch_norm(train_rule, eval_rule, x: jax.Array, gamma: jax.Array, beta: jax.
     Residuals (train): ``x``, ``μ``, ``1/σ``, ``γ`` and ``β`` (``M·C`` values of ``x``'s
     dtype plus ``4C``; ``x̂`` is recomputed in the backward).
     Eval: ``x̂``, ``1/σ``, ``γ``, ``β``.
+    ``gamma``/``beta`` wrapped by ``jbp.quantities`` (``jbp._probes.Probed``): in evaluation
+    mode the backward also gives their per-example quantities; in training mode it is an error.
     """
+    gamma, probes_gamma = _probes.unwrap(gamma)
+    beta, probes_beta = _probes.unwrap(beta)
+    probed = probes_gamma is not None or probes_beta is not None
+    if probed and train is True:
+        raise ValueError("quantities: per-example quantities are not defined through batch_norm "
+                         "in training mode (train=True): its batch statistics couple the "
+                         "examples. Run the model with train=False (running statistics), or "
+                         "use a model without batch norm")
     _check(x, gamma, beta, running_mean, running_var, train, momentum, eps)
     _residuals.check(residuals)
     running_mean = lax.stop_gradient(running_mean)
     running_var = lax.stop_gradient(running_var)
     if not train:
-        y = eval_rule(x, gamma, beta, running_mean, running_var, float(eps))
+        y = call_probed(eval_rule, (None, probes_gamma, probes_beta, None, None),
+                        x, gamma, beta, running_mean, running_var, float(eps))
         return y, (running_mean, running_var)
     _check_axis(axis_name)
     y, mean, var = train_rule(x, gamma, beta, float(eps), axis_name, residuals)

@@ -40,6 +40,7 @@ import numpy as np
 from jbp import checkpoint, cpu_conv, data, models, parallel, report
 from jbp import config as config_lib
 from jbp.policy import LayerPolicy
+from jbp.train import privacy
 from jbp.train import run_dir as run_dirs
 from jbp.train.optim import optimizer_from_config
 from jbp.train.step import (evaluate, init_train_state, leaf_names,
@@ -185,8 +186,12 @@ def fit(cfg: config_lib.Config, run_dir: str, *, resume: bool = False, overwrite
             f.write(config_text)
     if mesh is not None:
         state = parallel.replicate(state, mesh)
-    train_step = make_train_step(model.apply, optimizer, layers=layers,
-                                 check_finite=tc.check_finite, mesh=mesh, precision=tc.precision)
+    try:
+        train_step = make_train_step(model.apply, optimizer, layers=layers,
+                                     check_finite=tc.check_finite, mesh=mesh,
+                                     precision=tc.precision, dp=tc.dp)
+    except ValueError as e:                        # train.dp with a setting it does not take
+        raise FitError(str(e)) from e
     eval_step = make_eval_step(model.apply, layers=layers)
     names = leaf_names(state.params)
 
@@ -283,6 +288,10 @@ def fit(cfg: config_lib.Config, run_dir: str, *, resume: bool = False, overwrite
                       **_segmentation_record(result),
                       "images_per_s": images / train_time,
                       "wall_s": time.perf_counter() - start}
+            if tc.dp is not None:                # privacy spent so far (jbp.train.privacy)
+                record["epsilon"] = privacy.epsilon(int(state.step), tc.batch_size,
+                                                    source.num_train, tc.dp.noise_multiplier)
+                record["delta"] = privacy.DELTA
             write(record)
             miou = f"  test mIoU {result['miou']:.4f}" if result.get("miou") is not None else ""
             say(f"epoch {epoch + 1:>3}/{tc.epochs}  test loss {result['loss']:.4f}  test acc "
@@ -298,6 +307,8 @@ def fit(cfg: config_lib.Config, run_dir: str, *, resume: bool = False, overwrite
                "images_per_s": images / train_time, "wall_s": wall,
                "steps": int(state.step), "backend": jax.default_backend(),
                "conv_backend": conv, "run_dir": out, **source.counters(),
+               **({k: record[k] for k in ("epsilon", "delta")} if tc.dp is not None and result
+                  else {}),
                "config": dataclasses.asdict(cfg)}
     if not main_process:
         say(f"done (process {jax.process_index()}): test accuracy {_maybe(result['accuracy'])}")

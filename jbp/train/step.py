@@ -28,11 +28,16 @@ Precision (``precision="bf16"``): float32 master parameters and optimiser state;
 parameters and images to bfloat16 for the forward and backward (batch norm keeps its statistics
 in float32, as it does for any half-precision input), computes the loss in float32 from float32
 logits, and hands float32 gradients to the optimiser.
+
+DP-SGD (``dp=(clip_norm, noise_multiplier)``, config ``train.dp``): the gradient is the clipped,
+noised one of :mod:`jbp.train.privacy` (per-example norms from the rules' probes, a second
+backward with per-example scaled δ); one device, a loss by name.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
@@ -42,6 +47,7 @@ import numpy as np
 import optax
 
 from jbp.models import Model
+from jbp.train import privacy
 from jbp.policy import LayerPolicy, resolve
 from jbp.parallel import DATA_AXIS
 
@@ -168,8 +174,13 @@ def make_train_step(apply: Callable, optimizer: optax.GradientTransformation,
                     grad: Optional[str] = None, layers: Optional[LayerPolicy] = None,
                     donate: bool = True,
                     check_finite: bool = True,
-                    mesh=None, precision: str = "f32") -> Callable:
+                    mesh=None, precision: str = "f32", dp=None) -> Callable:
     """A jit-compiled ``step(state, x, y) -> (state, metrics)``.
+
+    ``dp``: ``None``, or DP-SGD's ``(clip_norm, noise_multiplier)`` (or an object with those
+    attributes, ``jbp.config.DPConfig``): the step applies :func:`jbp.train.privacy.
+    clipped_gradient` (module docstring), and ``metrics`` add ``clipped_fraction`` and
+    ``per_example_norms`` (N,).
 
     ``mesh``: a ``jax.sharding.Mesh`` with an axis ``"data"`` makes the step data parallel over
     it (module docstring): ``x`` and ``y`` sharded along their first axis (whose size must divide
@@ -196,6 +207,39 @@ def make_train_step(apply: Callable, optimizer: optax.GradientTransformation,
     if axis is not None:
         layers = dataclasses.replace(layers, axis_name=axis)
     objective = make_loss(apply, loss, layers=layers, precision=precision)
+    if dp is not None:
+        clip_norm, noise = (dp if isinstance(dp, tuple)
+                            else (getattr(dp, "clip_norm", None),
+                                  getattr(dp, "noise_multiplier", None)))
+        privacy.check(clip_norm, noise)
+        if mesh is not None:
+            raise ValueError("train.dp: DP-SGD runs on one device (its per-example quantities "
+                             "are not written for shard_map); set train.data_parallel='off'")
+        if not isinstance(loss, str) or precision != "f32":
+            raise ValueError("train.dp: DP-SGD needs a loss by name and precision='f32'")
+        per_element = functools.partial(_loss_fn(loss, layers), reduction="none")
+
+        def per_example_loss(logits, y):
+            """ℓ_n: the mean over an example's elements (mse, BCE), so that mean_n ℓ_n = L."""
+            values = per_element(logits, y)
+            return jnp.mean(values.reshape(values.shape[0], -1), axis=1)
+
+    def gradients(state: TrainState, x, y):
+        """(loss, (logits, model_state), grads, extra metrics)."""
+        if dp is None:
+            key = None
+            if random:                   # this step's key; data parallel: this device's own
+                key = jax.random.fold_in(state.rng, state.step)
+                if axis is not None:
+                    key = jax.random.fold_in(key, jax.lax.axis_index(axis))
+            (loss_value, aux), grads = jax.value_and_grad(global_objective, has_aux=True)(
+                state.params, state.model_state, x, y, key)
+            return loss_value, aux, grads, {}
+        key = jax.random.fold_in(state.rng, state.step)
+        loss_value, logits, model_state, grads, stats = privacy.clipped_gradient(
+            apply, per_example_loss, layers, state.params, state.model_state, x, y,
+            clip_norm=clip_norm, noise_multiplier=noise, key=key)
+        return loss_value, (logits, model_state), grads, stats
 
     def global_objective(params, model_state, x, y, key):
         loss_value, aux = objective(params, model_state, x, y, key)
@@ -204,20 +248,15 @@ def make_train_step(apply: Callable, optimizer: optax.GradientTransformation,
     random = takes_key(apply)
 
     def step(state: TrainState, x, y):
-        key = None
-        if random:                       # this step's key; data parallel: this device's own
-            key = jax.random.fold_in(state.rng, state.step)
-            if axis is not None:
-                key = jax.random.fold_in(key, jax.lax.axis_index(axis))
-        (loss_value, (logits, model_state)), grads = jax.value_and_grad(
-            global_objective, has_aux=True)(state.params, state.model_state, x, y, key)
+        loss_value, (logits, model_state), grads, extra = gradients(state, x, y)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = TrainState(params, model_state, opt_state, state.step + 1, state.rng)
         leaves = jax.tree.leaves(grads)
         metrics = {"loss": loss_value,
                    "grad_norm": optax.tree.norm(grads),
-                   "leaf_norms": jnp.stack([jnp.sqrt(jnp.sum(jnp.square(g))) for g in leaves])}
+                   "leaf_norms": jnp.stack([jnp.sqrt(jnp.sum(jnp.square(g))) for g in leaves]),
+                   **extra}
         if _class_labels(logits, y):
             accuracy = jnp.mean(jnp.argmax(logits, -1) == y)
             metrics["accuracy"] = accuracy if axis is None else jax.lax.pmean(accuracy, axis)

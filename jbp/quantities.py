@@ -1,0 +1,258 @@
+"""More out of one backward pass: per-example gradients and norms, gradient variance, the GGN
+diagonal and K-FAC factors, from jbp's hand-written rules.
+
+    out = jbp.quantities.compute(model.apply, params, state, x, labels,
+                                 loss="softmax_cross_entropy",
+                                 quantities=("batch_l2", "variance", "diag_ggn"))
+    out["batch_l2"]["fc1"]["w"]        # (N,): ‖∇_W ℓ_n / N‖² of every example
+
+For the loss ``L = (1/N) Σ_n ℓ_n`` (``reduction="sum"``: ``L = Σ_n ℓ_n``, and every ``/N`` below
+is dropped), ``g_n = ∇_θ ℓ_n / N`` and ``z`` the model's output (EQUATIONS.md, "Per-example
+quantities"), each entry has the structure of ``params``:
+
+===================  ===============================================================  =========
+``batch_grad``       ``g_n`` for every example                                        ``(N, *p)``
+``batch_l2``         ``‖g_n‖²`` per example and parameter array                       ``(N,)``
+``sum_grad_squared`` ``Σ_n g_n²``                                                     ``p``
+``variance``         ``(1/N) Σ_n (∇ℓ_n)² − ((1/N) Σ_n ∇ℓ_n)²``                         ``p``
+``diag_ggn``         diag of ``G = (1/N) Σ_n J_nᵀ (∇²_z ℓ_n) J_n``, exact                 ``p``
+``diag_ggn_mc``      the same from ``mc_samples`` samples of the predictive distribution  ``p``
+``kfac``             ``(A, G)`` per dense/conv weight (``None`` for other parameters)
+===================  ===============================================================  =========
+
+plus ``"loss"`` and ``"grad"`` (``Σ_n g_n``).
+
+How (the design): every parameterised layer (dense, conv2d, batch_norm in evaluation mode)
+declares, beside its rule, a ``quantities`` function (``jbp._rule.manual_rule(...,
+quantities=...)``) that computes these from the ``a_n`` its rule keeps and the ``δ_n`` its
+backward receives. They leave the backward as cotangents of zero *probes* that travel with the
+parameters (``jbp._probes``): :func:`compute` wraps each parameter array as
+``Probed(value, {name: zeros})`` and differentiates with respect to the wrapped tree, so
+everything is one forward and one backward under ``jax.jit`` (the model code is untouched).
+
+- ``batch_grad``, ``batch_l2``, ``sum_grad_squared``, ``variance``: one ``jax.grad`` of the
+  loss; ``δ`` carries the ``1/N``. Dense ``batch_l2`` is ``‖a_n‖²‖δ_n‖²`` and never forms a
+  per-example gradient; conv picks Gram matrices or per-example gradients, whichever holds
+  fewer values (``jbp.layers.conv``).
+- ``diag_ggn``: ``∇²_z ℓ_n = S_n S_nᵀ`` with ``C`` columns (softmax cross-entropy:
+  ``S = diag(√p) − p √pᵀ``; mean squared error: ``√(2/C) I``, sum: ``√2 I``); one forward
+  (``jax.vjp``), then the backward of every column at once (``jax.vmap`` of the VJP over the
+  ``C`` columns), each rule writing ``Σ_n (J_nᵀ s_{n,c})²`` for its parameters; summed over
+  ``c``, times ``1/N``.
+- ``diag_ggn_mc``: the same with ``M = mc_samples`` columns ``s = ∇_z ℓ_n(ŷ)`` at labels ``ŷ``
+  drawn from the model's predictive distribution (cross-entropy: ``p − onehot(ŷ)``; MSE:
+  ``√(2/C) ε``, ``ε ~ N(0, I)``), ``E[s sᵀ] = ∇²_z ℓ_n``, averaged over ``M``; needs ``key``.
+- ``kfac``: the rules' ``Σ a aᵀ`` and ``(1/T) Σ δ δᵀ`` over the exact factor's columns:
+  ``A = (1/N) Σ_{n,t} a aᵀ`` and ``G = (1/N) Σ_n (1/T) Σ_{t,c} δ δᵀ`` (KFC for convolutions, Grosse
+  & Martens 2016); with ``reduction="sum"`` ``G`` drops its ``1/N``, ``A`` stays a mean. For one
+  example ``kron(A, G)`` is the GGN block of ``W`` flattened row-major (dense ``(in, out)``;
+  conv with a 1×1 output ``(KH·KW·C_in, C_out)``) exactly.
+
+Batch norm in training mode couples the examples: per-example quantities through it are an
+error (run with ``train=False``). A parameter used by two layers would add the two layers'
+``batch_l2`` instead of forming one norm; jbp's models use each parameter once. Single device
+only (outside ``shard_map``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jbp._probes import Probed
+from jbp.policy import LayerPolicy
+
+#: Every quantity :func:`compute` knows.
+QUANTITIES = ("batch_grad", "batch_l2", "sum_grad_squared", "variance", "diag_ggn",
+              "diag_ggn_mc", "kfac")
+#: The losses whose Hessian factor (``diag_ggn``, ``diag_ggn_mc``, ``kfac``) is written here.
+GGN_LOSSES = ("softmax_cross_entropy", "mse")
+#: The losses :func:`compute` accepts (each a mean of equal per-example terms).
+LOSSES = ("softmax_cross_entropy", "mse", "sigmoid_binary_cross_entropy")
+REDUCTIONS = ("mean", "sum")
+
+_FIRST_PASS = ("batch_grad", "batch_l2", "sum_grad_squared", "variance")
+_CURVATURE = ("diag_ggn", "diag_ggn_mc", "kfac")
+
+
+def check(quantities, loss, reduction, key, mc_samples) -> tuple:
+    """The requested names, validated (jbp messages, docs/errors.md)."""
+    if isinstance(quantities, str) or not isinstance(quantities, (tuple, list)) or \
+            not quantities:
+        raise TypeError(f"quantities: expected a non-empty tuple of names from {QUANTITIES}, "
+                        f"got {quantities!r}")
+    for name in quantities:
+        if name not in QUANTITIES:
+            raise ValueError(f"quantities: unknown quantity {name!r}; known: "
+                             f"{', '.join(QUANTITIES)}")
+    if not isinstance(loss, str) or loss not in LOSSES:
+        raise ValueError(f"loss: expected one of {LOSSES} (by name), got {loss!r}")
+    curvature = [q for q in quantities if q in _CURVATURE]
+    if curvature and loss not in GGN_LOSSES:
+        raise ValueError(f"loss: {curvature[0]!r} needs a factor of the loss Hessian, written "
+                         f"for {GGN_LOSSES}; not defined for {loss!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    if "diag_ggn_mc" in quantities:
+        if key is None:
+            raise ValueError("key: 'diag_ggn_mc' samples from the predictive distribution; pass "
+                             "key=jax.random.key(...)")
+        if not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1:
+            raise ValueError(f"mc_samples: expected a positive int, got {mc_samples!r}")
+    return tuple(dict.fromkeys(quantities))
+
+
+def compute(apply: Callable, params, state, x, labels, *,
+            loss: str = "softmax_cross_entropy", quantities: Sequence[str],
+            reduction: str = "mean", key: Optional[jax.Array] = None, mc_samples: int = 1,
+            train: bool = False) -> dict:
+    """The ``quantities`` of the loss of ``apply(params, state, x)`` against ``labels``
+    (module docstring), from one forward and one backward (plus the batched curvature
+    columns), jit-compiled.
+
+    Args:
+      apply: a model's ``apply(params, state, x, *, train, layers)`` (``jbp.models``).
+      params, state: its parameters and state (batch-norm running statistics).
+      x: the batch, ``(N, ...)``; labels: what ``loss`` takes (class indices for
+        cross-entropy, targets of the logits' shape for ``mse``).
+      loss: the name of a jbp loss, :data:`LOSSES`.
+      quantities: names from :data:`QUANTITIES`.
+      reduction: ``"mean"`` (``L = (1/N) Σ ℓ_n``) or ``"sum"``.
+      key, mc_samples: the PRNG key and sample count of ``diag_ggn_mc``.
+      train: the model's mode; ``True`` through batch norm is an error (module docstring).
+
+    Returns:
+      ``{"loss": L, "grad": ∇L, name: tree with params' structure, ...}``.
+    """
+    names = check(quantities, loss, reduction, key, mc_samples)
+    fn = _compiled(apply, names, loss, reduction, mc_samples if key is not None else 0,
+                   bool(train))
+    return fn(params, state, x, labels, key)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(apply, names, loss, reduction, mc_samples, train):
+    return jax.jit(functools.partial(_compute, apply, names, loss, reduction, mc_samples,
+                                     train))
+
+
+def _loss_value(loss, logits, labels, reduction):
+    fn = getattr(LayerPolicy(), loss)
+    return fn(logits, labels) if reduction == "mean" else fn(logits, labels, reduction="sum")
+
+
+def _is_weight(leaf) -> bool:
+    """Dense (in, out) and conv (KH, KW, C_in, C_out) weights get K-FAC probes."""
+    return leaf.ndim in (2, 4)
+
+
+def _probe(leaf, names, n):
+    shapes = {"batch_grad": (n, *leaf.shape), "batch_l2": (n,),
+              "sum_grad_squared": leaf.shape}
+    probes = {name: jnp.zeros(shapes[name], leaf.dtype) for name in names if name in shapes}
+    if "kfac" in names and _is_weight(leaf):
+        rows = leaf.shape[0] if leaf.ndim == 2 else leaf.shape[0] * leaf.shape[1] * leaf.shape[2]
+        probes["kfac"] = (jnp.zeros((rows, rows), leaf.dtype),
+                          jnp.zeros((leaf.shape[-1],) * 2, leaf.dtype))
+    return Probed(leaf, probes) if probes else leaf
+
+
+def _wrap(params, names, n):
+    return jax.tree.map(lambda leaf: _probe(leaf, names, n), params)
+
+
+def _is_probed(node) -> bool:
+    return isinstance(node, Probed)
+
+
+def _field(tree, name, default=None):
+    """The cotangent of probe ``name`` at every parameter (``default`` where there is none)."""
+    return jax.tree.map(lambda node: node.probes.get(name, default) if _is_probed(node)
+                        else default, tree, is_leaf=_is_probed)
+
+
+def _values(tree):
+    return jax.tree.map(lambda node: node.value if _is_probed(node) else node, tree,
+                        is_leaf=_is_probed)
+
+
+def _hessian_columns(loss, logits, reduction):
+    """``S`` with ``∇²_z ℓ_n = S_n S_nᵀ``, as C columns: shape (C, N, C)."""
+    n, c = logits.shape
+    if loss == "softmax_cross_entropy":
+        p = jax.nn.softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
+        sqrt_p = jnp.sqrt(p)
+        # S[n, i, k] = δ_ik √p_k − p_i √p_k;  column k is S[:, :, k]
+        s = (jnp.eye(c, dtype=p.dtype)[None] - p[:, :, None]) * sqrt_p[:, None, :]
+        return jnp.transpose(s, (2, 0, 1)).astype(logits.dtype)
+    scale = jnp.sqrt(2.0 / c) if reduction == "mean" else jnp.sqrt(2.0)
+    return jnp.broadcast_to(scale * jnp.eye(c, dtype=logits.dtype)[:, None, :], (c, n, c))
+
+
+def _sampled_columns(loss, logits, reduction, key, m):
+    """M columns s with ``E[s sᵀ] = ∇²_z ℓ_n``: shape (M, N, C)."""
+    n, c = logits.shape
+    if loss == "softmax_cross_entropy":
+        p = jax.nn.softmax(logits, axis=-1)
+        drawn = jax.random.categorical(key, logits, axis=-1, shape=(m, n))
+        return p[None] - jax.nn.one_hot(drawn, c, dtype=logits.dtype)
+    scale = jnp.sqrt(2.0 / c) if reduction == "mean" else jnp.sqrt(2.0)
+    return scale * jax.random.normal(key, (m, n, c), logits.dtype)
+
+
+def _compute(apply, names, loss, reduction, mc_samples, train, params, state, x, labels, key):
+    n = x.shape[0]
+    policy = LayerPolicy()
+    scale = 1.0 / n if reduction == "mean" else 1.0      # the 1/N of the loss
+    out = {}
+
+    first = tuple(q for q in ("batch_grad", "batch_l2", "sum_grad_squared") if q in names)
+    if "variance" in names and "sum_grad_squared" not in first:
+        first += ("sum_grad_squared",)
+
+    def objective(probed):
+        logits, _ = apply(probed, state, x, train=train, layers=policy)
+        return _loss_value(loss, logits, labels, reduction)
+
+    loss_value, cts = jax.value_and_grad(objective)(_wrap(params, first, n))
+    out["loss"], out["grad"] = loss_value, _values(cts)
+    for name in first:
+        if name in names:
+            out[name] = _field(cts, name)
+    if "variance" in names:
+        # ∇ℓ_n = r g_n (r = N for a mean, 1 for a sum):  (1/N) Σ (r g_n)² − ((1/N) Σ r g_n)²
+        r = float(n) if reduction == "mean" else 1.0
+        out["variance"] = jax.tree.map(
+            lambda sgs, grad: r * r * sgs / n - jnp.square(r * grad / n),
+            _field(cts, "sum_grad_squared"), out["grad"])
+
+    curvature = [q for q in names if q in _CURVATURE]
+    if curvature:
+        probe_names = (("sum_grad_squared",) if ("diag_ggn" in names or "diag_ggn_mc" in names)
+                       else ()) + (("kfac",) if "kfac" in names else ())
+
+        def logits_of(probed):
+            return apply(probed, state, x, train=train, layers=policy)[0]
+
+        logits, backward = jax.vjp(logits_of, _wrap(params, probe_names, n))
+        if logits.ndim != 2:
+            raise ValueError(f"quantities: {curvature[0]!r} needs model outputs of shape "
+                             f"(N, C), got {tuple(logits.shape)}")
+        if "diag_ggn" in names or "kfac" in names:
+            (exact,) = jax.vmap(backward)(_hessian_columns(loss, logits, reduction))
+            if "diag_ggn" in names:
+                out["diag_ggn"] = jax.tree.map(lambda v: scale * jnp.sum(v, axis=0),
+                                               _field(exact, "sum_grad_squared"))
+            if "kfac" in names:
+                out["kfac"] = jax.tree.map(
+                    lambda ag: None if ag is None else (ag[0][0] / n, scale * jnp.sum(ag[1], 0)),
+                    _field(exact, "kfac"), is_leaf=lambda v: v is None or isinstance(v, tuple))
+        if "diag_ggn_mc" in names:
+            (sampled,) = jax.vmap(backward)(
+                _sampled_columns(loss, logits, reduction, key, mc_samples))
+            out["diag_ggn_mc"] = jax.tree.map(lambda v: scale * jnp.mean(v, axis=0),
+                                              _field(sampled, "sum_grad_squared"))
+    return out

@@ -1,0 +1,311 @@
+"""jbp.quantities against independent computations with the autodiff twin, in float64:
+per-example quantities against ``jax.vmap(jax.grad(ℓ_n))``, ``diag_ggn`` and the one-example K-FAC
+property against the dense ``Jᵀ H J`` of ``jax.jacrev``/``jax.hessian``, the MC estimate against
+the exact value within a bound derived from the estimator's exact variance."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import jbp
+from jbp import quantities as Q
+from jbp.layers import conv as conv_module
+from jbp.layers.conv_equations import ConvConfig
+from jbp.models import lenet5
+from jbp.policy import LayerPolicy
+
+AUTODIFF = LayerPolicy("autodiff")
+FIRST = ("batch_grad", "batch_l2", "sum_grad_squared", "variance")
+
+
+# --- small models: a dense MLP and a conv net with batch norm (eval) ---------------------------
+
+def mlp_init(key):
+    k = jax.random.split(key, 4)
+    return {"l1": {"w": jax.random.normal(k[0], (12, 7)), "b": jax.random.normal(k[1], (7,))},
+            "l2": {"w": jax.random.normal(k[2], (7, 4)) / 2, "b": jax.random.normal(k[3], (4,))}}
+
+
+def mlp_apply(params, state, x, *, train, layers=LayerPolicy()):
+    h = layers.flatten(x)
+    h = layers.tanh(layers.dense(h, params["l1"]["w"], params["l1"]["b"]))
+    return layers.dense(h, params["l2"]["w"], params["l2"]["b"]), state
+
+
+def bn_net_init(key):
+    """7×7×2 -> conv 3×3 dilation 2 (3 ch) -> BN -> relu -> conv 3×3 VALID (1×1×4) -> BN ->
+    relu -> dense 3. conv2's output is 1×1: its K-FAC block is exact for one example."""
+    k = jax.random.split(key, 8)
+    params = {"c1": {"w": jax.random.normal(k[0], (3, 3, 2, 3)) / 3,
+                     "b": jax.random.normal(k[1], (3,)) / 3},
+              "bn1": {"gamma": 1 + jax.random.normal(k[2], (3,)) / 4,
+                      "beta": jax.random.normal(k[3], (3,)) / 4},
+              "c2": {"w": jax.random.normal(k[4], (3, 3, 3, 4)) / 3},
+              "bn2": {"gamma": 1 + jax.random.normal(k[5], (4,)) / 4,
+                      "beta": jax.random.normal(k[6], (4,)) / 4},
+              "fc": {"w": jax.random.normal(k[7], (4, 3)), "b": jnp.zeros(3)}}
+    state = {"bn1": {"mean": jnp.full(3, 0.1), "var": jnp.full(3, 1.5)},
+             "bn2": {"mean": jnp.full(4, -0.2), "var": jnp.full(4, 0.7)}}
+    return params, state
+
+
+def bn_net_apply(params, state, x, *, train, layers=LayerPolicy()):
+    p, s = params, state
+    h = layers.conv2d(x, p["c1"]["w"], p["c1"]["b"], padding="VALID", dilation=2)
+    h, _ = layers.batch_norm(h, p["bn1"]["gamma"], p["bn1"]["beta"], s["bn1"]["mean"],
+                             s["bn1"]["var"], train=train)
+    h = layers.relu(h)
+    h = layers.conv2d(h, p["c2"]["w"], padding="VALID")
+    h, _ = layers.batch_norm(h, p["bn2"]["gamma"], p["bn2"]["beta"], s["bn2"]["mean"],
+                             s["bn2"]["var"], train=train)
+    h = layers.flatten(layers.relu(h))
+    return layers.dense(h, p["fc"]["w"], p["fc"]["b"]), state
+
+
+# --- the independent computations ----------------------------------------------------------------
+
+def per_example_loss(apply, state, loss):
+    """ℓ_n(θ) of one example through the autodiff twin (a batch of one, so the mean is ℓ_n)."""
+    def ell(params, xn, yn):
+        logits, _ = apply(params, state, xn[None], train=False, layers=AUTODIFF)
+        return getattr(jbp.autodiff, loss)(logits, yn[None])
+    return ell
+
+
+def vmap_route(apply, params, state, x, y, loss, reduction):
+    grads = jax.jit(jax.vmap(jax.grad(per_example_loss(apply, state, loss)), (None, 0, 0)))(
+        params, x, y)
+    n = x.shape[0]
+    return jax.tree.map(lambda g: g / n if reduction == "mean" else g, grads)
+
+
+def dense_ggn(apply, params, state, x, y, loss, reduction):
+    """G = (1/N) Σ_n J_nᵀ H_n J_n from jax.jacrev / jax.hessian of the autodiff twin."""
+    flat, unravel = ravel_pytree(params)
+    n = x.shape[0]
+
+    def logits_n(f, xn):
+        return apply(unravel(f), state, xn[None], train=False, layers=AUTODIFF)[0][0]
+
+    def loss_of_logits(z, yn):
+        return getattr(jbp.autodiff, loss)(z[None], yn[None])     # ℓ_n (a batch of one)
+
+    @jax.jit
+    def block(xn, yn):
+        jac = jax.jacrev(logits_n)(flat, xn)                     # (C, P)
+        hess = jax.hessian(loss_of_logits)(logits_n(flat, xn), yn)
+        return jac.T @ hess @ jac
+
+    total = sum(block(x[i], y[i]) for i in range(n))
+    return total / n if reduction == "mean" else total, unravel
+
+
+def assert_tree_close(got, want, rtol=1e-9, atol=1e-12):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                                                         rtol=rtol, atol=atol), got, want)
+
+
+def check_first_pass(out, apply, params, state, x, y, loss, reduction):
+    grads = vmap_route(apply, params, state, x, y, loss, reduction)
+    n = x.shape[0]
+    r = n if reduction == "mean" else 1                        # ∇ℓ_n = r · g_n
+    assert_tree_close(out["batch_grad"], grads)
+    assert_tree_close(out["batch_l2"], jax.tree.map(
+        lambda g: jnp.sum(g.reshape(n, -1) ** 2, axis=1), grads))
+    assert_tree_close(out["sum_grad_squared"], jax.tree.map(lambda g: jnp.sum(g ** 2, 0), grads))
+    assert_tree_close(out["variance"], jax.tree.map(
+        lambda g: jnp.var(r * g, axis=0), grads), atol=1e-10)
+    assert_tree_close(out["grad"], jax.tree.map(lambda g: jnp.sum(g, 0), grads))
+
+
+def _data(key, n, shape, classes):
+    kx, ky = jax.random.split(key)
+    return (jax.random.normal(kx, (n, *shape), jnp.float64),
+            jax.random.randint(ky, (n,), 0, classes))
+
+
+# --- per-example quantities ----------------------------------------------------------------
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_mlp_per_example_quantities_and_diag_ggn(reduction):
+    params = mlp_init(jax.random.key(0))
+    x, y = _data(jax.random.key(1), 5, (2, 2, 3), 4)
+    out = Q.compute(mlp_apply, params, {}, x, y, quantities=FIRST + ("diag_ggn",),
+                    reduction=reduction)
+    check_first_pass(out, mlp_apply, params, {}, x, y, "softmax_cross_entropy", reduction)
+    ggn, unravel = dense_ggn(mlp_apply, params, {}, x, y, "softmax_cross_entropy", reduction)
+    assert_tree_close(out["diag_ggn"], unravel(jnp.diag(ggn)))
+    if reduction == "mean":        # one example: kron(A, G) is the dense layers' GGN block
+        one = Q.compute(mlp_apply, params, {}, x[:1], y[:1], quantities=("kfac",))
+        ggn1, _ = dense_ggn(mlp_apply, params, {}, x[:1], y[:1], "softmax_cross_entropy", "mean")
+        for layer, (start, size) in ((k[0], v) for k, v in _offsets(params).items()
+                                     if k[1] == "w"):
+            a, g = one["kfac"][layer]["w"]
+            np.testing.assert_allclose(np.kron(a, g), ggn1[start:start + size, start:start + size],
+                                       rtol=1e-9, atol=1e-12)
+
+
+def test_mlp_mse_diag_ggn_and_batch_l2():
+    params = mlp_init(jax.random.key(2))
+    x = jax.random.normal(jax.random.key(3), (4, 2, 2, 3), jnp.float64)
+    y = jax.random.normal(jax.random.key(4), (4, 4), jnp.float64)
+    out = Q.compute(mlp_apply, params, {}, x, y, loss="mse", quantities=("batch_l2", "diag_ggn"))
+    grads = vmap_route(mlp_apply, params, {}, x, y, "mse", "mean")
+    assert_tree_close(out["batch_l2"], jax.tree.map(
+        lambda g: jnp.sum(g.reshape(4, -1) ** 2, axis=1), grads))
+    ggn, unravel = dense_ggn(mlp_apply, params, {}, x, y, "mse", "mean")
+    assert_tree_close(out["diag_ggn"], unravel(jnp.diag(ggn)))
+
+
+def test_bn_net_in_eval_mode_per_example():
+    """Conv (dilated, with and without bias; one by per-example gradients, one by Gram
+    matrices), batch norm in eval, dense: per-example quantities against vmap(grad)."""
+    params, state = bn_net_init(jax.random.key(5))
+    x, y = _data(jax.random.key(6), 3, (7, 7, 2), 3)
+    out = Q.compute(bn_net_apply, params, state, x, y, quantities=FIRST)
+    check_first_pass(out, bn_net_apply, params, state, x, y, "softmax_cross_entropy", "mean")
+
+
+@pytest.mark.slow
+def test_bn_net_in_eval_mode_ggn_and_kfac():
+    """The GGN diagonal, and for one example the K-FAC blocks of the dense and the 1×1-output
+    conv weight, against the dense GGN."""
+    params, state = bn_net_init(jax.random.key(5))
+    x, y = _data(jax.random.key(6), 3, (7, 7, 2), 3)
+    out = Q.compute(bn_net_apply, params, state, x, y, quantities=("diag_ggn",))
+    ggn, unravel = dense_ggn(bn_net_apply, params, state, x, y, "softmax_cross_entropy", "mean")
+    assert_tree_close(out["diag_ggn"], unravel(jnp.diag(ggn)))
+
+    one = Q.compute(bn_net_apply, params, state, x[:1], y[:1], quantities=("kfac",))
+    ggn1, _ = dense_ggn(bn_net_apply, params, state, x[:1], y[:1], "softmax_cross_entropy",
+                        "mean")
+    offsets = _offsets(params)
+    for layer in ("c2", "fc"):
+        a, g = one["kfac"][layer]["w"]
+        start, size = offsets[(layer, "w")]
+        block = ggn1[start:start + size, start:start + size]
+        np.testing.assert_allclose(np.kron(a, g), block, rtol=1e-9, atol=1e-12)
+    assert one["kfac"]["bn1"]["gamma"] is None and one["kfac"]["fc"]["b"] is None
+
+
+def _offsets(params):
+    """Where each leaf sits in ravel_pytree's flat vector: {(layer, name): (start, size)}."""
+    out, start = {}, 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        out[tuple(k.key for k in path)] = (start, leaf.size)
+        start += leaf.size
+    return out
+
+
+@pytest.mark.slow
+def test_lenet5_per_example_quantities():
+    params, _ = lenet5.init(jax.random.key(7), (28, 28, 1), 10)
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+    x, y = _data(jax.random.key(8), 3, (28, 28, 1), 10)
+    out = Q.compute(lenet5.apply, params, {}, x, y, quantities=FIRST)
+    check_first_pass(out, lenet5.apply, params, {}, x, y, "softmax_cross_entropy", "mean")
+
+
+@pytest.mark.parametrize("stride,dilation,padding,groups", [
+    (2, 2, ((1, 2), (0, 1)), 1), (1, 1, "SAME", 2)])
+def test_conv_batch_l2_both_routes_and_patches(stride, dilation, padding, groups):
+    """Gram matrices and per-example gradients give the same ‖∂ℓ_n/∂W‖², and the patches are
+    ordered like W's rows (Σ_t p ⊗ δ reproduces the per-example gradient)."""
+    x = jax.random.normal(jax.random.key(9), (3, 7, 6, 4), jnp.float64)
+    w = jax.random.normal(jax.random.key(10), (3, 2, 4 // groups, 6), jnp.float64)
+    cfg = conv_module.conv_config(x, w, stride=stride, padding=padding, dilation=dilation,
+                                  groups=groups)
+    z = jbp.conv2d(x, w, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    g = jax.random.normal(jax.random.key(11), z.shape, jnp.float64)
+
+    @jax.jit
+    def both(x, w, g):
+        def loss_n(wn, xn, gn):
+            return jnp.sum(jbp.autodiff.conv2d(xn[None], wn, stride=stride, padding=padding,
+                                               dilation=dilation, groups=groups) * gn[None])
+        want = jax.vmap(jax.grad(loss_n), (None, 0, 0))(w, x, g)
+        got = {"grad": conv_module.per_example_weight_grad(x, g, w.shape, cfg)}
+        if groups == 1:
+            got["gram"] = conv_module.batch_l2_by_gram(x, g, w.shape, cfg)
+            p = conv_module.patches(x, w.shape, cfg)
+            got["patches"] = jnp.einsum("ntk,ntc->nkc", p, g.reshape(3, -1, 6)).reshape(
+                want.shape)
+        return want, got
+
+    want, got = both(x, w, g)
+    np.testing.assert_allclose(got["grad"], want, rtol=1e-10, atol=1e-12)
+    if groups == 1:
+        l2 = jnp.sum(want.reshape(3, -1) ** 2, axis=1)
+        np.testing.assert_allclose(got["gram"], l2, rtol=1e-10)
+        np.testing.assert_allclose(got["patches"], want, rtol=1e-10, atol=1e-12)
+
+
+# --- Monte Carlo: converging to the exact value within a variance-derived bound ---------------
+
+def test_diag_ggn_mc_converges_within_its_standard_error():
+    """The single-sample estimate d(ŷ) = (1/N) Σ_n (J_nᵀ (p_n − e_ŷn))² has the exact mean
+    diag_ggn and an exact variance Var(d) = (1/N²) Σ_n Var_ŷ[(J_nᵀ(p_n − e_ŷ))²], enumerated over
+    the classes with the dense Jacobians. With M samples the error, in units of √(Var(d)/M),
+    must look like a standard normal: RMS ≤ 2 and max ≤ 6 over the parameters, at M = 16 and
+    M = 1024 (a fixed seed); and the error must shrink."""
+    params = mlp_init(jax.random.key(12))
+    x, y = _data(jax.random.key(13), 4, (2, 2, 3), 4)
+    flat, unravel = ravel_pytree(params)
+    exact = Q.compute(mlp_apply, params, {}, x, y, quantities=("diag_ggn",))["diag_ggn"]
+    exact = ravel_pytree(exact)[0]
+    var = 0
+    for i in range(4):
+        def logits_n(f):
+            return mlp_apply(unravel(f), {}, x[i][None], train=False, layers=AUTODIFF)[0][0]
+        jac = jax.jacrev(logits_n)(flat)
+        p = jax.nn.softmax(logits_n(flat))
+        v = (jac.T @ (p[:, None] - jnp.eye(4))) ** 2          # (P, C): each class's term
+        var = var + (v ** 2 @ p - (v @ p) ** 2)
+    var = var / 16
+    errors = []
+    for m in (16, 1024):
+        mc = Q.compute(mlp_apply, params, {}, x, y, quantities=("diag_ggn_mc",),
+                       key=jax.random.key(14), mc_samples=m)["diag_ggn_mc"]
+        err = ravel_pytree(mc)[0] - exact
+        z = err / jnp.sqrt(var / m + 1e-30)
+        assert float(jnp.sqrt(jnp.mean(z ** 2))) <= 2.0, m
+        assert float(jnp.max(jnp.abs(z))) <= 6.0, m
+        errors.append(float(jnp.linalg.norm(err)))
+    assert errors[1] < errors[0]
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+def test_bad_input_messages():
+    params = mlp_init(jax.random.key(0))
+    x, y = _data(jax.random.key(1), 2, (2, 2, 3), 4)
+    with pytest.raises(ValueError, match="unknown quantity 'hessian'"):
+        Q.compute(mlp_apply, params, {}, x, y, quantities=("hessian",))
+    with pytest.raises(ValueError, match="not defined for 'sigmoid_binary_cross_entropy'"):
+        Q.compute(mlp_apply, params, {}, x, y.astype(jnp.float64),
+                  loss="sigmoid_binary_cross_entropy", quantities=("diag_ggn",))
+    with pytest.raises(ValueError, match="key: 'diag_ggn_mc'"):
+        Q.compute(mlp_apply, params, {}, x, y, quantities=("diag_ggn_mc",))
+    p, s = bn_net_init(jax.random.key(1))
+    with pytest.raises(ValueError, match="not defined through batch_norm in training mode"):
+        Q.compute(bn_net_apply, p, s, jnp.zeros((2, 7, 7, 2)), y, quantities=("batch_l2",),
+                  train=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("remat", ["none", "blocks"])
+def test_resnet20_eval_batch_norm_and_remat_batch_l2(remat):
+    """ResNet-20 (batch norm in evaluation mode, projection shortcuts; with jax.checkpoint
+    around every block) on 8×8 images: batch_l2 against vmap(grad) of the autodiff twin."""
+    from jbp import models
+    from jbp.config import ModelConfig
+    model = models.from_config(ModelConfig(name="resnet20", remat=remat))
+    params, state = model.init(jax.random.key(0), (8, 8, 1), 3)
+    params, state = jax.tree.map(lambda a: a.astype(jnp.float64), (params, state))
+    x, y = _data(jax.random.key(1), 2, (8, 8, 1), 3)
+    out = Q.compute(model.apply, params, state, x, y, quantities=("batch_l2",))
+    grads = vmap_route(model.apply, params, state, x, y, "softmax_cross_entropy", "mean")
+    assert_tree_close(out["batch_l2"], jax.tree.map(
+        lambda g: jnp.sum(g.reshape(2, -1) ** 2, axis=1), grads), atol=1e-15)
