@@ -15,6 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jbp._probes import Probed
+
+#: The layers whose rules fill jbp.quantities' probes (jbp._probes).
+QUANTITY_LAYERS = ("dense", "conv2d", "batch_norm (evaluation mode)")
+
 Pair = Tuple[int, int]
 Padding = Union[str, int, Tuple[Tuple[int, int], Tuple[int, int]]]
 
@@ -24,6 +29,10 @@ def shape_of(x) -> tuple:
 
 
 def require_array(name: str, x) -> None:
+    if isinstance(x, Probed):
+        raise ValueError(f"{name}: a parameter wrapped by jbp.quantities reached a layer that "
+                         f"computes no per-example quantities (those that do: "
+                         f"{', '.join(QUANTITY_LAYERS)})")
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"{name}: expected an array, got {type(x).__name__}")
 

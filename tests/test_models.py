@@ -15,8 +15,16 @@ SHAPES = {"seed_cnn": (6, 6, 1), "lenet5": (28, 28, 1), "resnet20": (12, 12, 3),
 # loop (tests/test_torch_weights.py checks them against torchvision, tests/test_mobilenet.py
 # their random layers and memory policies); so is the U-Net's (a per-pixel loss).
 _SLOW_MODELS = ("mobilenet_v2", "efficientnet_b0", "unet")
-MODEL_PARAMS = [pytest.param(m, marks=pytest.mark.slow) if m in _SLOW_MODELS else m
-                for m in MODELS]
+# Training mode of the inverted-residual networks is checked by
+# tests/test_torch_weights.py::test_model_equals_torchvision_float64 instead: manual and autodiff
+# gradients each against torchvision's to 1e-10, at 64x64. Here, at 32x32, a projection's
+# batch-norm beta feeds only a convolution and the next training-mode batch norm: its exact
+# gradient is 0, both sides return rounding noise (1e-12) and a relative comparison fails.
+_TRAIN_CHECKED_ELSEWHERE = ("mobilenet_v2", "efficientnet_b0")
+MODEL_MODES = [pytest.param(m, mode, id=f"{'train' if mode else 'eval'}-{m}",
+                            marks=[pytest.mark.slow] if m in _SLOW_MODELS else [])
+               for mode in (True, False) for m in MODELS
+               if not (mode and m in _TRAIN_CHECKED_ELSEWHERE)]
 
 
 def test_lenet5_parameter_count_by_hand():
@@ -48,8 +56,7 @@ def test_resnet20_parameter_count_by_hand():
     assert train.tree_size(params) == total
 
 
-@pytest.mark.parametrize("name", MODEL_PARAMS)
-@pytest.mark.parametrize("train_mode", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name, train_mode", MODEL_MODES)
 def test_manual_gradients_match_autodiff_float64(name, train_mode):
     model = get_model(name)
     shape = SHAPES[name]

@@ -294,6 +294,20 @@ def test_bad_input_messages():
                   train=True)
 
 
+def test_a_layer_without_quantities_says_so():
+    """A parameter wrapped with probes that reaches a layer whose rule fills none (here the
+    transposed convolution) is named, instead of failing inside the layer."""
+    def apply(params, state, x, *, train, layers):
+        y = layers.conv_transpose2d(x, params["w"])
+        return y.reshape(y.shape[0], -1), state
+
+    params = {"w": jnp.zeros((2, 2, 1, 1))}
+    with pytest.raises(ValueError, match="w: a parameter wrapped by jbp.quantities reached a "
+                                         "layer that computes no per-example quantities"):
+        Q.compute(apply, params, {}, jnp.zeros((2, 2, 2, 1)), jnp.array([0, 1]),
+                  quantities=("batch_l2",))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("remat", ["none", "blocks"])
 def test_resnet20_eval_batch_norm_and_remat_batch_l2(remat):
