@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jbp import checkpoint, data, models, quantities, train
-from jbp import config as config_lib
+from jbp import checkpoint, quantities, train
+from jbp.train import run_dir as run_dirs
 
 
 def diagnose(apply, params, model_state, x, y) -> dict:
@@ -55,22 +55,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="PNG path (default RUN/diagnostics.png)")
     args = parser.parse_args(argv)
     try:
-        cfg = config_lib.load(os.path.join(args.run, "config.toml"))
-        train_set, _ = data.load_dataset(cfg.data, cfg.model.num_classes)
-    except (config_lib.ConfigError, data.DataError) as e:
-        print(f"error: {e} (is {args.run} a run directory?)", file=sys.stderr)
+        run = run_dirs.finished_run(args.run, args.batch)
+    except train.RunDirError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    paths = checkpoint.checkpoint_paths(args.run)
-    if not paths:
-        print(f"error: {args.run}: no ckpt-*.npz checkpoints", file=sys.stderr)
-        return 2
-    model = models.from_config(cfg.model)
-    x, y = next(data.batches(train_set, min(args.batch, train_set.num_examples),
-                             mean=cfg.data.mean, std=cfg.data.std, seed=cfg.train.seed))
-    x, y = jnp.asarray(x), jnp.asarray(y)
-    optimizer = train.optimizer_from_config(cfg.optim, 1)
-    like = train.init_train_state(model, optimizer, jax.random.key(cfg.train.seed), x.shape[1:],
-                                  cfg.model.num_classes)
+    _, model, x, y, like, paths = run
     points = []
     for path in paths:
         state, _ = checkpoint.restore(path, like)

@@ -9,10 +9,15 @@ numbered sibling when it is taken (``runs/lenet_mnist-manual-2``), as Lightning'
 from __future__ import annotations
 
 import os
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence
 
-from jbp import checkpoint
+import jax
+import jax.numpy as jnp
+
+from jbp import checkpoint, data, models
 from jbp import config as config_lib
+from jbp.train.optim import optimizer_from_config
+from jbp.train.step import init_train_state
 
 
 class RunDirError(ValueError):
@@ -63,3 +68,34 @@ def load_config(run_dir: str, overrides: Sequence[str] = ()) -> config_lib.Confi
         raise config_lib.ConfigError(f"{run_dir}: not a run directory (no config.toml); "
                                      f"nothing to resume")
     return config_lib.load(path, overrides)
+
+
+class FinishedRun(NamedTuple):
+    """A run read back for analysis (``scripts/curvature.py``, ``scripts/diagnostics.py``)."""
+
+    cfg: config_lib.Config
+    model: models.Model
+    x: jax.Array                 # one fixed training batch, normalised as in training
+    y: jax.Array
+    like: Any                    # a TrainState of the run's shapes, for checkpoint.restore
+    paths: List[str]             # its ckpt-*.npz, oldest first
+
+
+def finished_run(run_dir: str, batch: int) -> FinishedRun:
+    """The model, the first training batch of ``batch`` examples (the run's seed) and the
+    checkpoints of ``run_dir``; a :class:`RunDirError` where it is not a run with checkpoints."""
+    try:
+        cfg = config_lib.load(os.path.join(run_dir, "config.toml"))
+        train_set, _ = data.load_dataset(cfg.data, cfg.model.num_classes)
+    except (config_lib.ConfigError, data.DataError) as e:
+        raise RunDirError(f"{e} (is {run_dir} a run directory?)") from e
+    paths = checkpoint.checkpoint_paths(run_dir)
+    if not paths:
+        raise RunDirError(f"{run_dir}: no ckpt-*.npz checkpoints")
+    model = models.from_config(cfg.model)
+    x, y = next(data.batches(train_set, min(batch, train_set.num_examples),
+                             mean=cfg.data.mean, std=cfg.data.std, seed=cfg.train.seed))
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    like = init_train_state(model, optimizer_from_config(cfg.optim, 1),
+                            jax.random.key(cfg.train.seed), x.shape[1:], cfg.model.num_classes)
+    return FinishedRun(cfg, model, x, y, like, paths)
