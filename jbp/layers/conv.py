@@ -90,9 +90,18 @@ def _bwd(cfg: ConvConfig, res, g):
 
 def per_example_weight_grad(x, g, w_shape, cfg: ConvConfig):
     """∂ℓ_n/∂W for every n, shape (N, KH, KW, C_in // groups, C_out): the weight-gradient
-    equation applied to each example alone, vmapped over n (XLA batches it into one grouped
-    convolution; N·K·C_out values, no patches)."""
-    return jax.vmap(lambda xn, gn: weight_grad(xn[None], gn[None], w_shape, cfg))(x, g)
+    equation on each example alone (N·K·C_out values, no patches), computed as ONE weight
+    gradient of the convolution whose groups are the examples: a_n and δ_n laid side by side
+    along the channels, ``(1, H, W, N·C_in)`` and ``(1, H_out, W_out, N·C_out)``, with
+    ``N·groups`` groups, so group ``n·groups + j`` is example ``n``'s group ``j``. It runs on the
+    convolution table like the batch's own weight gradient (grouped kernels on CPU)."""
+    n = x.shape[0]
+    kh, kw, cin_g, cout = w_shape
+    a = jnp.moveaxis(x, 0, 2).reshape(1, x.shape[1], x.shape[2], n * x.shape[3])
+    d = jnp.moveaxis(g, 0, 2).reshape(1, g.shape[1], g.shape[2], n * cout)
+    folded = cfg._replace(groups=n * cfg.groups)
+    grad = dispatch("weight_grad", (a, d), ((kh, kw, cin_g, n * cout), folded))
+    return jnp.moveaxis(grad.reshape(kh, kw, cin_g, n, cout), 3, 0)
 
 
 def patches(x, w_shape, cfg: ConvConfig):
