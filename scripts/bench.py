@@ -93,7 +93,9 @@ def parse_args(argv=None):
     p.add_argument("--configs", default=None,
                    help=f"comma-separated subset of {', '.join(CONFIGS)}")
     p.add_argument("--variants", default=",".join(VARIANTS),
-                   help="comma-separated subset of %(default)s")
+                   help="comma-separated; default %(default)s; also the memory policies "
+                        f"({', '.join(MEMORY_VARIANTS)}) and the per-example quantities "
+                        f"({', '.join(QUANTITY_VARIANTS)})")
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant (>= 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant after compile")
     p.add_argument("--device", default=None,
