@@ -261,7 +261,7 @@ def kfac(learning_rate: Union[float, optax.Schedule], *, damping: float = 1e-3,
 
 class GaussNewtonState(NamedTuple):
     count: jax.Array          # int32: updates applied
-    damping: jax.Array        # float32: λ, adapted by Levenberg–Marquardt
+    damping: jax.Array        # λ (the parameters' dtype), adapted by Levenberg–Marquardt
 
 
 def _vdot(a, b):
@@ -338,8 +338,8 @@ def gauss_newton(learning_rate: Union[float, optax.Schedule] = 1.0, *, damping: 
     schedule = learning_rate if callable(learning_rate) else (lambda _count: learning_rate)
 
     def init(params):
-        del params
-        return GaussNewtonState(jnp.zeros((), jnp.int32), jnp.asarray(damping, jnp.float32))
+        dtype = jnp.result_type(*jax.tree.leaves(params))
+        return GaussNewtonState(jnp.zeros((), jnp.int32), jnp.asarray(damping, dtype))
 
     def update(grads, state, params=None, *, curvature: Optional[CurvatureInputs] = None,
                **_unused):
@@ -351,7 +351,7 @@ def gauss_newton(learning_rate: Union[float, optax.Schedule] = 1.0, *, damping: 
         ggn = ggn_operator(curvature.logits, curvature.loss_of_logits, params)
         minus_g = jax.tree.map(jnp.negative, grads)
         p = conjugate_gradient(ggn, minus_g, cg_iters, lam)
-        eta = jnp.asarray(schedule(state.count), jnp.float32)
+        eta = jnp.asarray(schedule(state.count), lam.dtype)
         updates = jax.tree.map(lambda v: (eta.astype(v.dtype) * v).astype(v.dtype), p)
         if adapt_damping:
             def loss_at(theta):
@@ -363,7 +363,7 @@ def gauss_newton(learning_rate: Union[float, optax.Schedule] = 1.0, *, damping: 
                                                                            predicted, -1.0),
                             0.0)
             lam = jnp.where(rho < 0.25, lam * 1.5, jnp.where(rho > 0.75, lam * (2.0 / 3.0), lam))
-            lam = jnp.clip(lam, min_damping, max_damping).astype(jnp.float32)
+            lam = jnp.clip(lam, min_damping, max_damping).astype(state.damping.dtype)
         return updates, GaussNewtonState(state.count + 1, lam)
 
     transformation = GaussNewtonTransformation(init, update)
