@@ -193,3 +193,20 @@ def test_kfac_run_resumes_bit_identically(tmp_path):
     assert len(a) == len(b)
     for u, v in zip(a, b):
         np.testing.assert_array_equal(u, v)
+
+
+def test_config_keys_reach_the_optimizer_and_config_toml():
+    """optim.* second-order keys: recorded in config.toml for kfac/gauss_newton only, read back
+    equal, and built into the transformation make_train_step recognises."""
+    cfg = config.from_dict({"optim": {"optimizer": "kfac", "damping": 0.02, "invert_every": 7}})
+    text = config.to_toml(cfg)
+    assert "damping = 0.02" in text and "invert_every = 7" in text
+    import tomllib
+    assert config.from_dict(tomllib.loads(text)) == cfg
+    assert "damping" not in config.to_toml(config.from_dict({}))
+    opt = train.optimizer_from_config(cfg.optim, total_steps=10)
+    assert isinstance(opt, SO.KFACTransformation) and opt.curvature == ("kfac_factors",)
+    gn = train.optimizer_from_config(config.from_dict(
+        {"optim": {"optimizer": "gauss_newton", "sub_batch": 16, "weight_decay": 1e-4}}).optim,
+        total_steps=10)
+    assert isinstance(gn, SO.GaussNewtonTransformation) and gn.sub_batch == 16
