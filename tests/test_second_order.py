@@ -210,3 +210,25 @@ def test_config_keys_reach_the_optimizer_and_config_toml():
         {"optim": {"optimizer": "gauss_newton", "sub_batch": 16, "weight_decay": 1e-4}}).optim,
         total_steps=10)
     assert isinstance(gn, SO.GaussNewtonTransformation) and gn.sub_batch == 16
+
+
+@pytest.mark.slow            # two host devices in a subprocess
+def test_kfac_data_parallel_step_equals_the_one_device_step():
+    """Factors averaged over the mesh on refresh steps: the sharded K-FAC step on 2 devices
+    equals the one-device step on the global batch (float64), LeNet-5 and a small conv net with
+    batch norm (factors from the evaluation-mode pass, the gradient from synchronised BN)."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(root / "tests" / "_kfac_mesh_check.py")],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 2
+    for name in ("lenet5", "bn_net"):
+        assert max(result[name]) < 1e-10, (name, result[name])
+        assert result[name + "_moved"] > 1e-4          # the steps did change the parameters

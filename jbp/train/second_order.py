@@ -60,8 +60,14 @@ sub-batch; ``λ ← λ·3/2`` if ``ρ < 1/4``, ``λ ← λ·2/3`` if ``ρ > 3/4`
 ``[min_damping, max_damping]``), used from the next step on. The update is ``lr · p``
 (``lr = 1`` is the Gauss-Newton step). All parameters, batch norm's included, take part.
 
-Data parallel: neither runs under ``make_train_step(mesh=...)`` yet (the rules' probes are
-written outside ``shard_map``): that is an error, not a silently different result.
+Data parallel (``make_train_step(mesh=...)``): K-FAC runs; each device computes its shard's
+factors and they are averaged over the mesh (``pmean``: both factors are means over equal
+shards); the gradient is the step's usual one. **Not yet once per refresh**: with the collective
+inside the refresh ``lax.cond`` the sharded step segfaulted intermittently in XLA's CPU runtime
+(jax 0.10.2, 2 host devices, a small conv + batch-norm net), so under a mesh the factors and
+their reduction run every step and a ``jnp.where`` keeps them on refresh steps only (correct,
+not cheaper; docs/second_order.md). Gauss-Newton does not run data parallel yet: that is an error (docs/errors.md),
+not a silently different result.
 """
 
 from __future__ import annotations
@@ -84,11 +90,14 @@ class CurvatureInputs(NamedTuple):
     (``(A, G)`` per dense/conv weight, ``None`` elsewhere).
     ``logits(params)``: the model's outputs on the Gauss-Newton sub-batch, ``(n, C)``.
     ``loss_of_logits(z)``: the loss of those outputs against the sub-batch's labels (scalar).
+    ``data_parallel``: ``kfac_factors`` reduces over a mesh axis, so K-FAC calls it every step
+    and keeps its result on refresh steps only, instead of calling it inside ``lax.cond``.
     """
 
     kfac_factors: Optional[Callable] = None
     logits: Optional[Callable] = None
     loss_of_logits: Optional[Callable] = None
+    data_parallel: bool = False      # the closures hold collectives (make_train_step(mesh=))
 
 
 class SecondOrder(optax.GradientTransformationExtraArgs):
@@ -124,6 +133,10 @@ def is_kfac_weight(leaf) -> bool:
     weights (``jbp.quantities`` writes their factors)."""
     return leaf.ndim in (2, 4)
 
+
+def _select(predicate, if_true, if_false):
+    """``lax.cond`` computing both branches and selecting (for branches with collectives)."""
+    return jax.tree.map(lambda a, b: jnp.where(predicate, a, b), if_true(), if_false())
 
 # --- K-FAC ------------------------------------------------------------------------------------
 
@@ -238,7 +251,9 @@ def kfac(learning_rate: Union[float, optax.Schedule], *, damping: float = 1e-3,
                         o.dtype) for o, f in zip(old, fresh)),
                 state.factors, new, is_leaf=_is_pair)
 
-        factors = jax.lax.cond(count % refresh_every == 0, refreshed, lambda: state.factors)
+        # data parallel: the factors (and their pmean) every step, kept on refresh steps only
+        cond = _select if curvature.data_parallel else jax.lax.cond
+        factors = cond(count % refresh_every == 0, refreshed, lambda: state.factors)
         eigen = jax.lax.cond(count % invert_every == 0, lambda: _eigh(factors),
                              lambda: state.eigen)
         preconditioned = jax.tree.map(

@@ -264,10 +264,20 @@ def make_train_step(apply: Callable, optimizer: optax.GradientTransformation,
         xs, ys = x[:sub], y[:sub]
         key = jax.random.fold_in(state.rng, state.step) if random else None
         kw = {} if key is None else {"key": key}
+        def kfac_factors(params):
+            """Data parallel: this device's shard's factors, averaged over the mesh (the shards
+            are equal, and both factors are means over the examples); called on refresh steps
+            every step (K-FAC selects the result on refresh steps: a collective inside
+            lax.cond crashed XLA's CPU runtime, docs/second_order.md)."""
+            if axis is not None:          # the probes must vary as the device's shard does
+                params = jax.tree.map(lambda a: jax.lax.pcast(a, (axis,), to="varying"),
+                                      params)
+            factors = quantities.compute(apply, params, state.model_state, x, y, loss=loss,
+                                         quantities=("kfac",), train=False)["kfac"]
+            return factors if axis is None else jax.lax.pmean(factors, axis)
+
         return second_order.CurvatureInputs(
-            kfac_factors=lambda params: quantities.compute(
-                apply, params, state.model_state, x, y, loss=loss, quantities=("kfac",),
-                train=False)["kfac"],
+            kfac_factors=kfac_factors, data_parallel=axis is not None,
             logits=lambda params: apply(params, state.model_state, xs, train=True,
                                         layers=layers, **kw)[0].astype(jnp.float32),
             loss_of_logits=lambda z: _loss_fn(loss, layers)(z, ys))
@@ -303,10 +313,9 @@ def make_train_step(apply: Callable, optimizer: optax.GradientTransformation,
 def _check_second_order(optimizer, loss, mesh, dp) -> None:
     """What ``kfac``/``gauss_newton`` cannot run with yet: jbp messages, not wrong results."""
     name = type(optimizer).__name__
-    if mesh is not None:
-        raise ValueError(f"optimizer: {name} does not run data parallel yet (the rules' K-FAC "
-                         f"probes and GGN products are written outside shard_map); set "
-                         f"train.data_parallel='off'")
+    if mesh is not None and "logits" in optimizer.curvature:
+        raise ValueError(f"optimizer: {name} does not run data parallel yet (its GGN products "
+                         f"are not written for shard_map); set train.data_parallel='off'")
     if dp is not None:
         raise ValueError(f"optimizer: {name} cannot be combined with train.dp (DP-SGD)")
     if "kfac_factors" in optimizer.curvature and loss not in ("softmax_cross_entropy", "mse"):
