@@ -64,7 +64,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    optimizer: str = "momentum"       # sgd | momentum | nesterov | adam | adamw
+    optimizer: str = "momentum"       # sgd | momentum | nesterov | adam | adamw | kfac
+    #                                   | gauss_newton (jbp.train.second_order)
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -73,6 +74,15 @@ class OptimConfig:
     step_boundaries: Tuple[float, ...] = (0.5, 0.75)   # fractions of the run (schedule="step")
     step_decay: float = 0.1
     clip_norm: Optional[float] = None  # clip the gradient's global norm
+    # kfac and gauss_newton only (jbp.train.second_order; left out of config.toml otherwise):
+    damping: float = 1e-3             # Tikhonov damping γ (kfac), initial λ (gauss_newton), > 0
+    damping_kind: str = "tikhonov"    # kfac: tikhonov (A⊗G + γI) | factored (π-split)
+    factor_decay: float = 0.95        # kfac: running average of the factors, in [0, 1)
+    refresh_every: int = 1            # kfac: steps between factor refreshes, >= 1
+    invert_every: int = 10            # kfac: steps between eigendecompositions, >= 1
+    kl_clip: float = 1e-3             # kfac: KL-clipping bound κ of the step, > 0
+    cg_iters: int = 10                # gauss_newton: CG iterations per step, >= 1
+    sub_batch: int = 0                # gauss_newton: examples of the GGN (0: the whole batch)
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,7 @@ def choices() -> Dict[Tuple[str, str], Tuple[str, ...]]:
     them (one list each, nothing to drift). ``jbp.train`` reads configs, so its lists are
     imported here when first needed, not when this module is."""
     from jbp.train import OPTIMIZERS, PRECISIONS, SCHEDULES  # noqa: PLC0415
+    from jbp.train.second_order import DAMPING_KINDS  # noqa: PLC0415
     return {
         ("data", "dataset"): DATASETS,
         ("model", "name"): MODELS,
@@ -123,6 +134,7 @@ def choices() -> Dict[Tuple[str, str], Tuple[str, ...]]:
         ("model", "residuals"): RESIDUALS,
         ("optim", "optimizer"): OPTIMIZERS,
         ("optim", "schedule"): SCHEDULES,
+        ("optim", "damping_kind"): DAMPING_KINDS,
         ("train", "grad"): GRAD_MODES,
         ("train", "data_parallel"): DATA_PARALLEL,
         ("train", "precision"): tuple(PRECISIONS),
@@ -206,6 +218,18 @@ def _validate(cfg: Config, source: str) -> None:
             raise ConfigError(f"{source}: {key}: expected >= 1, got {value}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"{source}: optim.lr: expected > 0, got {cfg.optim.lr}")
+    for key in ("damping", "kl_clip"):
+        if not getattr(cfg.optim, key) > 0:
+            raise ConfigError(f"{source}: optim.{key}: expected > 0, got "
+                              f"{getattr(cfg.optim, key)}")
+    for key in ("refresh_every", "invert_every", "cg_iters"):
+        if getattr(cfg.optim, key) < 1:
+            raise ConfigError(f"{source}: optim.{key}: expected >= 1 (a number of steps or "
+                              f"iterations), got {getattr(cfg.optim, key)}")
+    if not 0 <= cfg.optim.factor_decay < 1 or cfg.optim.sub_batch < 0:
+        raise ConfigError(f"{source}: optim.factor_decay: expected in [0, 1) and "
+                          f"optim.sub_batch >= 0, got {cfg.optim.factor_decay} and "
+                          f"{cfg.optim.sub_batch}")
     if len(cfg.data.mean) != len(cfg.data.std):
         raise ConfigError(f"{source}: data.mean and data.std must have the same length "
                           f"(one per channel), got {len(cfg.data.mean)} and {len(cfg.data.std)}")
@@ -242,6 +266,8 @@ def to_dict(cfg: Config) -> Dict[str, Any]:
     return clean(dataclasses.asdict(cfg))
 
 
+_SECOND_ORDER_KEYS = ("damping", "damping_kind", "factor_decay", "refresh_every",
+                      "invert_every", "kl_clip", "cg_iters", "sub_batch")
 _IMAGE_FOLDER_KEYS = ("image_size", "resize_size", "workers")
 
 
@@ -268,6 +294,10 @@ def to_toml(cfg: Config) -> str:
         for key in _IMAGE_FOLDER_KEYS:
             if d["data"][key] == getattr(DataConfig, key):
                 del d["data"][key]
+    if cfg.optim.optimizer not in ("kfac", "gauss_newton"):   # second-order keys, likewise
+        for key in _SECOND_ORDER_KEYS:
+            if d["optim"][key] == getattr(OptimConfig, key):
+                del d["optim"][key]
     if not cfg.model.init_from:                          # unused: left out, as above
         del d["model"]["init_from"]
     if not cfg.data.pad:

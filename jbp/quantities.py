@@ -51,7 +51,10 @@ everything is one forward and one backward under ``jax.jit`` (the model code is 
 Batch norm in training mode couples the examples: per-example quantities through it are an
 error (run with ``train=False``). A parameter used by two layers would add the two layers'
 ``batch_l2`` instead of forming one norm; jbp's models use each parameter once. Single device
-only (outside ``shard_map``).
+only (outside ``shard_map``), except this: inside ``shard_map`` with parameters cast to varying
+over the mesh axis (``lax.pcast(..., to="varying")``), the probes vary as their parameters do,
+so each device gets its shard's quantities (K-FAC's data-parallel step averages them,
+``jbp.train.step``).
 """
 
 from __future__ import annotations
@@ -157,6 +160,13 @@ def _probe(leaf, names, n):
         rows = leaf.shape[0] if leaf.ndim == 2 else leaf.shape[0] * leaf.shape[1] * leaf.shape[2]
         probes["kfac"] = (jnp.zeros((rows, rows), leaf.dtype),
                           jnp.zeros((leaf.shape[-1],) * 2, leaf.dtype))
+    if probes:
+        # inside shard_map (K-FAC's data-parallel step): probes vary over the axes their
+        # parameter varies over, so that the rules' cotangents have the probes' types
+        from jbp._rule import _varying_axes  # noqa: PLC0415
+        axes = tuple(sorted(_varying_axes(leaf) or (), key=str))
+        if axes:
+            probes = jax.tree.map(lambda z: jax.lax.pcast(z, axes, to="varying"), probes)
     return Probed(leaf, probes) if probes else leaf
 
 

@@ -81,6 +81,17 @@ QUANTITY_VARIANTS = {
     "dp": "DP-SGD (clip 1, noise 1): norms from the rules, a second backward",
     "dp-vmap": "DP-SGD (clip 1, noise 1) by clipping jax.vmap(jax.grad)'s per-example gradients",
 }
+# Second-order optimisers (jbp.train.second_order; docs/second_order.md), on request only:
+# --variants manual,kfac,gauss_newton. Each is a whole jbp.train.make_train_step step with that
+# optimiser, against "manual" (the same step with SGD-momentum): K-FAC refreshes its factors
+# every step (a second, evaluation-mode pass with C backward columns) and eigendecomposes every
+# 10th, so its median is a refresh step and its mean includes the eigendecompositions;
+# Gauss-Newton runs 10 CG iterations on a sub-batch of 32 (two GGN passes each) plus two loss
+# evaluations for Levenberg–Marquardt.
+SECOND_ORDER_VARIANTS = {
+    "kfac": dict(lr=0.01, options={"damping": 1e-3, "refresh_every": 1, "invert_every": 10}),
+    "gauss_newton": dict(lr=1.0, options={"damping": 1.0, "cg_iters": 10, "sub_batch": 32}),
+}
 # Configurations with model options (no batch norm: train and eval mode are one model).
 CONFIGS["resnet20nobn_b32"] = ("resnet20", 32, (32, 32, 3), 10)
 CONFIG_OPTIONS = {"resnet20nobn_b32": {"batch_norm": False}}
@@ -126,7 +137,8 @@ def parse_args(argv=None):
             p.error(f"--configs: unknown {bad}; choose from {', '.join(CONFIGS)}")
     args.config_names = names
     args.variant_names = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    known = VARIANTS + tuple(MEMORY_VARIANTS) + tuple(QUANTITY_VARIANTS)
+    known = (VARIANTS + tuple(MEMORY_VARIANTS) + tuple(QUANTITY_VARIANTS)
+             + tuple(SECOND_ORDER_VARIANTS))
     bad = [v for v in args.variant_names if v not in known]
     if bad or "manual" not in args.variant_names:
         p.error(f"--variants: need 'manual' plus any of "
@@ -212,7 +224,15 @@ def main(argv=None):
 
     optimizer = optax.sgd(0.01, momentum=0.9)
 
+    def variant_optimizer(variant):
+        if variant in SECOND_ORDER_VARIANTS:
+            return second_order_optimizer(variant)
+        return optimizer
+
     def jax_step(variant, model_name, apply):
+        if variant in SECOND_ORDER_VARIANTS:
+            return jax.jit(second_order_step(apply, variant_optimizer(variant)),
+                           donate_argnums=(0, 1, 2))
         if variant in QUANTITY_VARIANTS:
             return jax.jit(quantity_step(variant, apply, optimizer), donate_argnums=(0, 1, 2))
         if variant == "lax_reference":
@@ -281,7 +301,7 @@ def main(argv=None):
                     continue
                 step = jax_step(v, model_name, model.apply)
                 carry = [jax.tree.map(jnp.copy, t)
-                         for t in (params, state, optimizer.init(params))]
+                         for t in (params, state, variant_optimizer(v).init(params))]
                 t0 = time.perf_counter()
                 compiled = step.lower(*carry, x, y).compile()
                 compile_s = time.perf_counter() - t0
@@ -359,6 +379,41 @@ def main(argv=None):
     print(table(rows))
     if args.json:
         print(f"\nwrote {len(rows)} rows to {args.json}")
+
+
+def second_order_optimizer(variant):
+    """The optax transformation of a :data:`SECOND_ORDER_VARIANTS` variant."""
+    from jbp.train import make_optimizer  # noqa: PLC0415
+    spec = SECOND_ORDER_VARIANTS[variant]
+    return make_optimizer(variant, spec["lr"], momentum=0.9,
+                          second_order_options=spec["options"])
+
+
+def second_order_step(apply, optimizer):
+    """``(params, model_state, opt_state, x, y) -> (params, model_state, opt_state, loss)``:
+    jbp.train.make_train_step's step with a second-order optimiser (it hands the optimiser the
+    curvature closures), inside the benchmark's carry convention."""
+    import jax  # noqa: PLC0415
+
+    from jbp.train import TrainState, make_train_step  # noqa: PLC0415
+    train_step = make_train_step(apply, optimizer, donate=False, check_finite=False)
+    rng = jax.random.key(0)
+
+    def step(params, model_state, opt_state, x, y):
+        state = TrainState(params, model_state, opt_state, opt_state_count(opt_state), rng)
+        state, metrics = train_step(state, x, y)
+        return state.params, state.model_state, state.opt_state, metrics["loss"]
+
+    return step
+
+
+def opt_state_count(opt_state):
+    """The step count a second-order optimiser's state carries (its first ``count`` leaf)."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    counts = [s.count for s in jax.tree.leaves(opt_state, is_leaf=lambda n: hasattr(n, "count"))
+              if hasattr(s, "count")]
+    return counts[0] if counts else jnp.zeros((), jnp.int32)
 
 
 def quantity_step(variant, apply, optimizer):

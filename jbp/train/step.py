@@ -29,6 +29,11 @@ parameters and images to bfloat16 for the forward and backward (batch norm keeps
 in float32, as it does for any half-precision input), computes the loss in float32 from float32
 logits, and hands float32 gradients to the optimiser.
 
+Second-order optimisers (``kfac``, ``gauss_newton``, :mod:`jbp.train.second_order`): an
+optimiser with a ``curvature`` attribute gets ``update(..., curvature=CurvatureInputs(...))``,
+closures over this step's batch that it calls inside the same compiled step (K-FAC's factors
+from ``jbp.quantities`` in evaluation mode, Gauss-Newton's logits and loss on a sub-batch).
+
 DP-SGD (``dp=(clip_norm, noise_multiplier)``, config ``train.dp``): the gradient is the clipped,
 noised one of :mod:`jbp.train.privacy` (per-example norms from the rules' probes, a second
 backward with per-example scaled δ); one device, a loss by name.
@@ -47,7 +52,7 @@ import numpy as np
 import optax
 
 from jbp.models import Model
-from jbp.train import privacy
+from jbp.train import privacy, second_order
 from jbp.policy import LayerPolicy, resolve
 from jbp.parallel import DATA_AXIS
 
@@ -246,10 +251,41 @@ def make_train_step(apply: Callable, optimizer: optax.GradientTransformation,
         return (loss_value if axis is None else jax.lax.pmean(loss_value, axis)), aux
 
     random = takes_key(apply)
+    needs = getattr(optimizer, "curvature", ())
+    if needs:
+        _check_second_order(optimizer, loss, mesh, dp)
+
+    def curvature_inputs(state: TrainState, x, y):
+        """The closures a second-order optimiser calls (jbp.train.second_order): K-FAC's
+        factors from an evaluation-mode pass of this batch (batch norm: running statistics),
+        Gauss-Newton's logits and loss on the first ``sub_batch`` examples, training mode."""
+        from jbp import quantities  # noqa: PLC0415  (jbp.quantities imports the layers)
+        sub = optimizer.sub_batch or x.shape[0]
+        xs, ys = x[:sub], y[:sub]
+        key = jax.random.fold_in(state.rng, state.step) if random else None
+        kw = {} if key is None else {"key": key}
+        def kfac_factors(params):
+            """Data parallel: this device's shard's factors, averaged over the mesh (the shards
+            are equal, and both factors are means over the examples); called on refresh steps
+            every step (K-FAC selects the result on refresh steps: a collective inside
+            lax.cond crashed XLA's CPU runtime, docs/second_order.md)."""
+            if axis is not None:          # the probes must vary as the device's shard does
+                params = jax.tree.map(lambda a: jax.lax.pcast(a, (axis,), to="varying"),
+                                      params)
+            factors = quantities.compute(apply, params, state.model_state, x, y, loss=loss,
+                                         quantities=("kfac",), train=False)["kfac"]
+            return factors if axis is None else jax.lax.pmean(factors, axis)
+
+        return second_order.CurvatureInputs(
+            kfac_factors=kfac_factors, data_parallel=axis is not None,
+            logits=lambda params: apply(params, state.model_state, xs, train=True,
+                                        layers=layers, **kw)[0].astype(jnp.float32),
+            loss_of_logits=lambda z: _loss_fn(loss, layers)(z, ys))
 
     def step(state: TrainState, x, y):
         loss_value, (logits, model_state), grads, extra = gradients(state, x, y)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        more = {"curvature": curvature_inputs(state, x, y)} if needs else {}
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **more)
         params = optax.apply_updates(state.params, updates)
         new_state = TrainState(params, model_state, opt_state, state.step + 1, state.rng)
         leaves = jax.tree.leaves(grads)
@@ -272,6 +308,21 @@ def make_train_step(apply: Callable, optimizer: optax.GradientTransformation,
     if mesh is not None:
         return _data_parallel(step, mesh, donate)
     return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def _check_second_order(optimizer, loss, mesh, dp) -> None:
+    """What ``kfac``/``gauss_newton`` cannot run with yet: jbp messages, not wrong results."""
+    name = type(optimizer).__name__
+    if mesh is not None and "logits" in optimizer.curvature:
+        raise ValueError(f"optimizer: {name} does not run data parallel yet (its GGN products "
+                         f"are not written for shard_map); set train.data_parallel='off'")
+    if dp is not None:
+        raise ValueError(f"optimizer: {name} cannot be combined with train.dp (DP-SGD)")
+    if "kfac_factors" in optimizer.curvature and loss not in ("softmax_cross_entropy", "mse"):
+        raise ValueError(f"loss: K-FAC's factors need a loss by name with a written Hessian "
+                         f"factor, 'softmax_cross_entropy' or 'mse'; got {loss!r}")
+    if not isinstance(loss, (str,)) and "logits" in optimizer.curvature:
+        raise ValueError("loss: Gauss-Newton needs a loss by name (a jbp loss)")
 
 
 def leaf_names(tree) -> list:
