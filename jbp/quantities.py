@@ -57,11 +57,13 @@ only (outside ``shard_map``).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from jbp import _probes
 from jbp._probes import Probed
 from jbp.policy import LayerPolicy
 
@@ -149,19 +151,35 @@ def _is_weight(leaf) -> bool:
     return leaf.ndim in (2, 4)
 
 
-def _probe(leaf, names, n):
+def _probe(leaf, names, n, path=None, kfac_shape=None):
     shapes = {"batch_grad": (n, *leaf.shape), "batch_l2": (n,),
               "sum_grad_squared": leaf.shape}
     probes = {name: jnp.zeros(shapes[name], leaf.dtype) for name in names if name in shapes}
-    if "kfac" in names and _is_weight(leaf):
-        rows = leaf.shape[0] if leaf.ndim == 2 else leaf.shape[0] * leaf.shape[1] * leaf.shape[2]
-        probes["kfac"] = (jnp.zeros((rows, rows), leaf.dtype),
-                          jnp.zeros((leaf.shape[-1],) * 2, leaf.dtype))
-    return Probed(leaf, probes) if probes else leaf
+    if "kfac" in names and (kfac_shape is not None or _is_weight(leaf)):
+        if kfac_shape is None:          # dense (in, out) or conv2d with groups = 1
+            rows = leaf.shape[0] if leaf.ndim == 2 else \
+                leaf.shape[0] * leaf.shape[1] * leaf.shape[2]
+            kfac_shape = ((rows, rows), (leaf.shape[-1],) * 2)
+        probes["kfac"] = tuple(jnp.zeros(shape, leaf.dtype) for shape in kfac_shape)
+    return Probed(leaf, probes, path) if probes else leaf
 
 
-def _wrap(params, names, n):
-    return jax.tree.map(lambda leaf: _probe(leaf, names, n), params)
+def _wrap(params, names, n, kfac_shapes=None):
+    """``params`` with every array wrapped as :class:`Probed` (its path kept to name it);
+    ``kfac_shapes``: the factor shapes the layers noted (:func:`_kfac_shapes`)."""
+    def wrap(path, leaf):
+        key = jax.tree_util.keystr(path)
+        return _probe(leaf, names, n, key, (kfac_shapes or {}).get(key))
+    return jax.tree_util.tree_map_with_path(wrap, params)
+
+
+def _kfac_shapes(forward, params, n) -> dict:
+    """``{path: (A shape, G shape)}`` from the layers themselves: the forward traced alone
+    (``jax.eval_shape``, nothing computed) with default-shaped ``kfac`` probes while the layers
+    note their factors' shapes (a grouped convolution: one pair per group; ``jbp._probes``)."""
+    with _probes.noting_kfac_shapes() as noted:
+        jax.eval_shape(forward, _wrap(params, ("kfac",), n))
+    return dict(noted)
 
 
 def _is_probed(node) -> bool:
@@ -180,27 +198,40 @@ def _values(tree):
 
 
 def _hessian_columns(loss, logits, reduction):
-    """``S`` with ``∇²_z ℓ_n = S_n S_nᵀ``, as C columns: shape (C, N, C)."""
-    n, c = logits.shape
+    """``S`` with ``∇²_z ℓ_n = S_n S_nᵀ``, as columns shaped like the logits: (D, N, ...) for
+    logits (N, C) (D = C) or per pixel (N, ..., C) (D = P·C, P pixels; ``ℓ_n`` the pixels' mean,
+    or sum with ``reduction="sum"``, so its Hessian is block diagonal over the pixels, each block
+    times 1/P)."""
+    n, c = logits.shape[0], logits.shape[-1]
+    pixels = math.prod(logits.shape[1:-1])
+    per_pixel = 1.0 / pixels if reduction == "mean" else 1.0
     if loss == "softmax_cross_entropy":
-        p = jax.nn.softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
+        z = logits.reshape(n, pixels, c).astype(jnp.promote_types(logits.dtype, jnp.float32))
+        p = jax.nn.softmax(z, axis=-1)
         sqrt_p = jnp.sqrt(p)
-        # S[n, i, k] = δ_ik √p_k − p_i √p_k;  column k is S[:, :, k]
-        s = (jnp.eye(c, dtype=p.dtype)[None] - p[:, :, None]) * sqrt_p[:, None, :]
-        return jnp.transpose(s, (2, 0, 1)).astype(logits.dtype)
-    scale = jnp.sqrt(2.0 / c) if reduction == "mean" else jnp.sqrt(2.0)
-    return jnp.broadcast_to(scale * jnp.eye(c, dtype=logits.dtype)[:, None, :], (c, n, c))
+        # per pixel S[i, k] = δ_ik √p_k − p_i √p_k; column (q, k) is S[:, k] at pixel q, 0 elsewhere
+        s = (jnp.eye(c, dtype=p.dtype) - p[..., :, None]) * sqrt_p[..., None, :] * \
+            jnp.sqrt(per_pixel)
+        cols = jnp.einsum("qp,npik->qknpi", jnp.eye(pixels, dtype=p.dtype), s)
+        return cols.reshape(pixels * c, *logits.shape).astype(logits.dtype)
+    d = pixels * c        # mse: ℓ_n the mean (sum) of D squared errors, Hessian (2/D) I (2 I)
+    scale = jnp.sqrt(2.0 / d) if reduction == "mean" else jnp.sqrt(2.0)
+    eye = scale * jnp.eye(d, dtype=logits.dtype)[:, None, :]
+    return jnp.broadcast_to(eye, (d, n, d)).reshape(d, *logits.shape)
 
 
 def _sampled_columns(loss, logits, reduction, key, m):
-    """M columns s with ``E[s sᵀ] = ∇²_z ℓ_n``: shape (M, N, C)."""
-    n, c = logits.shape
+    """M columns s with ``E[s sᵀ] = ∇²_z ℓ_n``: shape (M, *logits.shape); per pixel a label
+    drawn for every pixel independently (the blocks between pixels average to 0)."""
+    c = logits.shape[-1]
+    pixels = math.prod(logits.shape[1:-1])
     if loss == "softmax_cross_entropy":
+        scale = jnp.sqrt(1.0 / pixels) if reduction == "mean" else 1.0
         p = jax.nn.softmax(logits, axis=-1)
-        drawn = jax.random.categorical(key, logits, axis=-1, shape=(m, n))
-        return p[None] - jax.nn.one_hot(drawn, c, dtype=logits.dtype)
-    scale = jnp.sqrt(2.0 / c) if reduction == "mean" else jnp.sqrt(2.0)
-    return scale * jax.random.normal(key, (m, n, c), logits.dtype)
+        drawn = jax.random.categorical(key, logits, axis=-1, shape=(m, *logits.shape[:-1]))
+        return scale * (p[None] - jax.nn.one_hot(drawn, c, dtype=logits.dtype))
+    scale = jnp.sqrt(2.0 / (pixels * c)) if reduction == "mean" else jnp.sqrt(2.0)
+    return scale * jax.random.normal(key, (m, *logits.shape), logits.dtype)
 
 
 def _compute(apply, names, loss, reduction, mc_samples, train, params, state, x, labels, key):
@@ -237,10 +268,8 @@ def _compute(apply, names, loss, reduction, mc_samples, train, params, state, x,
         def logits_of(probed):
             return apply(probed, state, x, train=train, layers=policy)[0]
 
-        logits, backward = jax.vjp(logits_of, _wrap(params, probe_names, n))
-        if logits.ndim != 2:
-            raise ValueError(f"quantities: {curvature[0]!r} needs model outputs of shape "
-                             f"(N, C), got {tuple(logits.shape)}")
+        kfac_shapes = _kfac_shapes(logits_of, params, n) if "kfac" in names else None
+        logits, backward = jax.vjp(logits_of, _wrap(params, probe_names, n, kfac_shapes))
         if "diag_ggn" in names or "kfac" in names:
             (exact,) = jax.vmap(backward)(_hessian_columns(loss, logits, reduction))
             if "diag_ggn" in names:
