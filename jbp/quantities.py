@@ -50,8 +50,8 @@ everything is one forward and one backward under ``jax.jit`` (the model code is 
 
 Batch norm in training mode couples the examples: per-example quantities through it are an
 error (run with ``train=False``). A parameter used by two layers would add the two layers'
-``batch_l2`` instead of forming one norm; jbp's models use each parameter once. Single device
-only (outside ``shard_map``).
+``batch_l2`` instead of forming one norm; jbp's models use each parameter once. With
+``mesh=`` the examples are split over the devices (:func:`compute`).
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def check(quantities, loss, reduction, key, mc_samples) -> tuple:
 def compute(apply: Callable, params, state, x, labels, *,
             loss: str = "softmax_cross_entropy", quantities: Sequence[str],
             reduction: str = "mean", key: Optional[jax.Array] = None, mc_samples: int = 1,
-            train: bool = False) -> dict:
+            train: bool = False, mesh=None) -> dict:
     """The ``quantities`` of the loss of ``apply(params, state, x)`` against ``labels``
     (module docstring), from one forward and one backward (plus the batched curvature
     columns), jit-compiled.
@@ -125,20 +125,51 @@ def compute(apply: Callable, params, state, x, labels, *,
       reduction: ``"mean"`` (``L = (1/N) Σ ℓ_n``) or ``"sum"``.
       key, mc_samples: the PRNG key and sample count of ``diag_ggn_mc``.
       train: the model's mode; ``True`` through batch norm is an error (module docstring).
+      mesh: a ``jax.sharding.Mesh`` with a ``"data"`` axis (``jbp.parallel.data_mesh()``): the
+        examples are split over its devices (``jax.shard_map``; N divisible by their number),
+        parameters and state replicated; per-example results come back sharded over the
+        examples, sums (gradient, ``sum_grad_squared``, ``variance``, the GGN, K-FAC) summed
+        over the devices by the rules themselves (``jbp._rule``). ``None``: one device.
 
     Returns:
       ``{"loss": L, "grad": ∇L, name: tree with params' structure, ...}``.
     """
     names = check(quantities, loss, reduction, key, mc_samples)
+    if mesh is not None:
+        _check_mesh(mesh, x)
     fn = _compiled(apply, names, loss, reduction, mc_samples if key is not None else 0,
-                   bool(train))
+                   bool(train), mesh)
     return fn(params, state, x, labels, key)
 
 
+def _check_mesh(mesh, x):
+    from jax.sharding import Mesh  # noqa: PLC0415
+    from jbp.parallel import DATA_AXIS  # noqa: PLC0415
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh: expected a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if DATA_AXIS not in mesh.axis_names:
+        raise ValueError(f"mesh: per-example quantities split the examples over a mesh axis "
+                         f"named {DATA_AXIS!r}; this mesh has axes {tuple(mesh.axis_names)} "
+                         f"(jbp.parallel.data_mesh() builds one)")
+    devices = mesh.shape[DATA_AXIS]
+    if x.shape[0] % devices:
+        raise ValueError(f"x: {x.shape[0]} examples do not split evenly over the mesh's "
+                         f"{devices} devices along {DATA_AXIS!r}")
+
+
 @functools.lru_cache(maxsize=32)
-def _compiled(apply, names, loss, reduction, mc_samples, train):
-    return jax.jit(functools.partial(_compute, apply, names, loss, reduction, mc_samples,
-                                     train))
+def _compiled(apply, names, loss, reduction, mc_samples, train, mesh=None):
+    local = functools.partial(_compute, apply, names, loss, reduction, mc_samples, train)
+    if mesh is None:
+        return jax.jit(local)
+    from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+    from jbp.parallel import DATA_AXIS  # noqa: PLC0415
+    # per-example results sharded over the examples, the rest replicated
+    out_specs = {name: P(DATA_AXIS) if name in ("batch_grad", "batch_l2") else P()
+                 for name in ("loss", "grad") + names}
+    return jax.jit(jax.shard_map(
+        functools.partial(local, axis=DATA_AXIS), mesh=mesh,
+        in_specs=(P(), P(), P(DATA_AXIS), P(DATA_AXIS), P()), out_specs=out_specs))
 
 
 def _loss_value(loss, logits, labels, reduction):
@@ -180,6 +211,23 @@ def _kfac_shapes(forward, params, n) -> dict:
     with _probes.noting_kfac_shapes() as noted:
         jax.eval_shape(forward, _wrap(params, ("kfac",), n))
     return dict(noted)
+
+
+def _vary(probed, axis):
+    """Under ``shard_map``: the per-example probes (``batch_grad``, ``batch_l2``) marked as
+    varying over ``axis``, so that each device keeps its own rows (``jbp._rule``); the others
+    stay replicated and their cotangents are summed over the devices."""
+    if axis is None:
+        return probed
+    from jbp._rule import make_varying  # noqa: PLC0415
+
+    def vary(node):
+        if not _is_probed(node):
+            return node
+        probes = {k: make_varying(v, frozenset({axis})) if k in ("batch_grad", "batch_l2")
+                  else v for k, v in node.probes.items()}
+        return Probed(node.value, probes, node.path)
+    return jax.tree.map(vary, probed, is_leaf=_is_probed)
 
 
 def _is_probed(node) -> bool:
@@ -234,8 +282,10 @@ def _sampled_columns(loss, logits, reduction, key, m):
     return scale * jax.random.normal(key, (m, *logits.shape), logits.dtype)
 
 
-def _compute(apply, names, loss, reduction, mc_samples, train, params, state, x, labels, key):
-    n = x.shape[0]
+def _compute(apply, names, loss, reduction, mc_samples, train, params, state, x, labels, key,
+             axis=None):
+    """One device's part (``axis``: the mesh axis the examples are split over, or None)."""
+    n = x.shape[0] if axis is None else x.shape[0] * jax.lax.axis_size(axis)   # global N
     policy = LayerPolicy()
     scale = 1.0 / n if reduction == "mean" else 1.0      # the 1/N of the loss
     out = {}
@@ -246,9 +296,14 @@ def _compute(apply, names, loss, reduction, mc_samples, train, params, state, x,
 
     def objective(probed):
         logits, _ = apply(probed, state, x, train=train, layers=policy)
-        return _loss_value(loss, logits, labels, reduction)
+        value = _loss_value(loss, logits, labels, reduction)
+        if axis is None:
+            return value
+        # the global loss: the mean of the devices' means (equal shards) or the sum of sums
+        return jax.lax.pmean(value, axis) if reduction == "mean" else jax.lax.psum(value, axis)
 
-    loss_value, cts = jax.value_and_grad(objective)(_wrap(params, first, n))
+    loss_value, cts = jax.value_and_grad(objective)(_vary(_wrap(params, first, x.shape[0]),
+                                                          axis))
     out["loss"], out["grad"] = loss_value, _values(cts)
     for name in first:
         if name in names:
@@ -268,8 +323,9 @@ def _compute(apply, names, loss, reduction, mc_samples, train, params, state, x,
         def logits_of(probed):
             return apply(probed, state, x, train=train, layers=policy)[0]
 
-        kfac_shapes = _kfac_shapes(logits_of, params, n) if "kfac" in names else None
-        logits, backward = jax.vjp(logits_of, _wrap(params, probe_names, n, kfac_shapes))
+        kfac_shapes = _kfac_shapes(logits_of, params, x.shape[0]) if "kfac" in names else None
+        logits, backward = jax.vjp(logits_of, _wrap(params, probe_names, x.shape[0],
+                                                     kfac_shapes))
         if "diag_ggn" in names or "kfac" in names:
             (exact,) = jax.vmap(backward)(_hessian_columns(loss, logits, reduction))
             if "diag_ggn" in names:
@@ -280,6 +336,8 @@ def _compute(apply, names, loss, reduction, mc_samples, train, params, state, x,
                     lambda ag: None if ag is None else (ag[0][0] / n, scale * jnp.sum(ag[1], 0)),
                     _field(exact, "kfac"), is_leaf=lambda v: v is None or isinstance(v, tuple))
         if "diag_ggn_mc" in names:
+            if axis is not None:            # every device samples for its own examples
+                key = jax.random.fold_in(key, jax.lax.axis_index(axis))
             (sampled,) = jax.vmap(backward)(
                 _sampled_columns(loss, logits, reduction, key, mc_samples))
             out["diag_ggn_mc"] = jax.tree.map(lambda v: scale * jnp.mean(v, axis=0),
