@@ -23,7 +23,9 @@ name                   cotangent the rule writes (``g_n`` = this example's      
 ``batch_l2``           ``‖g_n‖²``                                                  ``(N,)``
 ``sum_grad_squared``   ``Σ_n g_n²``                                                ``p``
 ``kfac``               ``(A, G)``: ``Σ_{n,t} a a^T``, ``(1/T) Σ_{n,t} δ δ^T`` (T       ``(in, in),
-                       output positions; weights of dense and conv only)             (out, out)``
+                       output positions; weights of dense and conv only; grouped     (out, out)``;
+                       convolutions: one pair per group, stacked,                    grouped
+                       :func:`kfac_shapes`)                                          ``(G, ...)``
 =====================  ==========================================================  ============
 
 ``δ`` is whatever cotangent reaches the layer: with ``jax.grad`` of a mean loss it carries the

@@ -17,12 +17,14 @@ quantities"), each entry has the structure of ``params``:
 ``variance``         ``(1/N) Σ_n (∇ℓ_n)² − ((1/N) Σ_n ∇ℓ_n)²``                         ``p``
 ``diag_ggn``         diag of ``G = (1/N) Σ_n J_nᵀ (∇²_z ℓ_n) J_n``, exact                 ``p``
 ``diag_ggn_mc``      the same from ``mc_samples`` samples of the predictive distribution  ``p``
-``kfac``             ``(A, G)`` per dense/conv weight (``None`` for other parameters)
+``kfac``             ``(A, G)`` per dense/conv weight (``None`` for other parameters);
+                     grouped convolutions: one pair per group, stacked (leading axis G)
 ===================  ===============================================================  =========
 
 plus ``"loss"`` and ``"grad"`` (``Σ_n g_n``).
 
-How (the design): every parameterised layer (dense, conv2d, batch_norm in evaluation mode)
+How (the design): every parameterised layer (dense, conv2d, conv_transpose2d, batch_norm in
+evaluation mode)
 declares, beside its rule, a ``quantities`` function (``jbp._rule.manual_rule(...,
 quantities=...)``) that computes these from the ``a_n`` its rule keeps and the ``δ_n`` its
 backward receives. They leave the backward as cotangents of zero *probes* that travel with the

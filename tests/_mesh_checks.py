@@ -262,6 +262,11 @@ def check_quantities() -> dict:
     for name in names + ("loss", "grad"):
         out[f"compute:{name}"] = _max_rel(many[name], one[name])
     out["batch_l2_sharded"] = str(many["batch_l2"]["ct"]["w"].sharding.spec)
+    try:
+        Q.compute(apply, params, state, x[:12], y[:12], quantities=("batch_l2",), mesh=MESH)
+        out["indivisible"] = "no error"
+    except ValueError as err:
+        out["indivisible"] = str(err)
     mlp = TQ.mlp_init(jax.random.key(0))
     x, y = TQ._data(jax.random.key(1), N, (2, 2, 3), 4)
     norms = Q.compute(TQ.mlp_apply, mlp, {}, x, y, quantities=("batch_l2",), reduction="sum")

@@ -22,7 +22,8 @@ C_in) (= W's rows flattened to (KH·KW·C_in, C_out)), ``δ_{n,t}`` its output g
                       matrices, N·(T·K + T²) values) when they are fewer than the per-example
                       gradients (N·K·C_out values, K = KH·KW·C_in), else from those
     sum_grad_squared  Σ_n (∂ℓ_n/∂W)²
-    kfac (KFC)        A = Σ_{n,t} p_{n,t} p_{n,t}ᵀ,  G = (1/T) Σ_{n,t} δ_{n,t} δ_{n,t}ᵀ  (groups 1)
+    kfac (KFC)        A = Σ_{n,t} p_{n,t} p_{n,t}ᵀ,  G = (1/T) Σ_{n,t} δ_{n,t} δ_{n,t}ᵀ; with groups > 1
+                      one pair per group from its own channels, stacked (``kfac_factors``)
 
 What runs: each equation is named once here and run by ``jbp._conv_kernels.dispatch``. Its
 generic form, one XLA convolution (``jbp.layers.conv_equations``), is what runs on GPU and TPU.
@@ -97,7 +98,8 @@ def per_example_weight_grad(x, g, w_shape, cfg: ConvConfig):
 
 def patches(x, w_shape, cfg: ConvConfig):
     """p_{n,t}: shape (N, T, KH·KW·C_in), T = H_out·W_out, each patch flattened as (KH, KW,
-    C_in) like W's rows (groups = 1): KH·KW strided slices of the zero-padded input,
+    C_in) like W's rows (groups = 1; grouped: pass w_shape with all C_in channels and split
+    them by group, ``kfac_factors``): KH·KW strided slices of the zero-padded input,
     p[n, (h, w), (i, j, c)] = a[n, h·s+i·d, w·s+j·d, c] (memory moves, no arithmetic)."""
     kh, kw, cin, _ = w_shape
     (sh, sw), (dh, dw) = cfg.stride, cfg.dilation
