@@ -272,7 +272,7 @@ def check_quantities() -> dict:
     norms = Q.compute(TQ.mlp_apply, mlp, {}, x, y, quantities=("batch_l2",), reduction="sum")
     clip = float(np.median(np.sqrt(sum(jax.tree.leaves(norms["batch_l2"])))))   # half clipped
     train_state = _state_for(mlp, optax.sgd(0.1))
-    for noise in (0.0, 1.0):
+    for noise in (1.0,):     # the noise drawn from the same key: equal on one and many devices
         ref_state, ref = make_train_step(TQ.mlp_apply, optax.sgd(0.1), dp=(clip, noise),
                                          donate=False)(train_state, x, y)
         got_state, got = make_train_step(TQ.mlp_apply, optax.sgd(0.1), dp=(clip, noise),
