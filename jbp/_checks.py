@@ -18,7 +18,7 @@ import numpy as np
 from jbp._probes import Probed
 
 #: The layers whose rules fill jbp.quantities' probes (jbp._probes).
-QUANTITY_LAYERS = ("dense", "conv2d", "batch_norm (evaluation mode)")
+QUANTITY_LAYERS = ("dense", "conv2d", "conv_transpose2d", "batch_norm (evaluation mode)")
 
 Pair = Tuple[int, int]
 Padding = Union[str, int, Tuple[Tuple[int, int], Tuple[int, int]]]

@@ -23,7 +23,9 @@ name                   cotangent the rule writes (``g_n`` = this example's      
 ``batch_l2``           ``‖g_n‖²``                                                  ``(N,)``
 ``sum_grad_squared``   ``Σ_n g_n²``                                                ``p``
 ``kfac``               ``(A, G)``: ``Σ_{n,t} a a^T``, ``(1/T) Σ_{n,t} δ δ^T`` (T       ``(in, in),
-                       output positions; weights of dense and conv only)             (out, out)``
+                       output positions; weights of dense and conv only; grouped     (out, out)``;
+                       convolutions: one pair per group, stacked,                    grouped
+                       :func:`kfac_shapes`)                                          ``(G, ...)``
 =====================  ==========================================================  ============
 
 ``δ`` is whatever cotangent reaches the layer: with ``jax.grad`` of a mean loss it carries the
@@ -32,6 +34,8 @@ backpropagated (``jbp.quantities`` scales).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -42,18 +46,26 @@ RULE_QUANTITIES = ("batch_grad", "batch_l2", "sum_grad_squared", "kfac")
 
 @jax.tree_util.register_pytree_node_class
 class Probed:
-    """A parameter array ``value`` with its ``probes`` (a dict: quantity name -> zeros)."""
+    """A parameter array ``value`` with its ``probes`` (a dict: quantity name -> zeros) and its
+    ``path`` in the parameter tree (static; names the parameter in :func:`kfac_shapes`)."""
 
-    def __init__(self, value, probes):
+    def __init__(self, value, probes, path=None):
         self.value = value
         self.probes = probes
+        self.path = path
 
     def tree_flatten(self):
-        return (self.value, self.probes), None
+        return (self.value, self.probes), self.path
 
     @classmethod
-    def tree_unflatten(cls, _aux, children):
-        return cls(*children)
+    def tree_unflatten(cls, path, children):
+        return cls(*children, path=path)
+
+    # The parameter's shape, dtype and rank, for model code that reads them (a kernel size
+    # from w.shape); anything else goes through a layer, which unwraps it.
+    shape = property(lambda self: self.value.shape)
+    dtype = property(lambda self: self.value.dtype)
+    ndim = property(lambda self: self.value.ndim)
 
     def __repr__(self) -> str:
         shape = getattr(self.value, "shape", None)
@@ -86,6 +98,46 @@ def from_per_example(grad_n, names, dtype) -> dict:
         else:
             raise ValueError(f"quantities: {name!r} is not defined for this parameter")
     return {k: v.astype(dtype) for k, v in out.items()}
+
+
+# --- K-FAC factor shapes: what the layer knows and the parameter does not ----------------------
+#
+# The shape of a ``kfac`` probe must be known when jbp.quantities wraps the parameters, but a
+# grouped convolution's factors (one pair per group) depend on ``groups``, which only the layer
+# sees: a kernel (3, 3, 1, 32) is a depthwise convolution over 32 channels or a plain one over 1.
+# So jbp.quantities first traces the forward alone (``jax.eval_shape``) inside
+# :func:`noting_kfac_shapes`; each layer that fills ``kfac`` probes states its factors' shapes
+# through :func:`kfac_shapes`, and the real pass wraps the parameters with probes of those shapes.
+
+_noted = None          # {path: (A shape, G shape)} while noting_kfac_shapes() is active
+
+
+@contextlib.contextmanager
+def noting_kfac_shapes():
+    """Collect ``{path: (A shape, G shape)}`` from the layers run inside (module comment)."""
+    global _noted
+    outer, _noted = _noted, {}
+    try:
+        yield _noted
+    finally:
+        _noted = outer
+
+
+def kfac_shapes(param, a_shape: tuple, g_shape: tuple) -> None:
+    """Called by a layer with its weight ``param`` (possibly :class:`Probed`) and the shapes of
+    the factors it writes. While noting, records them; otherwise checks that a ``kfac`` probe
+    has those shapes (a probe built by hand for another layout is named, not a JAX error)."""
+    if not isinstance(param, Probed) or "kfac" not in (param.probes or {}):
+        return
+    if _noted is not None:
+        if param.path is not None:
+            _noted[param.path] = (tuple(a_shape), tuple(g_shape))
+        return
+    got = tuple(tuple(p.shape) for p in param.probes["kfac"])
+    if got != (tuple(a_shape), tuple(g_shape)):
+        raise ValueError(f"quantities: the 'kfac' probe of {param.path or 'a weight'} has shapes "
+                         f"{got}; this layer writes factors of shapes "
+                         f"{(tuple(a_shape), tuple(g_shape))}")
 
 
 def check_kfac(names, what: str):

@@ -96,7 +96,9 @@ class ManualRule:
             primal or forward, fwd, bwd, quantities, num_diff, num_static)
 
     def with_probes(self, probes: tuple, *args: Any):
-        """The rule with probes (``jbp._probes``), outside ``shard_map`` (no axis matching):
+        """The rule with probes (``jbp._probes``), with the same axis matching under
+        ``shard_map`` as the plain rule (a probe's cotangent is ``psum``-ed unless the probe
+        varies over the axis, as per-example probes do):
         ``probes`` has one entry per differentiable argument (``None``, or a dict quantity name
         -> zeros); the backward also returns, as their cotangents, the quantities the rule's
         ``quantities`` function computes."""
@@ -187,12 +189,24 @@ def _probed_vjp(primal: Callable, fwd: Callable, bwd: Callable, quantities: Call
 
     def probed_fwd(*args):
         out, res = fwd(*args[:num_diff], *args[num_diff + 1:])
-        return out, (res, _ProbeNames(tuple(names_of(p) for p in args[num_diff])))
+        probes = args[num_diff]
+        # varying mesh axes of the arguments and of every probe leaf (as __init__'s rule does)
+        axes = _ArgAxes(tuple(_varying_axes(a) for a in args[:num_diff]))
+        probe_axes = _ArgAxes(tuple(_varying_axes(p) for p in jax.tree.leaves(probes)))
+        return out, (res, _ProbeNames(tuple(names_of(p) for p in probes)), axes, probe_axes)
 
     def probed_bwd(*args):
-        *static_args, (res, names), g = args
+        *static_args, (res, names, axes, probe_axes), g = args
         cts = bwd(*static_args, res, g)
-        return (*cts, tuple(quantities(*static_args, res, g, names.names)))
+        cts = tuple(_match_axes(ct, a) for ct, a in zip(cts, axes.axes))
+        # Under shard_map a probe that varies over the data axis (per-example: batch_l2,
+        # batch_grad) keeps this device's rows; one that does not (sums over the examples:
+        # sum_grad_squared, kfac) is psum-ed over the devices, like a parameter's gradient.
+        qs = tuple(quantities(*static_args, res, g, names.names))
+        leaves, tree = jax.tree.flatten(qs)
+        qs = jax.tree.unflatten(tree, [_match_axes(q, a)
+                                       for q, a in zip(leaves, probe_axes.axes)])
+        return (*cts, qs)
 
     vjp.defvjp(probed_fwd, probed_bwd, optimize_remat=OPTIMIZE_REMAT)
     return vjp

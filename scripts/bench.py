@@ -72,7 +72,10 @@ MEMORY_VARIANTS = {"manual-remat": {"remat": "blocks"}, "manual-bf16res": {"resi
 # only: --variants manual,q-batch_l2,q-batch_grad,vmap-batch_grad. Each is a whole step (the
 # quantity, the gradient from the same pass, the SGD-momentum update); the per-example outputs
 # are returned so that XLA keeps them. The model runs in evaluation mode (batch norm would
-# couple the examples): use a configuration without batch norm (resnet20nobn_b32, lenet5_b128).
+# couple the examples). On a model with batch norm (mobilenet_v2_b16, resnet20_b32, ...) that is
+# another model than the training-mode "manual" step, so EVAL_BASELINE joins them: jbp's plain
+# train step (the rules' gradient, SGD-momentum update) with the model in evaluation mode. Their
+# step-0 losses are checked against it, and the table's last columns state each row's baseline.
 QUANTITY_VARIANTS = {
     "q-batch_l2": "jbp.quantities batch_l2: per-example gradient norms from the rules",
     "q-batch_grad": "jbp.quantities batch_grad: per-example gradients from the rules",
@@ -92,6 +95,10 @@ SECOND_ORDER_VARIANTS = {
     "kfac": dict(lr=0.01, options={"damping": 1e-3, "refresh_every": 1, "invert_every": 10}),
     "gauss_newton": dict(lr=1.0, options={"damping": 1.0, "cg_iters": 10, "sub_batch": 32}),
 }
+EVAL_BASELINE = "manual-eval"
+EVAL_BASELINE_TEXT = ("jbp's plain train step (hand-written rules, SGD momentum) with the model in "
+                      "evaluation mode: batch norm on its running statistics, as the quantity "
+                      "variants run it")
 # Configurations with model options (no batch norm: train and eval mode are one model).
 CONFIGS["resnet20nobn_b32"] = ("resnet20", 32, (32, 32, 3), 10)
 CONFIG_OPTIONS = {"resnet20nobn_b32": {"batch_norm": False}}
@@ -106,7 +113,8 @@ def parse_args(argv=None):
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma-separated; default %(default)s; also the memory policies "
                         f"({', '.join(MEMORY_VARIANTS)}) and the per-example quantities "
-                        f"({', '.join(QUANTITY_VARIANTS)})")
+                        f"({', '.join(QUANTITY_VARIANTS)}) and the second-order optimisers "
+                        f"({', '.join(SECOND_ORDER_VARIANTS)})")
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant (>= 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant after compile")
     p.add_argument("--device", default=None,
@@ -235,7 +243,11 @@ def main(argv=None):
                            donate_argnums=(0, 1, 2))
         if variant in QUANTITY_VARIANTS:
             return jax.jit(quantity_step(variant, apply, optimizer), donate_argnums=(0, 1, 2))
-        if variant == "lax_reference":
+        if variant == EVAL_BASELINE:
+            loss_fn = make_loss(
+                lambda p, s, xx, *, train, layers: apply(p, s, xx, train=False, layers=layers),
+                "softmax_cross_entropy", grad="manual", precision=args.precision)
+        elif variant == "lax_reference":
             loss_fn = make_loss(reference_models.lax_apply(model_name), reference_models.lax_loss,
                                 grad="autodiff", precision=args.precision)
         elif variant in MEMORY_VARIANTS:
@@ -279,15 +291,21 @@ def main(argv=None):
                         and v not in MEMORY_VARIANTS]
         else:
             model = get_model(model_name)
-        if model_name in ("resnet20", "resnet18") and cfg_name not in CONFIG_OPTIONS:
-            variants = [v for v in variants if v not in QUANTITY_VARIANTS]   # batch norm
-        log(f"[{cfg_name}] building {', '.join(variants)}")
         rng = np.random.default_rng(0)
         x_np = rng.standard_normal((batch, *shape), dtype=np.float32)
         labels_shape = (batch, *shape[:2]) if model_name == "unet" else (batch,)   # per pixel
         y_np = rng.integers(0, classes, labels_shape).astype(np.int32)
         with jax.default_device(device):
             params, state = model.init(jax.random.PRNGKey(0), shape, classes)
+            # Batch norm (the model has running statistics): the quantity variants run the
+            # model in evaluation mode and are compared with EVAL_BASELINE, added here.
+            baseline = "manual"
+            if jax.tree.leaves(state) and any(v in QUANTITY_VARIANTS for v in variants):
+                baseline = EVAL_BASELINE
+                variants = variants + [EVAL_BASELINE]
+                log(f"[{cfg_name}] batch norm: the quantity variants run in evaluation mode and "
+                    f"are compared with {EVAL_BASELINE}, {EVAL_BASELINE_TEXT}")
+            log(f"[{cfg_name}] building {', '.join(variants)}")
             # (a configuration without batch norm has the same convolutions and matmuls)
             flops = 3 * reference_models.forward_flops(
                 model_name, *get_model(model_name).init(jax.random.PRNGKey(0), shape, classes),
@@ -319,10 +337,15 @@ def main(argv=None):
                     f"{temp / 2**20 if temp is not None else float('nan'):.1f} MiB")
 
             # Identical starting point => identical step-0 loss (up to float32 rounding).
+            # (quantity variants and EVAL_BASELINE: the evaluation-mode model's loss)
             loss0 = {v: float(runners[v]()) for v in variants}
-            ref = loss0["manual"]
             tol = 1e-4 if args.precision == "f32" else 3e-2      # bf16: 2^-8 per rounding
-            bad = {v: l for v, l in loss0.items() if not abs(l - ref) <= tol * max(1, abs(ref))}
+
+            def reference(v):
+                return loss0[baseline if v in QUANTITY_VARIANTS or v == EVAL_BASELINE
+                             else "manual"]
+            bad = {v: l for v, l in loss0.items()
+                   if not abs(l - reference(v)) <= tol * max(1, abs(reference(v)))}
             if bad:
                 sys.exit(f"[{cfg_name}] step-0 losses disagree: {loss0}; the variants are not "
                          f"the same model, so the timings would mean nothing")
@@ -352,6 +375,10 @@ def main(argv=None):
         for v in variants:
             med = float(np.median(times[v]))
             paired = paired_ratios(round_medians[v], round_medians["manual"])
+            # the plain train step a quantity variant is compared with (EVAL_BASELINE on a
+            # batch-norm model, else manual itself)
+            base = baseline if v in QUANTITY_VARIANTS else "manual"
+            base_paired = paired_ratios(round_medians[v], round_medians[base])
             gflops = flops / med / 1e6
             rows.append({
                 "model": model_name, "batch": batch, "variant": v,
@@ -366,6 +393,8 @@ def main(argv=None):
                 "gflops": gflops, "peak_fraction": gflops / peak_gflops,
                 "images_per_s": batch / med * 1e3, "loss0": loss0[v],
                 "conv_backend": _conv_backend(v, device.platform),
+                "baseline": base, "ratio_to_baseline": med / float(np.median(times[base])),
+                "ratio_to_baseline_paired": float(np.median(base_paired)),
             })
             if v == "manual" and rows[-1]["conv_backend"].startswith("onednn"):
                 # oneDNN's scratch lives outside XLA's buffers (not in temp_bytes): the bytes
@@ -377,6 +406,11 @@ def main(argv=None):
 
     print(_header(jax, torch_proc, device, peak_gflops, args, measured_peak))
     print(table(rows))
+    if any(r["variant"] == EVAL_BASELINE for r in rows):
+        print(f"\n{EVAL_BASELINE}: {EVAL_BASELINE_TEXT}. On a batch-norm model the quantity "
+              f"variants (and {EVAL_BASELINE}) run the model in evaluation mode; their "
+              f"'baseline' column names the step they are compared with, 'manual' trains in "
+              f"training mode (batch statistics).")
     if args.json:
         print(f"\nwrote {len(rows)} rows to {args.json}")
 
@@ -615,8 +649,9 @@ def _header(jax, torch, device, peak, args, measured_peak=None):
 def table(rows) -> str:
     """Markdown table of benchmark rows."""
     head = ("| model | batch | variant | precision | step ms median | min–max | × manual "
-            "| paired × (range) | compile s | temp MiB | GFLOP/s | % peak | img/s | conv kernels |")
-    out = [head, "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+            "| paired × (range) | compile s | temp MiB | GFLOP/s | % peak | img/s | conv kernels "
+            "| baseline | paired × baseline |")
+    out = [head, "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
     for r in rows:
         compile_s = "" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
         temp = "" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:.1f}"
@@ -627,7 +662,8 @@ def table(rows) -> str:
             f"| {r['ratio_to_manual_paired']:.3f} ({r['ratio_paired_min']:.2f}–"
             f"{r['ratio_paired_max']:.2f}) | {compile_s} | {temp} | {r['gflops']:.1f} "
             f"| {100 * r['peak_fraction']:.1f} | {r['images_per_s']:.0f} "
-            f"| {r.get('conv_backend', '')} |")
+            f"| {r.get('conv_backend', '')} | {r.get('baseline', 'manual')} "
+            f"| {r.get('ratio_to_baseline_paired', r['ratio_to_manual_paired']):.3f} |")
     return "\n".join(out)
 
 

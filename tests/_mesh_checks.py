@@ -245,6 +245,53 @@ def check_errors() -> dict:
     return out
 
 
+def check_quantities() -> dict:
+    """jbp.quantities.compute(mesh=) and the DP-SGD step with mesh= against the same calls on
+    one device (tests/test_quantities.py's transposed/grouped-conv net with eval batch norm, and
+    its MLP for DP, float64)."""
+    import optax  # noqa: PLC0415
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import test_quantities as TQ  # noqa: PLC0415
+    from jbp import quantities as Q  # noqa: PLC0415
+    out = {}
+    apply, (params, state), shape = TQ.family_net("general")
+    x, y = TQ._data(jax.random.key(21), N, shape, 3)
+    names = TQ.FIRST + ("diag_ggn", "kfac")
+    one = Q.compute(apply, params, state, x, y, quantities=names)
+    many = Q.compute(apply, params, state, x, y, quantities=names, mesh=MESH)
+    for name in names + ("loss", "grad"):
+        out[f"compute:{name}"] = _max_rel(many[name], one[name])
+    out["batch_l2_sharded"] = str(many["batch_l2"]["ct"]["w"].sharding.spec)
+    try:
+        Q.compute(apply, params, state, x[:12], y[:12], quantities=("batch_l2",), mesh=MESH)
+        out["indivisible"] = "no error"
+    except ValueError as err:
+        out["indivisible"] = str(err)
+    mlp = TQ.mlp_init(jax.random.key(0))
+    x, y = TQ._data(jax.random.key(1), N, (2, 2, 3), 4)
+    norms = Q.compute(TQ.mlp_apply, mlp, {}, x, y, quantities=("batch_l2",), reduction="sum")
+    clip = float(np.median(np.sqrt(sum(jax.tree.leaves(norms["batch_l2"])))))   # half clipped
+    train_state = _state_for(mlp, optax.sgd(0.1))
+    for noise in (1.0,):     # the noise drawn from the same key: equal on one and many devices
+        ref_state, ref = make_train_step(TQ.mlp_apply, optax.sgd(0.1), dp=(clip, noise),
+                                         donate=False)(train_state, x, y)
+        got_state, got = make_train_step(TQ.mlp_apply, optax.sgd(0.1), dp=(clip, noise),
+                                         donate=False, mesh=MESH)(train_state, x, y)
+        def update(new):
+            return jax.tree.map(lambda a, b: a - b, new.params, train_state.params)
+        out[f"dp:{noise}:update"] = _max_rel(update(got_state), update(ref_state))
+        out[f"dp:{noise}:norms"] = _rel(got["per_example_norms"], ref["per_example_norms"])
+        out[f"dp:{noise}:clipped_fraction"] = [float(got["clipped_fraction"]),
+                                               float(ref["clipped_fraction"])]
+    return out
+
+
+def _state_for(params, opt):
+    from jbp.train import TrainState  # noqa: PLC0415
+    return TrainState(params, {}, opt.init(params), jnp.zeros((), jnp.int32),
+                      jax.random.key(3))
+
+
 def main(argv) -> None:
     timing = "--timing" in argv
     result = {"devices": jax.device_count()}
@@ -252,6 +299,7 @@ def main(argv) -> None:
     result["layers"] = check_layers()
     result["errors"] = check_errors()
     result["steps"] = check_steps(timing=timing)
+    result["quantities"] = check_quantities()
     result["seconds"] = time.perf_counter() - t0
     print(json.dumps(result))
 

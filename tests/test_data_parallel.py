@@ -77,3 +77,19 @@ def test_errors_and_explicit_mesh(checks):
     assert "12" in err["indivisible"] and "8" in err["indivisible"]
     assert "'data'" in err["no_data_axis"]
     assert err["explicit_mesh"] <= TOL
+
+
+def test_quantities_and_dp_sgd_under_the_mesh(checks):
+    """jbp.quantities.compute(mesh=) (per-example results sharded over the examples, sums over
+    the devices) and the DP-SGD step with mesh= (each device clips its examples, the clipped sum
+    over the devices, the same noise) equal the one-device calls."""
+    q = checks["quantities"]
+    for name in ("batch_grad", "batch_l2", "sum_grad_squared", "variance", "diag_ggn", "kfac",
+                 "loss", "grad"):
+        assert q[f"compute:{name}"] <= 1e-12, name
+    assert q["batch_l2_sharded"] == "P('data',)"
+    assert q["indivisible"].startswith("x: 12 examples do not split evenly over the mesh's 8")
+    for noise in ("1.0",):
+        assert q[f"dp:{noise}:update"] <= 1e-12 and q[f"dp:{noise}:norms"] <= 1e-12
+        got, want = q[f"dp:{noise}:clipped_fraction"]
+        assert got == want == 0.5          # the clip norm is the median: half are clipped

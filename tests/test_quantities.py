@@ -66,16 +66,18 @@ def bn_net_apply(params, state, x, *, train, layers=LayerPolicy()):
 
 # --- the independent computations ----------------------------------------------------------------
 
-def per_example_loss(apply, state, loss):
-    """ℓ_n(θ) of one example through the autodiff twin (a batch of one, so the mean is ℓ_n)."""
+def per_example_loss(apply, state, loss, reduction="mean"):
+    """ℓ_n(θ) of one example through the autodiff twin (a batch of one, so the mean is ℓ_n;
+    per pixel, ``reduction`` says whether ℓ_n is the pixels' mean or sum)."""
     def ell(params, xn, yn):
         logits, _ = apply(params, state, xn[None], train=False, layers=AUTODIFF)
-        return getattr(jbp.autodiff, loss)(logits, yn[None])
+        return getattr(jbp.autodiff, loss)(logits, yn[None], reduction=reduction)
     return ell
 
 
 def vmap_route(apply, params, state, x, y, loss, reduction):
-    grads = jax.jit(jax.vmap(jax.grad(per_example_loss(apply, state, loss)), (None, 0, 0)))(
+    grads = jax.jit(jax.vmap(jax.grad(per_example_loss(apply, state, loss, reduction)),
+                             (None, 0, 0)))(
         params, x, y)
     n = x.shape[0]
     return jax.tree.map(lambda g: g / n if reduction == "mean" else g, grads)
@@ -89,14 +91,15 @@ def dense_ggn(apply, params, state, x, y, loss, reduction):
     def logits_n(f, xn):
         return apply(unravel(f), state, xn[None], train=False, layers=AUTODIFF)[0][0]
 
-    def loss_of_logits(z, yn):
-        return getattr(jbp.autodiff, loss)(z[None], yn[None])     # ℓ_n (a batch of one)
+    def loss_of_logits(z, yn):                                   # ℓ_n (a batch of one)
+        return getattr(jbp.autodiff, loss)(z[None], yn[None], reduction=reduction)
 
     @jax.jit
     def block(xn, yn):
-        jac = jax.jacrev(logits_n)(flat, xn)                     # (C, P)
+        jac = jax.jacrev(logits_n)(flat, xn)                     # (C, P) or (H, W, C, P)
         hess = jax.hessian(loss_of_logits)(logits_n(flat, xn), yn)
-        return jac.T @ hess @ jac
+        jac = jac.reshape(-1, flat.size)                         # per pixel: D = H·W·C rows
+        return jac.T @ hess.reshape(jac.shape[0], -1) @ jac
 
     total = sum(block(x[i], y[i]) for i in range(n))
     return total / n if reduction == "mean" else total, unravel
@@ -242,6 +245,164 @@ def test_conv_batch_l2_both_routes_and_patches(stride, dilation, padding, groups
         np.testing.assert_allclose(got["patches"], want, rtol=1e-10, atol=1e-12)
 
 
+# --- every other parameterised layer: transposed and grouped convolutions ----------------------
+
+# (input shape, conv_transpose2d options, conv2d options). "general": strides, dilation, output
+# padding, two groups each, a bias; "one_by_one": every convolution's output is 1×1, so for one
+# example each group's kron(A[g], G[g]) is exactly that group's GGN block (KFC's exact case).
+FAMILY_NETS = {
+    "general": ((3, 3, 4), dict(stride=2, padding=1, output_padding=1, dilation=2, groups=2),
+                dict(stride=2, padding="VALID", groups=2), (72, 3)),
+    "one_by_one": ((2, 2, 4), dict(stride=1, padding=1, groups=2),
+                   dict(stride=1, padding="VALID", groups=3), (6, 3)),
+}
+
+
+def family_net(case):
+    """conv_transpose2d (kernel 3×2 or 2×2, C 4 -> 6, grouped, bias) -> tanh -> grouped conv2d
+    (6 -> 6) -> batch norm (eval) -> dense 3."""
+    shape, ct, cv, fc = FAMILY_NETS[case]
+    k = jax.random.split(jax.random.key(20), 6)
+    kernel = (3, 2) if case == "general" else (2, 2)
+    params = {"ct": {"w": jax.random.normal(k[0], (*kernel, 4, 6 // ct["groups"])) / 2,
+                     "b": jax.random.normal(k[1], (6,)) / 3},
+              "cv": {"w": jax.random.normal(k[2], (2, 2, 6 // cv["groups"], 6)) / 2}
+              if case == "general" else
+              {"w": jax.random.normal(k[2], (1, 1, 6 // cv["groups"], 6))},
+              "bn": {"gamma": 1 + jax.random.normal(k[3], (6,)) / 4,
+                     "beta": jax.random.normal(k[4], (6,)) / 4},
+              "fc": {"w": jax.random.normal(k[5], fc) / 2}}
+    state = {"bn": {"mean": jnp.full(6, 0.2), "var": jnp.full(6, 1.3)}}
+
+    def apply(params, state, x, *, train, layers=LayerPolicy()):
+        p = params
+        h = layers.tanh(layers.conv_transpose2d(x, p["ct"]["w"], p["ct"]["b"], **ct))
+        h = layers.conv2d(h, p["cv"]["w"], **cv)
+        h, _ = layers.batch_norm(h, p["bn"]["gamma"], p["bn"]["beta"], state["bn"]["mean"],
+                                 state["bn"]["var"], train=train)
+        return layers.dense(layers.flatten(h), p["fc"]["w"]), state
+    return apply, jax.tree.map(lambda a: a.astype(jnp.float64), (params, state)), shape
+
+
+@pytest.mark.parametrize("case", sorted(FAMILY_NETS))
+def test_transposed_and_grouped_conv_quantities(case):
+    """conv_transpose2d and grouped conv2d: the first-pass quantities against vmap(grad), the
+    GGN diagonal against the dense JᵀHJ, and (1×1 outputs, one example) each group's
+    kron(A[g], G[g]) against its block of the dense GGN."""
+    apply, (params, state), shape = family_net(case)
+    # one_by_one: one example (kron(A, G) is exact for one); general: three
+    x, y = _data(jax.random.key(21), 3 if case == "general" else 1, shape, 3)
+    kfac = ("kfac",) if case == "one_by_one" else ()
+    out = Q.compute(apply, params, state, x, y, quantities=FIRST + ("diag_ggn",) + kfac)
+    check_first_pass(out, apply, params, state, x, y, "softmax_cross_entropy", "mean")
+    ggn, unravel = dense_ggn(apply, params, state, x, y, "softmax_cross_entropy", "mean")
+    assert_tree_close(out["diag_ggn"], unravel(jnp.diag(ggn)))
+    if not kfac:
+        return
+    offsets = _offsets(params)
+    for layer, groups in (("ct", 2), ("cv", 3)):
+        w = params[layer]["w"]
+        a, g = out["kfac"][layer]["w"]
+        assert a.shape[0] == g.shape[0] == groups
+        start, size = offsets[(layer, "w")]
+        block = ggn[start:start + size, start:start + size].reshape(*w.shape, *w.shape)
+        for j in range(groups):
+            if layer == "ct":      # W_g = W[:, :, group g's input channels, :]
+                cin = w.shape[2] // groups
+                sub = block[:, :, j * cin:(j + 1) * cin, :, :, :, j * cin:(j + 1) * cin, :]
+            else:                  # W_g = W[..., group g's output channels]
+                cout = w.shape[3] // groups
+                sub = block[..., j * cout:(j + 1) * cout, :, :, :, j * cout:(j + 1) * cout]
+            rows = sub.shape[0] * sub.shape[1] * sub.shape[2] * sub.shape[3]
+            np.testing.assert_allclose(np.kron(a[j], g[j]), sub.reshape(rows, rows),
+                                       rtol=1e-9, atol=1e-12)
+
+
+def test_conv_transpose_patches_are_ordered_like_w_rows():
+    """Σ_t p_{n,t} ⊗ δ_{n,t} with the transposed convolution's patches reproduces the
+    per-example gradient of vmap(grad) (stride, dilation, padding, output padding, a
+    non-square kernel), and so does the vmapped weight-gradient equation."""
+    from jbp.layers import conv_transpose as ct
+    opts = dict(stride=(2, 3), padding=(1, 0), output_padding=(1, 2), dilation=(2, 1))
+    x = jax.random.normal(jax.random.key(22), (2, 3, 4, 3), jnp.float64)
+    w = jax.random.normal(jax.random.key(23), (3, 2, 3, 4), jnp.float64)
+    cfg = ct.conv_transpose_config(x, w, **opts)
+    g = jax.random.normal(jax.random.key(24), (2, *cfg.out_hw, 4), jnp.float64)
+
+    @jax.jit
+    def both(x, w, g):
+        def loss_n(wn, xn, gn):
+            return jnp.sum(jbp.autodiff.conv_transpose2d(xn[None], wn, **opts) * gn[None])
+        want = jax.vmap(jax.grad(loss_n), (None, 0, 0))(w, x, g)
+        p = ct.patches(x, w.shape, cfg)
+        by_patches = jnp.einsum("ntk,ntc->nkc", p, g.reshape(2, -1, 4)).reshape(want.shape)
+        return want, by_patches, ct.per_example_weight_grad(x, g, w.shape, cfg)
+
+    want, by_patches, by_equation = both(x, w, g)
+    np.testing.assert_allclose(by_patches, want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(by_equation, want, rtol=1e-10, atol=1e-12)
+
+
+def per_pixel_net():
+    """(N, 3, 3, 2) -> conv2d 2×2 VALID (4, bias) -> tanh -> conv_transpose2d 2×2 stride 2 (3)
+    -> per-pixel logits (N, 4, 4, 3)."""
+    k = jax.random.split(jax.random.key(25), 3)
+    params = {"cv": {"w": jax.random.normal(k[0], (2, 2, 2, 4)) / 2,
+                     "b": jax.random.normal(k[1], (4,)) / 3},
+              "ct": {"w": jax.random.normal(k[2], (2, 2, 4, 3))}}
+
+    def apply(params, state, x, *, train, layers=LayerPolicy()):
+        h = layers.tanh(layers.conv2d(x, params["cv"]["w"], params["cv"]["b"], padding="VALID"))
+        return layers.conv_transpose2d(h, params["ct"]["w"], stride=2), state
+    return apply, jax.tree.map(lambda a: a.astype(jnp.float64), params)
+
+
+@pytest.mark.parametrize("loss,reduction", [("softmax_cross_entropy", "mean"), ("mse", "sum")])
+def test_per_pixel_logits_diag_ggn_and_batch_l2(loss, reduction):
+    """Per-pixel logits (a segmentation net's): ℓ_n is the mean (sum) over the pixels, its
+    Hessian block diagonal over them; diag_ggn from the H·W·C columns against the dense JᵀHJ,
+    batch_l2 against vmap(grad)."""
+    apply, params = per_pixel_net()
+    x = jax.random.normal(jax.random.key(26), (2, 3, 3, 2), jnp.float64)
+    if loss == "mse":
+        y = jax.random.normal(jax.random.key(27), (2, 4, 4, 3), jnp.float64)
+    else:
+        y = jax.random.randint(jax.random.key(27), (2, 4, 4), 0, 3)
+    out = Q.compute(apply, params, {}, x, y, loss=loss, reduction=reduction,
+                    quantities=("batch_l2", "diag_ggn"))
+    grads = vmap_route(apply, params, {}, x, y, loss, reduction)
+    assert_tree_close(out["batch_l2"], jax.tree.map(
+        lambda g: jnp.sum(g.reshape(2, -1) ** 2, axis=1), grads))
+    ggn, unravel = dense_ggn(apply, params, {}, x, y, loss, reduction)
+    assert_tree_close(out["diag_ggn"], unravel(jnp.diag(ggn)))
+
+
+@pytest.mark.slow
+def test_tiny_mobilenet_like_batch_l2_and_diag_ggn():
+    """jbp.models.mobilenet's own blocks at a tiny width (8×8 input; stem 4, an MBConv with
+    expansion 2, depthwise 3×3 stride 2, squeeze-and-excitation, one with a shortcut; head 8;
+    batch norm in evaluation mode with non-trivial running statistics, no key): batch_l2
+    against vmap(grad) of the autodiff twin, and diag_ggn against the dense JᵀHJ."""
+    from jbp.models import mobilenet
+    spec = mobilenet.Spec("tiny", "silu", ((1, 3, 1, 4, 1), (2, 3, 2, 6, 2)), se=True,
+                          stem_width=4, head_width=8, min_size=8)
+    params, state = mobilenet._init(spec, jax.random.key(30), (8, 8, 3), 3)
+    state = jax.tree.map(lambda v: v + 0.1 * jax.random.uniform(jax.random.key(31), v.shape),
+                         state)
+    params, state = jax.tree.map(lambda a: a.astype(jnp.float64), (params, state))
+
+    def apply(params, state, x, *, train, layers=LayerPolicy()):
+        return mobilenet._apply(spec, params, state, x, train, layers, None, 0.0, 0.0, "none")
+
+    x, y = _data(jax.random.key(32), 2, (8, 8, 3), 3)
+    out = Q.compute(apply, params, state, x, y, quantities=("batch_l2", "diag_ggn"))
+    grads = vmap_route(apply, params, state, x, y, "softmax_cross_entropy", "mean")
+    assert_tree_close(out["batch_l2"], jax.tree.map(
+        lambda g: jnp.sum(g.reshape(2, -1) ** 2, axis=1), grads), atol=1e-15)
+    ggn, unravel = dense_ggn(apply, params, state, x, y, "softmax_cross_entropy", "mean")
+    assert_tree_close(out["diag_ggn"], unravel(jnp.diag(ggn)), atol=1e-15)
+
+
 # --- Monte Carlo: converging to the exact value within a variance-derived bound ---------------
 
 def test_diag_ggn_mc_converges_within_its_standard_error():
@@ -295,14 +456,15 @@ def test_bad_input_messages():
 
 
 def test_a_layer_without_quantities_says_so():
-    """A parameter wrapped with probes that reaches a layer whose rule fills none (here the
-    transposed convolution) is named, instead of failing inside the layer."""
+    """A parameter wrapped with probes that reaches a layer with no parameters, whose rule
+    fills none (here tanh: a weight reparametrised as tanh(v)), is named, instead of failing
+    inside the layer."""
     def apply(params, state, x, *, train, layers):
-        y = layers.conv_transpose2d(x, params["w"])
+        y = layers.conv2d(x, layers.tanh(params["v"]))
         return y.reshape(y.shape[0], -1), state
 
-    params = {"w": jnp.zeros((2, 2, 1, 1))}
-    with pytest.raises(ValueError, match="w: a parameter wrapped by jbp.quantities reached a "
+    params = {"v": jnp.zeros((2, 2, 1, 1))}
+    with pytest.raises(ValueError, match="x: a parameter wrapped by jbp.quantities reached a "
                                          "layer that computes no per-example quantities"):
         Q.compute(apply, params, {}, jnp.zeros((2, 2, 2, 1)), jnp.array([0, 1]),
                   quantities=("batch_l2",))

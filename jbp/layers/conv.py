@@ -22,7 +22,8 @@ C_in) (= W's rows flattened to (KH·KW·C_in, C_out)), ``δ_{n,t}`` its output g
                       matrices, N·(T·K + T²) values) when they are fewer than the per-example
                       gradients (N·K·C_out values, K = KH·KW·C_in), else from those
     sum_grad_squared  Σ_n (∂ℓ_n/∂W)²
-    kfac (KFC)        A = Σ_{n,t} p_{n,t} p_{n,t}ᵀ,  G = (1/T) Σ_{n,t} δ_{n,t} δ_{n,t}ᵀ  (groups 1)
+    kfac (KFC)        A = Σ_{n,t} p_{n,t} p_{n,t}ᵀ,  G = (1/T) Σ_{n,t} δ_{n,t} δ_{n,t}ᵀ; with groups > 1
+                      one pair per group from its own channels, stacked (``kfac_factors``)
 
 What runs: each equation is named once here and run by ``jbp._conv_kernels.dispatch``. Its
 generic form, one XLA convolution (``jbp.layers.conv_equations``), is what runs on GPU and TPU.
@@ -106,7 +107,8 @@ def per_example_weight_grad(x, g, w_shape, cfg: ConvConfig):
 
 def patches(x, w_shape, cfg: ConvConfig):
     """p_{n,t}: shape (N, T, KH·KW·C_in), T = H_out·W_out, each patch flattened as (KH, KW,
-    C_in) like W's rows (groups = 1): KH·KW strided slices of the zero-padded input,
+    C_in) like W's rows (groups = 1; grouped: pass w_shape with all C_in channels and split
+    them by group, ``kfac_factors``): KH·KW strided slices of the zero-padded input,
     p[n, (h, w), (i, j, c)] = a[n, h·s+i·d, w·s+j·d, c] (memory moves, no arithmetic)."""
     kh, kw, cin, _ = w_shape
     (sh, sw), (dh, dw) = cfg.stride, cfg.dilation
@@ -125,6 +127,31 @@ def batch_l2_by_gram(x, g, w_shape, cfg: ConvConfig):
     d = g.reshape(g.shape[0], -1, g.shape[-1])
     return jnp.einsum("nts,nts->n", jnp.einsum("ntk,nsk->nts", p, p),
                       jnp.einsum("ntc,nsc->nts", d, d))
+
+
+def kfac_factors(p, g, taps, groups):
+    """KFC's ``A = Σ_{n,t} p pᵀ`` and ``G = (1/T) Σ_{n,t} δ δᵀ`` from the patches ``p`` of the
+    whole input, (N, T, taps·C_in) flattened (taps = KH·KW, C_in), and ``δ`` (N, H_out, W_out,
+    C_out). With ``groups`` > 1 one pair per group, stacked: ``A[g]`` from group g's input
+    channels, ``G[g]`` from its output channels, shapes (G, taps·C_in/G, taps·C_in/G) and
+    (G, C_out/G, C_out/G); the blocks between groups are K-FAC's dropped off-diagonal blocks."""
+    t = g.shape[1] * g.shape[2]
+    rows = p.shape[0] * p.shape[1]
+    if groups == 1:
+        p, d = p.reshape(rows, -1), g.reshape(rows, -1)
+        return p.T @ p, d.T @ d / t
+    p = p.reshape(rows, taps, groups, -1)                  # (rows, KH·KW, G, C_in/G)
+    d = g.reshape(rows, groups, -1)                        # (rows, G, C_out/G)
+    a = jnp.einsum("rigc,rjgk->gicjk", p, p).reshape(groups, taps * p.shape[-1], -1)
+    return a, jnp.einsum("rgc,rgk->gck", d, d) / t
+
+
+def kfac_shapes(w_shape, groups):
+    """The shapes of :func:`kfac_factors`' ``(A, G)`` for a kernel (KH, KW, C_in/G, C_out)."""
+    kh, kw, cin_g, cout = w_shape
+    if groups == 1:
+        return (kh * kw * cin_g,) * 2, (cout,) * 2
+    return (groups, *(kh * kw * cin_g,) * 2), (groups, *(cout // groups,) * 2)
 
 
 def gram_is_smaller(x_shape, g_shape, w_shape, groups) -> bool:
@@ -151,10 +178,9 @@ def _quantities(cfg: ConvConfig, res, g, names):
         if "batch_l2" in names_w and "batch_l2" not in qw:
             qw["batch_l2"] = cast_like(batch_l2_by_gram(x, g, w.shape, cfg), w)
         if "kfac" in names_w:
-            p = patches(x, w.shape, cfg).reshape(-1, w.shape[0] * w.shape[1] * w.shape[2])
-            d = g.reshape(-1, g.shape[-1])
-            t = g.shape[1] * g.shape[2]
-            qw["kfac"] = (cast_like(p.T @ p, w), cast_like(d.T @ d / t, w))
+            p = patches(x, (*w.shape[:2], x.shape[-1], w.shape[3]), cfg)
+            qw["kfac"] = tuple(cast_like(f, w) for f in kfac_factors(
+                p, g, w.shape[0] * w.shape[1], cfg.groups))
     if names_b:
         _probes.check_kfac(names_b, "a bias")
         qb = _probes.from_per_example(jnp.sum(g, axis=(1, 2)), names_b, b.dtype)
@@ -237,13 +263,12 @@ def conv2d(rule, pad, x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None,
     ``w``/``b`` wrapped by ``jbp.quantities`` (``jbp._probes.Probed``): the backward also gives
     their per-example quantities (module docstring).
     """
+    probed_w = w
     w, probes_w = _probes.unwrap(w)
     b, probes_b = _probes.unwrap(b)
-    if probes_w and "kfac" in probes_w and groups != 1:
-        raise ValueError(f"quantities: 'kfac' (KFC) factors are defined for conv2d with "
-                         f"groups=1, got groups={groups}")
     cfg = conv_config(x, w, b, stride=stride, padding=padding, dilation=dilation,
                       groups=groups, residuals=residuals)
+    _probes.kfac_shapes(probed_w, *kfac_shapes(w.shape, groups))
     if padding_mode != "zeros":
         if padding_mode not in _padding.MODES:
             raise ValueError(f"padding_mode: expected 'zeros' or one of {_padding.MODES}, "

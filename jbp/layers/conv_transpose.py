@@ -36,10 +36,13 @@ from typing import NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from jbp import _checks
+from jax import lax
+
+from jbp import _checks, _probes
 from jbp._conv_kernels import dispatch
 from jbp._registry import layer
-from jbp._rule import cast_like, manual_rule
+from jbp._rule import call_probed, cast_like, manual_rule
+from jbp.layers import conv as _conv
 from jbp.layers import conv_equations as E
 
 
@@ -86,7 +89,77 @@ def _bwd(cfg: TransposeConfig, res, g):
     return cast_like(dx, x), cast_like(dw, w), cast_like(db, b)
 
 
-_conv_transpose_rule = manual_rule("conv_transpose2d", _forward, _fwd, _bwd, num_args=4)
+# --- per-example quantities from the same residuals and δ (module docstring) -------------------
+
+def _padded_for_weight_grad(x, g, w_c, cfg: TransposeConfig):
+    """a zero-padded to C's output size where C has the extra window (the backward's ``a``)."""
+    extra = [c_size - a_size for c_size, a_size in
+             zip(E.out_hw(g.shape, w_c.shape, cfg.conv), x.shape[1:3])]
+    return jnp.pad(x, ((0, 0), (0, extra[0]), (0, extra[1]), (0, 0))) if max(extra) else x
+
+
+def per_example_weight_grad(x, g, w_shape, cfg: TransposeConfig):
+    """∂ℓ_n/∂W for every n, shape (N, KH, KW, C_in, C_out // groups): the backward's
+    weight-gradient equation (C's weight gradient) on each example alone, vmapped over n."""
+    w_c_shape = (w_shape[0], w_shape[1], w_shape[3], w_shape[2])
+    a = _padded_for_weight_grad(x, g, jnp.zeros(w_c_shape, x.dtype), cfg)
+    return jax.vmap(lambda gn, an: _conv_kernel(
+        E.weight_grad(gn[None], an[None], w_c_shape, cfg.conv)))(g, a)
+
+
+def patches(x, w_shape, cfg: TransposeConfig):
+    """p_{n,t}, shape (N, T, KH·KW·C_in), T = H_out·W_out, flattened (KH, KW, C_in) like W's rows:
+    ``z[n,t,k] = Σ_r p[n,t,r] W_flat[r,k]`` (groups = 1). p[n, (u, v), (i, j, c)] = a[n,h,w,c]
+    where u = h·s+i·d−p, v = w·s+j·d−p, 0 where no (h, w) lands there: the input dilated by s
+    (s − 1 zeros between rows/columns), padded by (K−1)·d − p on top/left and (K−1)·d − p + o
+    on the bottom/right (negative: cropped), read by conv2d's patches with stride 1, dilation d,
+    the kernel taps in reverse order."""
+    n, h, wd, cin = x.shape
+    kh, kw = w_shape[:2]
+    (sh, sw), (dh, dw) = cfg.conv.stride, cfg.conv.dilation
+    pads = []
+    for k, d, s, p, size, out in ((kh, dh, sh, cfg.conv.padding[0][0], h, cfg.out_hw[0]),
+                                  (kw, dw, sw, cfg.conv.padding[1][0], wd, cfg.out_hw[1])):
+        lo = (k - 1) * d - p
+        pads.append((lo, out + (k - 1) * d - lo - (size - 1) * s - 1, s - 1))
+    a = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), *pads, (0, 0, 0)))
+    p = _conv.patches(a, (kh, kw, cin, 1), E.ConvConfig((1, 1), ((0, 0), (0, 0)), (dh, dw), 1))
+    return p.reshape(n, -1, kh, kw, cin)[:, :, ::-1, ::-1].reshape(n, -1, kh * kw * cin)
+
+
+def kfac_shapes(w_shape, groups):
+    """The shapes of the ``(A, G)`` factors for a kernel (KH, KW, C_in, C_out // groups): W_g =
+    W[:, :, group g's input channels] is a (KH·KW·C_in/G, C_out/G) matrix per group."""
+    kh, kw, cin, cout_g = w_shape
+    rows = kh * kw * cin // groups
+    if groups == 1:
+        return (rows, rows), (cout_g, cout_g)
+    return (groups, rows, rows), (groups, cout_g, cout_g)
+
+
+def _quantities(cfg: TransposeConfig, res, g, names):
+    """The per-example quantities of W and b (EQUATIONS.md, "Per-example quantities"):
+    per-example gradients (vmapped weight-gradient equation) for ``batch_grad``, ``batch_l2``,
+    ``sum_grad_squared``; KFC factors from the patches of :func:`patches` for ``kfac``."""
+    x, w, b = res
+    _, names_w, names_b = names
+    qw, qb = {}, {}
+    if names_w:
+        materialised = [q for q in names_w if q != "kfac"]
+        if materialised:
+            grad_n = per_example_weight_grad(x, g, w.shape, cfg)
+            qw.update(_probes.from_per_example(grad_n, materialised, w.dtype))
+        if "kfac" in names_w:
+            qw["kfac"] = tuple(cast_like(f, w) for f in _conv.kfac_factors(
+                patches(x, w.shape, cfg), g, w.shape[0] * w.shape[1], cfg.conv.groups))
+    if names_b:
+        _probes.check_kfac(names_b, "a bias")
+        qb = _probes.from_per_example(jnp.sum(g, axis=(1, 2)), names_b, b.dtype)
+    return None, qw or None, qb or None
+
+
+_conv_transpose_rule = manual_rule("conv_transpose2d", _forward, _fwd, _bwd, num_args=4,
+                                   quantities=_quantities)
 
 
 def _non_negative_pair(name, value):
@@ -181,7 +254,13 @@ def conv_transpose2d(rule, x: jax.Array, w: jax.Array, b: Optional[jax.Array] = 
     Backward (hand-written in ``jbp.layers.conv_transpose``): ``∂L/∂a = δ ⋆ W`` (a strided
     convolution: this layer's convolution read the other way), ``∂L/∂W = a ⋆ δ``,
     ``∂L/∂b = Σ δ``. Residuals: ``x``, ``w`` (``b`` only for its dtype).
+    ``w``/``b`` wrapped by ``jbp.quantities`` (``jbp._probes.Probed``): the backward also gives
+    their per-example quantities (``_quantities``).
     """
-    return rule(x, w, b, conv_transpose_config(x, w, b, stride=stride, padding=padding,
-                                               output_padding=output_padding, dilation=dilation,
-                                               groups=groups))
+    probed_w = w
+    w, probes_w = _probes.unwrap(w)
+    b, probes_b = _probes.unwrap(b)
+    cfg = conv_transpose_config(x, w, b, stride=stride, padding=padding,
+                                output_padding=output_padding, dilation=dilation, groups=groups)
+    _probes.kfac_shapes(probed_w, *kfac_shapes(w.shape, groups))
+    return call_probed(rule, (None, probes_w, probes_b), x, w, b, cfg)

@@ -51,22 +51,28 @@ def check(clip_norm, noise_multiplier, where: str = "train.dp") -> None:
 
 
 def clipped_gradient(apply: Callable, per_example_loss: Callable, layers, params, model_state,
-                     x, y, *, clip_norm: float, noise_multiplier: float, key=None):
+                     x, y, *, clip_norm: float, noise_multiplier: float, key=None, axis=None):
     """The DP-SGD gradient (module docstring).
 
     ``per_example_loss(logits, y) -> (N,)``: ``ℓ_n`` for every example. ``key``: the noise's
     (``None`` with ``noise_multiplier == 0``). Returns ``(loss, logits, new_model_state,
     grads, {"per_example_norms": (N,), "clipped_fraction": scalar})``, ``loss`` the mean of
     ``ℓ_n``.
+
+    ``axis``: inside ``jax.shard_map`` over that mesh axis (the data-parallel step), the
+    examples are this device's shard: clipping is per example, so each device clips its own,
+    the rules ``psum`` the clipped sum over the devices (``jbp._rule``), and the noise (the same
+    key everywhere) is added once to the global sum; the norms come back for the global batch.
     """
-    n = x.shape[0]
+    n = x.shape[0] if axis is None else x.shape[0] * jax.lax.axis_size(axis)      # global N
 
     def losses(probed):
         logits, new_state = apply(probed, model_state, x, train=True, layers=layers)
         return per_example_loss(logits, y), (logits, new_state)
 
     per, backward, (logits, new_state) = jax.vjp(
-        losses, quantities._wrap(params, ("batch_l2",), n), has_aux=True)
+        losses, quantities._vary(quantities._wrap(params, ("batch_l2",), x.shape[0]), axis),
+        has_aux=True)
     (first,) = backward(jnp.ones_like(per))                 # δ_n = ∇ℓ_n at every rule
     sq_norms = sum(jax.tree.leaves(quantities._field(first, "batch_l2")))
     norms = jnp.sqrt(sq_norms)
@@ -80,8 +86,15 @@ def clipped_gradient(apply: Callable, per_example_loss: Callable, layers, params
                   for g, k in zip(leaves, keys)]
         clipped = jax.tree.unflatten(tree, leaves)
     grads = jax.tree.map(lambda g: g / n, clipped)
+    loss = jnp.mean(per)
+    if axis is not None:                     # this device's examples -> the global batch's
+        # every device's norms at its rows of a global (N,) vector, summed: replicated
+        rows = jax.lax.axis_index(axis) * norms.shape[0]
+        norms = jax.lax.psum(jax.lax.dynamic_update_slice(jnp.zeros((n,), norms.dtype), norms,
+                                                          (rows,)), axis)
+        loss = jax.lax.pmean(loss, axis)
     stats = {"per_example_norms": norms, "clipped_fraction": jnp.mean(norms > clip_norm)}
-    return jnp.mean(per), logits, new_state, grads, stats
+    return loss, logits, new_state, grads, stats
 
 
 def epsilon(steps: int, batch_size: int, dataset_size: int, noise_multiplier: float,

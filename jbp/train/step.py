@@ -217,9 +217,6 @@ def make_train_step(apply: Callable, optimizer: optax.GradientTransformation,
                             else (getattr(dp, "clip_norm", None),
                                   getattr(dp, "noise_multiplier", None)))
         privacy.check(clip_norm, noise)
-        if mesh is not None:
-            raise ValueError("train.dp: DP-SGD runs on one device (its per-example quantities "
-                             "are not written for shard_map); set train.data_parallel='off'")
         if not isinstance(loss, str) or precision != "f32":
             raise ValueError("train.dp: DP-SGD needs a loss by name and precision='f32'")
         per_element = functools.partial(_loss_fn(loss, layers), reduction="none")
@@ -243,7 +240,7 @@ def make_train_step(apply: Callable, optimizer: optax.GradientTransformation,
         key = jax.random.fold_in(state.rng, state.step)
         loss_value, logits, model_state, grads, stats = privacy.clipped_gradient(
             apply, per_example_loss, layers, state.params, state.model_state, x, y,
-            clip_norm=clip_norm, noise_multiplier=noise, key=key)
+            clip_norm=clip_norm, noise_multiplier=noise, key=key, axis=axis)
         return loss_value, (logits, model_state), grads, stats
 
     def global_objective(params, model_state, x, y, key):
