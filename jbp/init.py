@@ -24,6 +24,7 @@ Biases start at 0; batch norm at ``γ = 1, β = 0`` with running mean 0 and vari
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence, Tuple
 
@@ -43,29 +44,69 @@ def fans(shape: Sequence[int]) -> Tuple[int, int]:
     return receptive * shape[-2], receptive * shape[-1]
 
 
+# One compiled program per (shape, dtype, scale) instead of eager dispatch of each operation:
+# a model's init then compiles a program per distinct layer shape, not three or four (the
+# draw, the scaling, the zero bias). ``optimization_barrier`` keeps XLA from folding the scale
+# into the draw's own arithmetic, so the compiled draw is bit for bit the eager one
+# (tests/test_init.py compares both on every model). ``_JIT = False``: eager, as before.
+_JIT = True
+
+
+def _scaled_normal_eager(key, shape, dtype, scale):
+    return jax.random.normal(key, shape, dtype) * scale
+
+
+def _scaled_uniform_eager(key, shape, dtype, low, high, scale):
+    return jax.random.uniform(key, shape, dtype, low, high) * scale
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _scaled_normal_jit(key, shape, dtype, scale):
+    return jax.lax.optimization_barrier(jax.random.normal(key, shape, dtype)) * scale
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _scaled_uniform_jit(key, shape, dtype, low, high, scale):
+    return jax.lax.optimization_barrier(jax.random.uniform(key, shape, dtype, low, high)) * scale
+
+
+def scaled_normal(key, shape, dtype, scale: float) -> jax.Array:
+    """``N(0, 1)`` draws of ``shape`` times ``scale`` (a Python float), compiled once per
+    ``(shape, dtype, scale)``; the same bits as ``jax.random.normal(key, shape, dtype) * scale``."""
+    fn = _scaled_normal_jit if _JIT else _scaled_normal_eager
+    return fn(key, tuple(shape), jnp.dtype(dtype), float(scale))
+
+
+def scaled_uniform(key, shape, dtype, low: float, high: float, scale: float = 1.0) -> jax.Array:
+    """``U(low, high)`` draws of ``shape`` times ``scale``, compiled once per arguments; the same
+    bits as ``jax.random.uniform(key, shape, dtype, low, high) * scale``."""
+    fn = _scaled_uniform_jit if _JIT else _scaled_uniform_eager
+    return fn(key, tuple(shape), jnp.dtype(dtype), float(low), float(high), float(scale))
+
+
 def he_normal(key, shape, dtype=jnp.float32) -> jax.Array:
     """``N(0, 2 / fan_in)``."""
     fan_in, _ = fans(shape)
-    return jax.random.normal(key, tuple(shape), dtype) * math.sqrt(2.0 / fan_in)
+    return scaled_normal(key, shape, dtype, math.sqrt(2.0 / fan_in))
 
 
 def lecun_normal(key, shape, dtype=jnp.float32) -> jax.Array:
     """``N(0, 1 / fan_in)``."""
     fan_in, _ = fans(shape)
-    return jax.random.normal(key, tuple(shape), dtype) * math.sqrt(1.0 / fan_in)
+    return scaled_normal(key, shape, dtype, math.sqrt(1.0 / fan_in))
 
 
 def glorot_normal(key, shape, dtype=jnp.float32) -> jax.Array:
     """``N(0, 2 / (fan_in + fan_out))``."""
     fan_in, fan_out = fans(shape)
-    return jax.random.normal(key, tuple(shape), dtype) * math.sqrt(2.0 / (fan_in + fan_out))
+    return scaled_normal(key, shape, dtype, math.sqrt(2.0 / (fan_in + fan_out)))
 
 
 def glorot_uniform(key, shape, dtype=jnp.float32) -> jax.Array:
     """``U(−r, r)`` with ``r = √(6 / (fan_in + fan_out))``."""
     fan_in, fan_out = fans(shape)
     limit = math.sqrt(6.0 / (fan_in + fan_out))
-    return jax.random.uniform(key, tuple(shape), dtype, -1.0, 1.0) * limit
+    return scaled_uniform(key, shape, dtype, -1.0, 1.0, limit)
 
 
 def weights(key, shape, scheme: str = "he_normal", dtype=jnp.float32) -> jax.Array:

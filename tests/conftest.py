@@ -46,6 +46,32 @@ if _STATS_DIR:
     jax.monitoring.register_event_duration_secs_listener(_on_duration)
     _START = time.perf_counter()
 
+# Per test (with JBP_TEST_STATS): wall and CPU seconds (all threads of the process; on a shared
+# machine CPU seconds are the steadier measure) and the seconds spent compiling with XLA.
+_per_test = {}
+_COMPILE = "/jax/core/compile/backend_compile_duration"
+
+
+def _children_cpu():
+    t = os.times()
+    return t.children_user + t.children_system
+
+
+if _STATS_DIR:
+    import pytest  # noqa: E402
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        wall, cpu, child = time.perf_counter(), time.process_time(), _children_cpu()
+        count, compile_s = _compile_events.get(_COMPILE, (0, 0.0))
+        yield
+        count2, compile_s2 = _compile_events.get(_COMPILE, (0, 0.0))
+        _per_test[item.nodeid] = {"wall_s": round(time.perf_counter() - wall, 2),
+                                  "cpu_s": round(time.process_time() - cpu, 2),
+                                  "subprocess_cpu_s": round(_children_cpu() - child, 2),
+                                  "compiles": count2 - count,
+                                  "compile_s": round(compile_s2 - compile_s, 2)}
+
 
 def pytest_unconfigure(config):
     if os.environ.get("JBP_TEST_OWNS_JAX_CACHE") == str(os.getpid()):
@@ -58,7 +84,8 @@ def pytest_sessionfinish(session):
     os.makedirs(_STATS_DIR, exist_ok=True)
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     with open(os.path.join(_STATS_DIR, f"{worker}-{os.getpid()}.json"), "w") as f:
-        json.dump({"wall_s": time.perf_counter() - _START,
+        json.dump({"wall_s": time.perf_counter() - _START, "cpu_s": time.process_time(),
+                   "tests": _per_test,
                    "events": {k: {"count": c, "seconds": t}
                               for k, (c, t) in sorted(_compile_events.items())}}, f, indent=1)
 

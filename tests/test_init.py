@@ -80,3 +80,34 @@ def test_models_initialise_exactly_as_before(name, shape):
         h.update(a.dtype.str.encode())
         h.update(a.tobytes())
     assert h.hexdigest() == DIGESTS[(name, shape)]
+
+
+# Every model at a small input and at a second input size/class count: the compiled draws
+# (jbp.init's default, one program per layer shape) against the eager ones the models drew
+# before (``jbp.init._JIT = False``: jax.random's draw, then the scaling, dispatched one
+# operation at a time), bit for bit. (The digests above pin four models to their recorded
+# arrays independently of either path.)
+INIT_CASES = [("seed_cnn", (6, 6, 1), 5), ("lenet5", (28, 28, 1), 10),
+              ("resnet20", (12, 12, 3), 5), ("resnet18", (32, 32, 3), 7),
+              ("mobilenet_v2", (32, 32, 3), 5), ("efficientnet_b0", (32, 32, 1), 10),
+              ("unet", (12, 10, 1), 5)]
+
+
+def test_init_cases_cover_every_model():
+    from jbp.models import MODELS
+    assert {name for name, *_ in INIT_CASES} == set(MODELS)
+
+
+@pytest.mark.parametrize("name,shape,classes", INIT_CASES, ids=[c[0] for c in INIT_CASES])
+def test_compiled_init_draws_the_eager_bits(name, shape, classes, monkeypatch):
+    model = get_model(name)
+    compiled = model.init(jax.random.key(7), shape, classes)
+    monkeypatch.setattr(jbp.init, "_JIT", False)
+    eager = model.init(jax.random.key(7), shape, classes)
+    leaves_c = jax.tree_util.tree_flatten_with_path(compiled)[0]
+    leaves_e = jax.tree_util.tree_flatten_with_path(eager)[0]
+    assert [p for p, _ in leaves_c] == [p for p, _ in leaves_e]
+    for (path, a), (_, b) in zip(leaves_c, leaves_e):
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.dtype == b.dtype and a.shape == b.shape, jax.tree_util.keystr(path)
+        assert a.tobytes() == b.tobytes(), jax.tree_util.keystr(path)

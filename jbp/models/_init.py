@@ -6,6 +6,7 @@ import jax.numpy as jnp
 
 from jbp import init as _init
 from jbp.init import batch_norm, conv  # noqa: F401  (He-normal HWIO kernel, zero bias)
+from jbp.init import scaled_normal, scaled_uniform  # noqa: F401  (one compiled draw per shape)
 
 _BY_GAIN = {2.0: "he_normal", 1.0: "lecun_normal"}
 

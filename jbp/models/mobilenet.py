@@ -107,15 +107,15 @@ EFFICIENTNET_B0 = Spec("efficientnet_b0", "silu", (
 def _conv_init(key, k, cin_per_group, cout):
     # torchvision: kaiming_normal_(mode="fan_out"): std √(2 / (C_out·k·k)) (depthwise included)
     std = math.sqrt(2.0 / (cout * k * k))
-    return {"w": jax.random.normal(key, (k, k, cin_per_group, cout), jnp.float32) * std}
+    return {"w": _init_lib.scaled_normal(key, (k, k, cin_per_group, cout), jnp.float32, std)}
 
 
 def _se_init(key, c, c_se):
     k1, k2 = jax.random.split(key)
     f32 = jnp.float32            # explicit: float32 parameters also under jax_enable_x64
-    return {"fc1": {"w": jax.random.normal(k1, (c, c_se), f32) * math.sqrt(2.0 / c_se),
+    return {"fc1": {"w": _init_lib.scaled_normal(k1, (c, c_se), f32, math.sqrt(2.0 / c_se)),
                     "b": jnp.zeros((c_se,), f32)},
-            "fc2": {"w": jax.random.normal(k2, (c_se, c), f32) * math.sqrt(2.0 / c),
+            "fc2": {"w": _init_lib.scaled_normal(k2, (c_se, c), f32, math.sqrt(2.0 / c)),
                     "b": jnp.zeros((c,), f32)}}
 
 
@@ -149,10 +149,10 @@ def _init(spec: Spec, key, input_shape, num_classes):
     params["blocks"], state["blocks"] = [p for p, _ in inits], [s for _, s in inits]
     _add_conv_bn(params, state, k_head, "head", 1, blocks[-1].cout, spec.head_width)
     if spec.name == "mobilenet_v2":      # torchvision: N(0, 0.01²); EfficientNet: U(±1/√out)
-        fc_w = jax.random.normal(k_fc, (spec.head_width, num_classes), jnp.float32) * 0.01
+        fc_w = _init_lib.scaled_normal(k_fc, (spec.head_width, num_classes), jnp.float32, 0.01)
     else:
         r = 1.0 / math.sqrt(num_classes)
-        fc_w = jax.random.uniform(k_fc, (spec.head_width, num_classes), jnp.float32, -r, r)
+        fc_w = _init_lib.scaled_uniform(k_fc, (spec.head_width, num_classes), jnp.float32, -r, r)
     params["fc"] = {"w": fc_w, "b": jnp.zeros((num_classes,), jnp.float32)}
     return params, state
 
