@@ -46,6 +46,8 @@ class DataConfig:
     image_size: int = 224             # image_folder: the training crop and evaluation crop, pixels
     resize_size: int = 256            # image_folder: evaluation resizes the shorter side to this
     workers: int = 0                  # image_folder: Grain worker processes (0: decode in-process)
+    scenes_train: int = 6000          # mnist_scenes: training canvases generated (a larger count
+                                      # extends the same seeded sequence; the test set stays 1,000)
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,9 @@ def _validate(cfg: Config, source: str) -> None:
     if cfg.data.pad < 0 or (cfg.data.pad and cfg.data.dataset == "image_folder"):
         raise ConfigError(f"{source}: data.pad: expected >= 0, for an in-memory dataset (an "
                           f"image folder is cropped to data.image_size), got {cfg.data.pad}")
+    if cfg.data.scenes_train < 1:
+        raise ConfigError(f"{source}: data.scenes_train: expected >= 1 training canvases, got "
+                          f"{cfg.data.scenes_train}")
     if cfg.data.augment_shift < 0:
         raise ConfigError(f"{source}: data.augment_shift: expected >= 0")
     if cfg.data.workers < 0 or cfg.data.image_size < 1:

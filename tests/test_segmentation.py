@@ -93,6 +93,13 @@ def test_scenes_are_generated_cached_checked_and_split(tmp_path):
     other, _ = data.load_mnist_scenes(str(tmp_path / "s1.npz"), seed=1, num_train=12,
                                       num_test=6, mnist_path=mnist)
     assert not np.array_equal(other.x, train_set.x)
+    # data.scenes_train: more canvases continue the same seeded sequence; the test set is kept
+    longer, same_test = data.load_mnist_scenes(str(tmp_path / "long.npz"), num_train=20,
+                                               num_test=6, mnist_path=mnist)
+    assert longer.x.shape[0] == 20 and not np.array_equal(longer.x[12:], longer.x[:8])
+    np.testing.assert_array_equal(longer.x[:12], train_set.x)
+    np.testing.assert_array_equal(longer.y[:12], train_set.y)
+    np.testing.assert_array_equal(same_test.x, test_set.x)
     with np.load(path) as f:
         arrays = {k: f[k] for k in f.files}
     arrays["y_train"] = arrays["y_train"].copy()
@@ -111,6 +118,8 @@ def test_scenes_config_reaches_the_loader(tmp_path, monkeypatch):
     with pytest.raises(data.DataError, match="augment_shift"):
         data.load_dataset(config.from_dict({"data": {"dataset": "mnist_scenes",
                                                      "augment_shift": 2}}).data)
+    with pytest.raises(config.ConfigError, match="data.scenes_train: expected >= 1"):
+        config.load(os.path.join(ROOT, "configs", "unet_mnist_scenes.toml"), ["data.scenes_train=0"])
     with pytest.raises(data.DataError, match="no such directory"):
         data.load_dataset(config.from_dict({"data": {"dataset": "mnist_scenes",
                                                      "path": "/nonexistent/x.npz"}}).data)

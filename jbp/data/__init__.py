@@ -70,7 +70,7 @@ def load_dataset(cfg, num_classes: Optional[int] = None) -> Tuple[Dataset, Datas
         if cfg.augment_shift:
             raise DataError("data.augment_shift: shifts move the images but not their per-pixel "
                             "labels; use 0 with data.dataset='mnist_scenes'")
-        train, test = load_mnist_scenes(cfg.path)
+        train, test = load_mnist_scenes(cfg.path, num_train=cfg.scenes_train)
     elif cfg.dataset == "cifar10":
         train, test = load_cifar10(cfg.path)
     elif cfg.dataset == "npz":
