@@ -6,10 +6,11 @@ image on both. The step's gradient must equal the mean of the two one-device gra
 ``fold_in(fold_in(rng, step), d)``, d = 0, 1 — and not the gradient of every device using the
 same key (the old behaviour, which this test fails on: the control asserts the two differ).
 
-The same subprocess trains EfficientNet-B0 (the inverted-residual family: depthwise and pointwise
-convolutions, squeeze-and-excitation, SiLU, batch norm synchronised over the mesh) one float64 step
-data parallel and compares it with the same step on one device over the whole batch (dropout and
-stochastic depth at rate 0: the masks are what the first check is about).
+The same subprocess trains EfficientNet-B0's family (tests/_tiny_nets.py: B0's blocks at a tiny
+size — depthwise and pointwise convolutions, squeeze-and-excitation, SiLU, batch norm synchronised
+over the mesh; B0 itself compiled twice in float64 cost 90 s here) one float64 step data parallel
+and compares it with the same step on one device over the whole batch (dropout and stochastic
+depth at rate 0: the masks are what the first check is about).
 Runs in a subprocess (XLA's device count is fixed when jax is first imported)."""
 
 from __future__ import annotations
@@ -87,11 +88,11 @@ def _check_efficientnet_step() -> dict:
     import numpy as np
     import optax
 
-    from jbp.models import Model, get_model
+    from _tiny_nets import TINY_EFFICIENTNET as base
+    from jbp.models import Model
     from jbp.train import init_train_state, make_train_step
 
     jax.config.update("jax_enable_x64", True)
-    base = get_model("efficientnet_b0")
     model = Model(base.name, base.init,
                   functools.partial(base.apply, dropout=0.0, stochastic_depth=0.0))
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))

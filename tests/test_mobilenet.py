@@ -55,35 +55,43 @@ def test_bad_arguments():
 
 @pytest.mark.slow
 def test_random_layers_manual_equals_autodiff_and_act():
-    """EfficientNet-B0 in float64, training mode with a key (dropout 0.5, stochastic depth 0.6
-    so that some of batch 4's branches drop): the hand-written rules' gradients equal autodiff's
-    (same masks: both draw them from the key outside the rules), and differ from the
-    key-less (mask-free) gradients, so the masks act."""
-    model = get_model("efficientnet_b0")
+    """EfficientNet-B0's blocks (tests/_tiny_nets.py: every kind of block B0 has, at a tiny
+    size; B0's own gradients are tests/test_models.py's and tests/test_torch_weights.py's) in
+    float64, training mode with a key (dropout 0.5, stochastic depth 0.6 so that some of batch
+    4's branches drop): the hand-written rules' gradients equal autodiff's (same masks: both draw
+    them from the key outside the rules), and differ from the key-less (mask-free) gradients, so
+    the masks act."""
+    from _tiny_nets import TINY_EFFICIENTNET as model  # noqa: PLC0415
     params, state = model.init(jax.random.key(0), (32, 32, 3), 5)
     params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 32, 32, 3)))
     y = jnp.array([0, 1, 2, 3])
     key = jax.random.key(3)
 
-    def grads(grad, key):
+    def grads(grad, key, stochastic_depth=0.6):
         ns = jbp if grad == "manual" else jbp.autodiff
 
         def loss(p):
             kw = {} if key is None else {"key": key}
             logits, _ = model.apply(p, state, x, train=True, layers=LayerPolicy(grad),
-                                    dropout=0.5, stochastic_depth=0.6, **kw)
+                                    dropout=0.5, stochastic_depth=stochastic_depth, **kw)
             return ns.softmax_cross_entropy(logits, y)
         return jax.grad(loss)(params)
 
-    manual, autodiff, unmasked = jax.jit(lambda: (grads("manual", key), grads("autodiff", key),
-                                                  grads("manual", None)))()
+    manual, autodiff, unmasked, undropped = jax.jit(lambda: (
+        grads("manual", key), grads("autodiff", key), grads("manual", None),
+        grads("manual", key, stochastic_depth=0.0)))()
     names = train.leaf_names(manual)
     result = gradcheck.compare("manual", "autodiff", jax.tree.leaves(manual),
                                jax.tree.leaves(autodiff), names, rtol=1e-9, atol=1e-12)
     assert result.ok, str(result)
     fc = np.asarray(manual["fc"]["w"])
     assert np.max(np.abs(fc - np.asarray(unmasked["fc"]["w"]))) > 1e-3 * np.max(np.abs(fc))
+    # stochastic depth acts: the one block with a shortcut (rate 0.6 · 2/4) drops a branch of
+    # the batch, which changes its own gradient against the same step without stochastic depth
+    branch = np.asarray(manual["blocks"][2]["project"]["w"])
+    assert np.max(np.abs(branch - np.asarray(undropped["blocks"][2]["project"]["w"]))) \
+        > 1e-3 * np.max(np.abs(branch))
 
 
 @pytest.mark.slow
