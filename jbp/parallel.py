@@ -67,6 +67,19 @@ def data_mesh(devices: Optional[Any] = None) -> Mesh:
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
+def check_data_mesh(mesh, purpose: str) -> int:
+    """The number of devices on ``mesh``'s ``"data"`` axis; a jbp error naming ``purpose`` (what
+    the caller splits over that axis, e.g. "a data-parallel step shards the batch") if ``mesh``
+    is not a ``jax.sharding.Mesh`` or has no such axis."""
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh: expected a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if DATA_AXIS not in mesh.axis_names:
+        raise ValueError(f"mesh: {purpose} over a mesh axis named {DATA_AXIS!r}; this mesh has "
+                         f"axes {tuple(mesh.axis_names)}. Build one with jbp.parallel.data_mesh() "
+                         f"or jax.sharding.Mesh(np.array(jax.devices()), ('data',))")
+    return mesh.shape[DATA_AXIS]
+
+
 def replicate(tree, mesh: Mesh):
     """Put every leaf of ``tree`` (the same values in every process) on all of ``mesh``.
 

@@ -148,15 +148,8 @@ def compute(apply: Callable, params, state, x, labels, *,
 
 
 def _check_mesh(mesh, x):
-    from jax.sharding import Mesh  # noqa: PLC0415
-    from jbp.parallel import DATA_AXIS  # noqa: PLC0415
-    if not isinstance(mesh, Mesh):
-        raise TypeError(f"mesh: expected a jax.sharding.Mesh, got {type(mesh).__name__}")
-    if DATA_AXIS not in mesh.axis_names:
-        raise ValueError(f"mesh: per-example quantities split the examples over a mesh axis "
-                         f"named {DATA_AXIS!r}; this mesh has axes {tuple(mesh.axis_names)} "
-                         f"(jbp.parallel.data_mesh() builds one)")
-    devices = mesh.shape[DATA_AXIS]
+    from jbp.parallel import DATA_AXIS, check_data_mesh  # noqa: PLC0415
+    devices = check_data_mesh(mesh, "per-example quantities split the examples")
     if x.shape[0] % devices:
         raise ValueError(f"x: {x.shape[0]} examples do not split evenly over the mesh's "
                          f"{devices} devices along {DATA_AXIS!r}")

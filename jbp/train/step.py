@@ -54,7 +54,7 @@ import optax
 from jbp.models import Model
 from jbp.train import privacy, second_order
 from jbp.policy import LayerPolicy, resolve
-from jbp.parallel import DATA_AXIS
+from jbp.parallel import DATA_AXIS, check_data_mesh
 
 #: ``make_train_step(precision=...)`` values: the dtype of the forward and backward passes.
 PRECISIONS = {"f32": jnp.float32, "bf16": jnp.bfloat16}
@@ -143,14 +143,8 @@ def _cast_floats(tree, dtype):
 
 def _data_parallel(step: Callable, mesh, donate: bool) -> Callable:
     """``step`` under ``shard_map`` over ``mesh``'s ``"data"`` axis, jit-compiled (module doc)."""
-    from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P  # noqa: PLC0415
-    if not isinstance(mesh, Mesh):
-        raise TypeError(f"mesh: expected a jax.sharding.Mesh, got {type(mesh).__name__}")
-    if DATA_AXIS not in mesh.axis_names:
-        raise ValueError(f"mesh: a data-parallel step shards the batch over a mesh axis named "
-                         f"{DATA_AXIS!r}; this mesh has axes {tuple(mesh.axis_names)}. Build one "
-                         f"with jax.sharding.Mesh(np.array(jax.devices()), ('data',))")
-    n = mesh.shape[DATA_AXIS]
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: PLC0415
+    n = check_data_mesh(mesh, "a data-parallel step shards the batch")
     sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)),
                             out_specs=(P(), P()))
     replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
