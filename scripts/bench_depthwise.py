@@ -55,7 +55,7 @@ def _torch_child(batch, size, only, repeats):
     """Times F.conv2d forward and forward+backward per shape; prints one JSON line per shape."""
     import torch
     import torch.nn.functional as F
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(int(os.environ.get("JBP_TORCH_THREADS", os.cpu_count())))
     for net, role, (h, w, cin), k, cout, s, groups in net_convs(size, only):
         x = torch.randn(batch, cin, h, w).to(memory_format=torch.channels_last)
         wt = torch.randn(cout, cin // groups, k, k).to(memory_format=torch.channels_last)
@@ -78,7 +78,9 @@ def _torch_child(batch, size, only, repeats):
                 f()
                 times[name].append(1e3 * (time.perf_counter() - t0))
         print(json.dumps({"key": [h, cin, k, cout, s, groups],
-                          **{n: float(np.median(t)) for n, t in times.items()}}), flush=True)
+                          **{n: float(np.median(t)) for n, t in times.items()},
+                          **{n + "_min": float(np.min(t)) for n, t in times.items()}}),
+              flush=True)
 
 
 def _step_before_after(net, batch, size, repeats):

@@ -242,7 +242,7 @@ def test_table_predicates_keep_the_measured_losers_on_xla():
                                   "depthwise 5x5, stride 2, padding 2 (EfficientNet-B0)"])
 def test_strided_grouped_input_grad_stays_on_onednn(case):
     """A strided grouped input gradient has no phase form; XLA's grouped convolution for it ran
-    50-400× slower than oneDNN on MobileNetV2's depthwise layers (docs/onednn.md)."""
+    66-350× slower than oneDNN on MobileNetV2's depthwise layers (docs/onednn.md)."""
     from jbp._conv_kernels import choose
     x, w, cfg = _arrays(case)
     chosen = choose("input_grad", x.shape, w.shape, cfg, x.dtype)

@@ -191,7 +191,7 @@ def _pointwise(w_shape) -> bool:
 # None. It is chosen where scripts/bench_onednn.py measured it faster (docs/onednn.md, "Where
 # oneDNN wins, per shape"): every k×k kernel (k > 1), except a strided input gradient of one
 # group (jbp's phase form) and 1×1 kernels (jbp's pointwise matmuls). A strided *grouped* input
-# gradient has no phase form (its XLA convolution ran 50-400× slower: docs/onednn.md,
+# gradient has no phase form (its XLA convolution ran 66-350× slower: docs/onednn.md,
 # "Depthwise and pointwise convolutions"), so it stays on oneDNN.
 
 def select_forward(x_shape, w_shape, cfg, dtype) -> Optional[dict]:
