@@ -108,21 +108,21 @@ def _step_before_after(net, batch, size, repeats):
         return jax.jit(jax.value_and_grad(loss)).lower(params).compile()
 
     after = compiled()
-    saved = dict(FORMS), onednn.select_input_grad
+
+    def stride_1_only(x_shape, w_shape, cfg, dtype):      # the predicate before issue 25
+        if tuple(cfg.stride) != (1, 1):
+            return None
+        return onednn.select_input_grad(x_shape, w_shape, cfg, dtype)
+
+    saved = dict(FORMS)
     try:
         for eq in FORMS:
-            FORMS[eq] = tuple(f for f in FORMS[eq] if f.name != "depthwise")
-        old = saved[1]
-        onednn.select_input_grad = (lambda xs, ws, cfg, dt: old(xs, ws, cfg, dt)
-                                    if tuple(cfg.stride) == (1, 1) else None)
-        for eq in FORMS:
-            FORMS[eq] = tuple(f._replace(select=onednn.select_input_grad)
+            FORMS[eq] = tuple(f._replace(select=stride_1_only)
                               if (eq, f.name) == ("input_grad", "onednn") else f
-                              for f in FORMS[eq])
+                              for f in FORMS[eq] if f.name != "depthwise")
         before = compiled()
     finally:
-        FORMS.update(saved[0])
-        onednn.select_input_grad = saved[1]
+        FORMS.update(saved)
     steps = {"before": before, "after": after}
     for f in steps.values():
         jax.block_until_ready(f(params))
@@ -202,8 +202,9 @@ def main(argv=None):
             operands, static = kernels.arguments(equation, x, w, g, cfg)
             variants = {"chosen": lambda *o: kernels.dispatch(equation, o, static),
                         "generic": lambda *o: kernels.GENERIC[equation](*o, *static)}
-            if onednn._supported({"forward": 0, "input_grad": 1, "weight_grad": 2}[equation],
-                                 x.shape, w.shape, cfg, x.dtype):
+            kind = {"forward": onednn.FORWARD, "input_grad": onednn.INPUT_GRAD,
+                    "weight_grad": onednn.WEIGHT_GRAD}[equation]
+            if onednn._supported(kind, x.shape, w.shape, cfg, x.dtype):
                 variants["onednn"] = lambda *o: getattr(onednn, {
                     "forward": "correlate"}.get(equation, equation))(*o, *static)
             if D.is_depthwise(x.shape, w.shape, cfg):
