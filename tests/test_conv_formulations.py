@@ -12,8 +12,8 @@ import zlib
 
 from jbp.layers import conv as C
 from jbp.layers import conv_equations as E
-from jbp._conv_kernels import (FORMS, arguments, block_forms as B, choose, dispatch, is_pointwise,
-                               tap_forms as T, tuning)
+from jbp._conv_kernels import (FORMS, arguments, block_forms as B, choose, depthwise_forms as D,
+                               dispatch, is_pointwise, tap_forms as T, tuning)
 from jbp.testing.grid import CONV_CASES
 from jbp._conv_kernels.onednn import set_conv_backend
 
@@ -257,6 +257,44 @@ def test_pointwise(shape):
     _close(T.pointwise_weight_grad(x, g, wt.shape, cfg), dw_ref)
 
 
+# Depthwise (groups = C_in = C_out): (N, H, W, C, KH, KW, stride, padding, dilation). The nets'
+# shapes small (EfficientNet's 5×5 stride 2 padding 2 on odd and even sizes, MobileNetV2's 3×3
+# stride 1 and 2), and the edges: asymmetric padding, dilation, a stride larger than the kernel,
+# unpadded, a 1×1 depthwise kernel, a kernel wider than the input.
+DEPTHWISE_SHAPES = [
+    (2, 9, 9, 6, 5, 5, 2, 2, 1),
+    (2, 8, 8, 6, 5, 5, 2, 2, 1),
+    (2, 6, 7, 12, 3, 3, 1, 1, 1),
+    (3, 8, 7, 4, 3, 3, 2, 1, 1),
+    (2, 11, 10, 3, 3, 2, (2, 1), ((0, 2), (1, 0)), (1, 2)),
+    (2, 10, 9, 5, 3, 3, 1, 1, 2),
+    (1, 8, 8, 2, 2, 2, 3, "VALID", 1),
+    (2, 5, 6, 3, 1, 1, 2, "VALID", 1),
+    (1, 3, 3, 2, 5, 5, 1, 2, 1),
+]
+
+
+@pytest.mark.parametrize("shape", DEPTHWISE_SHAPES, ids=str)
+def test_depthwise_forms(shape):
+    """The shifted-slice forms of a depthwise convolution: XLA's grouped convolution and JAX's
+    derivative of it, and the rule's backward through the table."""
+    n, h, w, c, kh, kw, stride, padding, dilation = shape
+    rng = np.random.default_rng(zlib.crc32(str(shape).encode()))
+    x = jnp.asarray(rng.standard_normal((n, h, w, c)))
+    wt = jnp.asarray(rng.standard_normal((kh, kw, 1, c)))
+    cfg = C.conv_config(x, wt, stride=stride, padding=padding, dilation=dilation, groups=c)
+    assert D.is_depthwise(x.shape, wt.shape, cfg)
+    z, vjp = jax.vjp(lambda x, w: E.correlate(x, w, cfg), x, wt)
+    g = jnp.asarray(rng.standard_normal(z.shape))
+    dx_ref, dw_ref = vjp(g)
+    _close(D.correlate(x, wt, cfg), z)
+    _close(D.input_grad(g, wt, x.shape, cfg), dx_ref)
+    _close(D.weight_grad(x, g, wt.shape, cfg), dw_ref)
+    dx, dw, _ = C._bwd(cfg, (x, wt, None), g)
+    _close(dx, dx_ref)
+    _close(dw, dw_ref)
+
+
 # --- which form the table chooses ------------------------------------------------------------
 #
 # (equation, x shape, kernel shape, conv2d keywords, dtype, the form chosen or None, its
@@ -351,6 +389,18 @@ CHOSEN = [
     ("forward", (128, 8, 8, 64), (3, 3, 64, 63), {}, F32, None, None),         # C_out < 64
     ("forward", (128, 8, 8, 64), (3, 3, 64, 64), S2, F32, None, None),
     ("forward", (128, 8, 8, 64), (3, 3, 64, 64), {}, BF16, None, None),
+    # depthwise (groups = C_in = C_out), every equation, float32 and float64; not bfloat16, not a
+    # channel multiplier of 2, not other groups
+    ("forward", (4, 56, 56, 144), (5, 5, 1, 144), {**S2, **PAD2, "groups": 144}, F32,
+     "depthwise", {}),
+    ("input_grad", (4, 56, 56, 144), (5, 5, 1, 144), {**S2, **PAD2, "groups": 144}, F32,
+     "depthwise", {}),
+    ("weight_grad", (4, 112, 112, 32), (3, 3, 1, 32), {"padding": 1, "groups": 32}, F64,
+     "depthwise", {}),
+    ("input_grad", (4, 56, 56, 144), (5, 5, 1, 144), {**S2, **PAD2, "groups": 144}, BF16,
+     None, None),
+    ("forward", (4, 8, 8, 4), (3, 3, 1, 8), {"groups": 4}, F32, None, None),
+    ("weight_grad", (4, 8, 8, 4), (3, 3, 2, 4), {"groups": 2}, F32, None, None),
 ]
 
 

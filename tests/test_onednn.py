@@ -46,6 +46,10 @@ CASES = {
                                    dict(groups=3, dilation=2, stride=2, padding=1)),
     "depthwise": ((2, 8, 8, 5), (3, 3, 1, 5), dict(groups=5)),
     "depthwise, multiplier 2, stride 2": ((2, 9, 8, 4), (5, 5, 1, 8), dict(groups=4, stride=2)),
+    "depthwise 5x5, stride 2, padding 2 (EfficientNet-B0)": ((2, 9, 9, 6), (5, 5, 1, 6),
+                                                             dict(groups=6, stride=2, padding=2)),
+    "depthwise 3x3, stride 2, even size (MobileNetV2)": ((2, 8, 8, 6), (3, 3, 1, 6),
+                                                         dict(groups=6, stride=2, padding=1)),
     "1x1, stride 2": ((2, 8, 8, 6), (1, 1, 6, 7), dict(stride=2, padding="VALID")),
     "LeNet-5 conv1 (5x5 valid, 1->6)": ((4, 28, 28, 1), (5, 5, 1, 6), dict(padding="VALID")),
     "kernel larger than padded input side": ((1, 3, 3, 2), (5, 5, 2, 3), dict(padding=2)),
@@ -232,6 +236,17 @@ def test_table_predicates_keep_the_measured_losers_on_xla():
     assert onednn.select_forward(x.shape, w.shape, cfg, x.dtype) == {}
     assert onednn.select_weight_grad(x.shape, w.shape, cfg, x.dtype) == {}
     assert onednn.select_input_grad(x.shape, w.shape, cfg, x.dtype) is None
+
+
+@pytest.mark.parametrize("case", ["groups 3, dilated, strided",
+                                  "depthwise 5x5, stride 2, padding 2 (EfficientNet-B0)"])
+def test_strided_grouped_input_grad_stays_on_onednn(case):
+    """A strided grouped input gradient has no phase form; XLA's grouped convolution for it ran
+    66-350× slower than oneDNN on MobileNetV2's depthwise layers (docs/onednn.md)."""
+    from jbp._conv_kernels import choose
+    x, w, cfg = _arrays(case)
+    chosen = choose("input_grad", x.shape, w.shape, cfg, x.dtype)
+    assert chosen and chosen[0].name == "onednn", chosen
 
 
 def test_backend_switch(monkeypatch):

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jbp.layers import conv_equations as E
-from jbp._conv_kernels import block_forms, onednn, tap_forms, tuning
+from jbp._conv_kernels import block_forms, depthwise_forms, onednn, tap_forms, tuning
 
 
 class Form(NamedTuple):
@@ -206,6 +206,11 @@ def _weight_grad_patches(x_shape, w_shape, cfg, dtype):
     return {} if strided or small_and_wide else None
 
 
+def _depthwise(x_shape, w_shape, cfg, dtype):
+    """Depthwise k×k (groups = C_in = C_out): shifted slices times per-channel taps, fused."""
+    return {} if depthwise_forms.is_depthwise(x_shape, w_shape, cfg) and _measured(dtype) else None
+
+
 # --- the table --------------------------------------------------------------------------------
 
 # oneDNN (docs/onednn.md) heads each equation: where it is available and enabled
@@ -214,17 +219,20 @@ def _weight_grad_patches(x_shape, w_shape, cfg, dtype):
 FORMS = {
     "forward": (
         Form("onednn", onednn.select_forward, onednn.correlate, rule_only=True),
+        Form("depthwise", _depthwise, depthwise_forms.correlate),
         Form("columns", _forward_columns, block_forms.column_blocked_correlate),
         Form("split", _forward_split, block_forms.split_tap_correlate, rule_only=True),
     ),
     "input_grad": (
         Form("onednn", onednn.select_input_grad, onednn.input_grad),
+        Form("depthwise", _depthwise, depthwise_forms.input_grad),
         Form("rows", _input_grad_rows, tap_forms.row_input_grad),
         Form("pointwise", _input_grad_pointwise, tap_forms.pointwise_input_grad),
         Form("phases", _input_grad_phases, tap_forms.phase_input_grad),
     ),
     "weight_grad": (
         Form("onednn", onednn.select_weight_grad, onednn.weight_grad),
+        Form("depthwise", _depthwise, depthwise_forms.weight_grad),
         Form("pointwise", _weight_grad_pointwise, tap_forms.pointwise_weight_grad),
         Form("columns", _weight_grad_columns, block_forms.column_blocked_weight_grad),
         Form("split", _weight_grad_split, block_forms.split_tap_weight_grad),

@@ -189,8 +189,10 @@ def _pointwise(w_shape) -> bool:
 
 # The table's predicates (jbp._conv_kernels): {} (no parameters) where oneDNN is chosen, else
 # None. It is chosen where scripts/bench_onednn.py measured it faster (docs/onednn.md, "Where
-# oneDNN wins, per shape"): every k×k kernel (k > 1), except a strided input gradient (jbp's
-# phase form) and 1×1 kernels (jbp's pointwise matmuls).
+# oneDNN wins, per shape"): every k×k kernel (k > 1), except a strided input gradient of one
+# group (jbp's phase form) and 1×1 kernels (jbp's pointwise matmuls). A strided *grouped* input
+# gradient has no phase form (its XLA convolution ran 66-350× slower: docs/onednn.md,
+# "Depthwise and pointwise convolutions"), so it stays on oneDNN.
 
 def select_forward(x_shape, w_shape, cfg, dtype) -> Optional[dict]:
     """float32 k×k kernels (k > 1): oneDNN's JIT kernels, faster than XLA's forms."""
@@ -199,8 +201,9 @@ def select_forward(x_shape, w_shape, cfg, dtype) -> Optional[dict]:
 
 
 def select_input_grad(x_shape, w_shape, cfg, dtype) -> Optional[dict]:
-    """float32 k×k kernels (k > 1) at stride 1: oneDNN's JIT kernels, faster than XLA's forms."""
-    ok = (not _pointwise(w_shape) and tuple(cfg.stride) == (1, 1)
+    """float32 k×k kernels (k > 1) at stride 1, or grouped: oneDNN's JIT kernels, faster than
+    XLA's forms."""
+    ok = (not _pointwise(w_shape) and (tuple(cfg.stride) == (1, 1) or cfg.groups > 1)
           and _supported(INPUT_GRAD, x_shape, w_shape, cfg, dtype))
     return {} if ok else None
 
