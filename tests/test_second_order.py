@@ -114,6 +114,42 @@ def test_kfac_running_average_refresh_and_inversion_periods(problem):
     np.testing.assert_allclose(flat_clip, nu * flat_free, rtol=1e-5)   # ν in float32
 
 
+def test_kfac_kl_clip_bounds_the_step_with_its_momentum(problem):
+    """KL-clipping of the step taken, momentum included: two steps on the same gradient and
+    factors, P = (A ⊗ G + γI)⁻¹ g solved densely (biases: P = g); by hand, step 1 is ν₁P with
+    ν₁ = min(1, √(κ/(η² q))), q = Σ Pᵀ F̃ P = Σ ⟨P, g⟩, and step 2 is ν₂(μν₁ + 1)P with
+    ν₂ = min(1, √(κ/(η² (μν₁ + 1)² q))), so that η² mᵀ F̃ m = κ when clipped (a momentum sum
+    clipped only per term would be (μν₁ + 1)·ν₁·P)."""
+    params, x, y = problem
+    out = Q.compute(small_apply, params, {}, x, y, quantities=("kfac",))
+    grads, factors = out["grad"], out["kfac"]
+    damping, eta, mu = 0.05, 0.5, 0.9
+    p_dense = {}
+    for layer in ("conv", "fc"):
+        a, g = factors[layer]["w"]
+        w_grad = np.asarray(grads[layer]["w"])
+        p_dense[layer] = {"w": np.linalg.solve(_dense_preconditioner(a, g, damping, "tikhonov"),
+                                               w_grad.reshape(-1)).reshape(w_grad.shape),
+                          "b": np.asarray(grads[layer]["b"])}
+    q = sum(float(np.vdot(p_dense[k][n], np.asarray(grads[k][n])))
+            for k in p_dense for n in ("w", "b"))
+    kappa = 0.1 * eta ** 2 * q                      # ν₁ = √0.1: clipped from the first step
+    opt = SO.kfac(eta, damping=damping, momentum=mu, kl_clip=kappa)
+    inputs = SO.CurvatureInputs(kfac_factors=lambda p: factors)
+    update = jax.jit(lambda g, s, p: opt.update(g, s, p, curvature=inputs))
+    first, state = update(grads, opt.init(params), params)
+    second, _ = update(grads, state, params)
+    nu1 = min(1.0, np.sqrt(kappa / (eta ** 2 * q)))
+    nu2 = min(1.0, np.sqrt(kappa / (eta ** 2 * (mu * nu1 + 1) ** 2 * q)))
+    for k in p_dense:
+        for n in ("w", "b"):
+            # ν in float32; atol for the entries that are 0 (zero-padded border taps)
+            np.testing.assert_allclose(first[k][n], -eta * nu1 * p_dense[k][n], rtol=1e-5,
+                                       atol=1e-12)
+            np.testing.assert_allclose(second[k][n], -eta * nu2 * (mu * nu1 + 1) * p_dense[k][n],
+                                       rtol=1e-5, atol=1e-12)
+
+
 def test_ggn_vector_product_is_jt_h_j_v_of_the_autodiff_twin(problem):
     params, x, y = problem
     v = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size, dtype=p.dtype)).reshape(p.shape),
@@ -310,6 +346,7 @@ def test_kfac_grouped_convs_are_preconditioned_block_diagonally_per_group(kind):
         jax.eval_shape(update, grads, opt.init(params), params)
 
 
+@pytest.mark.slow            # a K-FAC step of a batch-norm + SE net, and its factors again
 def test_kfac_trains_a_tiny_inverted_residual_net():
     """A two-block MobileNet/EfficientNet-like net from jbp.models.mobilenet's own blocks
     (expansion, depthwise with groups = hidden width, squeeze-and-excitation dense layers,

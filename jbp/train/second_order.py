@@ -41,10 +41,15 @@ flattened row-major. Per step ``t`` (``count``):
 - every other parameter (biases, batch-norm ``γ``/``β``, any leaf that is not a 2-D dense or
   4-D conv weight) is **not** preconditioned: ``P = V`` (a first-order SGD-with-momentum
   update with the same learning rate and the same step scale);
-- the step rule is **KL-clipping** (Ba, Grosse & Martens 2017): ``ν = min(1, √(κ / (η² Σ ⟨P,
-  V⟩)))`` over all parameters (``κ = kl_clip``, ``η`` the learning rate), so that the predicted
-  change of the model's distribution ``η² ν² Pᵀ F P ≈ η² ν² ⟨P, V⟩`` stays ≤ ``κ``; then momentum
-  ``m ← μ m + ν P`` and the update is ``−η m``.
+- the step rule is **KL-clipping** (Ba, Grosse & Martens 2017) applied to the step actually
+  taken, momentum included: ``m ← μ m + P``, ``ν = min(1, √(κ / (η² mᵀ F̃ m)))`` over all
+  parameters (``κ = kl_clip``, ``η`` the learning rate, ``F̃`` the damped Kronecker curvature
+  the preconditioner inverts, the identity for the first-order leaves), ``m ← ν m``, and the
+  update is ``−η m``: the predicted change of the model's distribution ``η² mᵀ F̃ m`` stays
+  ``≤ κ``. With ``μ = 0`` this is the paper's ``ν = min(1, √(κ / (η² ⟨P, V⟩)))`` exactly
+  (``Pᵀ F̃ P = ⟨P, V⟩``). Clipping ``P`` alone before the momentum (the first version) let the
+  momentum sum grow to ``1/(1 − μ)`` times the clipped step, 100× the KL bound at ``μ = 0.9``,
+  which is what made a 20-step LeNet-5 run end at test loss ~20 (docs/second_order.md).
 
 Batch norm: ``jbp.quantities`` cannot look through batch norm in training mode (it couples the
 examples), so the train step computes the factors from an **evaluation-mode** pass of the same
@@ -251,6 +256,22 @@ def precondition(grad, eigen, damping: float, damping_kind: str = "tikhonov"):
     ``Q_G (G, o, o)``, ``λ_G (G, o)``): block diagonal over the groups, each group's block of
     ``V`` (:func:`_blocks`) preconditioned by its own pair, all groups in one batched einsum;
     the factored damping's ``π`` is per group."""
+    qa, rotated, denominator, qg = _eigenbasis(grad, eigen, damping, damping_kind)
+    p = jnp.einsum("gij,gjk,glk->gil", qa, rotated / denominator, qg)      # Q_A (·) Q_Gᵀ
+    return _unblocks(p, grad.shape).astype(grad.dtype)
+
+
+def curvature_form(v, eigen, damping: float, damping_kind: str = "tikhonov"):
+    """``vec(V)ᵀ F̃ vec(V)`` with ``F̃`` the damped Kronecker curvature :func:`precondition`
+    inverts (``Ā ⊗ Ḡ + γI``, or the factored form; per group for grouped convolutions):
+    ``Σ (Q_Aᵀ V Q_G)² ⊙ D`` in the eigenbases (a scalar, float32 or wider)."""
+    _, rotated, denominator, _ = _eigenbasis(v, eigen, damping, damping_kind)
+    return jnp.sum(jnp.square(rotated) * denominator)
+
+
+def _eigenbasis(grad, eigen, damping, damping_kind):
+    """``(Q_A, Q_Aᵀ V Q_G, D, Q_G)`` per group (a group axis of 1 for one pair): ``V``'s
+    blocks rotated into the eigenbases and the damped eigenvalues ``D`` of ``F̃``."""
     qa, la, qg, lg = eigen
     if qa.ndim == 2:                                   # one pair: a group axis of 1
         qa, la, qg, lg = qa[None], la[None], qg[None], lg[None]
@@ -264,8 +285,7 @@ def precondition(grad, eigen, damping: float, damping_kind: str = "tikhonov"):
         root = jnp.sqrt(damping)
         denominator = (la + pi * root)[:, :, None] * (lg + root / pi)[:, None, :]
     rotated = jnp.einsum("gji,gjk,gkl->gil", qa, v, qg)                      # Q_Aᵀ V Q_G
-    p = jnp.einsum("gij,gjk,glk->gil", qa, rotated / denominator, qg)      # Q_A (·) Q_Gᵀ
-    return _unblocks(p, grad.shape).astype(grad.dtype)
+    return qa, rotated, denominator, qg
 
 
 def _check_factor_shapes(state_factors, fresh):
@@ -377,12 +397,19 @@ def kfac(learning_rate: Union[float, optax.Schedule], *, damping: float = 1e-3,
             lambda g, e: g if e is None else precondition(g, e, damping, damping_kind),
             grads, eigen, is_leaf=lambda node: node is None or isinstance(node, tuple))
         eta = jnp.asarray(schedule(count), jnp.float32)
-        inner = sum(jnp.vdot(p, g).real.astype(jnp.float32) for p, g in
-                    zip(jax.tree.leaves(preconditioned), jax.tree.leaves(grads)))
-        nu = jnp.minimum(1.0, jnp.sqrt(kl_clip / jnp.maximum(eta * eta * inner,
+        # KL-clipping of the step actually taken, momentum included: ν bounds η² mᵀ F̃ m ≤ κ
+        # (F̃ the damped K-FAC curvature, the identity for the first-order leaves); with μ = 0,
+        # m = P and mᵀ F̃ P = ⟨P, g⟩ (Ba, Grosse & Martens 2017's rule exactly)
+        velocity = jax.tree.map(lambda m, p: (momentum * m + p).astype(m.dtype),
+                                state.momentum, preconditioned)
+        quadratic = sum(
+            (jnp.vdot(m, m).real if e is None else
+             curvature_form(m, e, damping, damping_kind)).astype(jnp.float32)
+            for m, e in zip(jax.tree.leaves(velocity),
+                            jax.tree.leaves(eigen, is_leaf=_is_pair)))
+        nu = jnp.minimum(1.0, jnp.sqrt(kl_clip / jnp.maximum(eta * eta * quadratic,
                                                               jnp.finfo(jnp.float32).tiny)))
-        velocity = jax.tree.map(lambda m, p: (momentum * m + nu.astype(p.dtype) * p).astype(
-            m.dtype), state.momentum, preconditioned)
+        velocity = jax.tree.map(lambda m: (nu.astype(m.dtype) * m).astype(m.dtype), velocity)
         updates = jax.tree.map(lambda m: (-eta.astype(m.dtype) * m).astype(m.dtype), velocity)
         return updates, KFACState(count + 1, factors, eigen, velocity)
 
