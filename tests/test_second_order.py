@@ -143,7 +143,7 @@ def test_kfac_kl_clip_bounds_the_step_with_its_momentum(problem):
     nu2 = min(1.0, np.sqrt(kappa / (eta ** 2 * (mu * nu1 + 1) ** 2 * q)))
     for k in p_dense:
         for n in ("w", "b"):
-            # ν in float32; atol for the entries that are 0 (zero-padded border taps)
+            # ν in float32; atol for the exact zeros (fc inputs that ReLU zeroes in every example)
             np.testing.assert_allclose(first[k][n], -eta * nu1 * p_dense[k][n], rtol=1e-5,
                                        atol=1e-12)
             np.testing.assert_allclose(second[k][n], -eta * nu2 * (mu * nu1 + 1) * p_dense[k][n],
