@@ -114,6 +114,42 @@ def test_kfac_running_average_refresh_and_inversion_periods(problem):
     np.testing.assert_allclose(flat_clip, nu * flat_free, rtol=1e-5)   # ν in float32
 
 
+def test_kfac_kl_clip_bounds_the_step_with_its_momentum(problem):
+    """KL-clipping of the step taken, momentum included: two steps on the same gradient and
+    factors, P = (A ⊗ G + γI)⁻¹ g solved densely (biases: P = g); by hand, step 1 is ν₁P with
+    ν₁ = min(1, √(κ/(η² q))), q = Σ Pᵀ F̃ P = Σ ⟨P, g⟩, and step 2 is ν₂(μν₁ + 1)P with
+    ν₂ = min(1, √(κ/(η² (μν₁ + 1)² q))), so that η² mᵀ F̃ m = κ when clipped (a momentum sum
+    clipped only per term would be (μν₁ + 1)·ν₁·P)."""
+    params, x, y = problem
+    out = Q.compute(small_apply, params, {}, x, y, quantities=("kfac",))
+    grads, factors = out["grad"], out["kfac"]
+    damping, eta, mu = 0.05, 0.5, 0.9
+    p_dense = {}
+    for layer in ("conv", "fc"):
+        a, g = factors[layer]["w"]
+        w_grad = np.asarray(grads[layer]["w"])
+        p_dense[layer] = {"w": np.linalg.solve(_dense_preconditioner(a, g, damping, "tikhonov"),
+                                               w_grad.reshape(-1)).reshape(w_grad.shape),
+                          "b": np.asarray(grads[layer]["b"])}
+    q = sum(float(np.vdot(p_dense[k][n], np.asarray(grads[k][n])))
+            for k in p_dense for n in ("w", "b"))
+    kappa = 0.1 * eta ** 2 * q                      # ν₁ = √0.1: clipped from the first step
+    opt = SO.kfac(eta, damping=damping, momentum=mu, kl_clip=kappa)
+    inputs = SO.CurvatureInputs(kfac_factors=lambda p: factors)
+    update = jax.jit(lambda g, s, p: opt.update(g, s, p, curvature=inputs))
+    first, state = update(grads, opt.init(params), params)
+    second, _ = update(grads, state, params)
+    nu1 = min(1.0, np.sqrt(kappa / (eta ** 2 * q)))
+    nu2 = min(1.0, np.sqrt(kappa / (eta ** 2 * (mu * nu1 + 1) ** 2 * q)))
+    for k in p_dense:
+        for n in ("w", "b"):
+            # ν in float32; atol for the exact zeros (fc inputs that ReLU zeroes in every example)
+            np.testing.assert_allclose(first[k][n], -eta * nu1 * p_dense[k][n], rtol=1e-5,
+                                       atol=1e-12)
+            np.testing.assert_allclose(second[k][n], -eta * nu2 * (mu * nu1 + 1) * p_dense[k][n],
+                                       rtol=1e-5, atol=1e-12)
+
+
 def test_ggn_vector_product_is_jt_h_j_v_of_the_autodiff_twin(problem):
     params, x, y = problem
     v = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size, dtype=p.dtype)).reshape(p.shape),
@@ -214,9 +250,12 @@ def test_config_keys_reach_the_optimizer_and_config_toml():
 
 @pytest.mark.slow            # two host devices in a subprocess
 def test_kfac_data_parallel_step_equals_the_one_device_step():
-    """Factors averaged over the mesh on refresh steps: the sharded K-FAC step on 2 devices
-    equals the one-device step on the global batch (float64), LeNet-5 and a small conv net with
-    batch norm (factors from the evaluation-mode pass, the gradient from synchronised BN)."""
+    """Factors averaged over the mesh on refresh steps only: the sharded K-FAC step on 2
+    devices equals the one-device step on the global batch (float64), LeNet-5 and a small conv
+    net with batch norm (factors from the evaluation-mode pass, the gradient from synchronised
+    BN), with refresh_every = 2 (both programs run); in the compiled HLO the plain program
+    all-reduces exactly what a momentum-SGD step does, the refresh program that plus the
+    factors' elements."""
     import json
     import os
     import pathlib
@@ -232,3 +271,105 @@ def test_kfac_data_parallel_step_equals_the_one_device_step():
     for name in ("lenet5", "bn_net"):
         assert max(result[name]) < 1e-10, (name, result[name])
         assert result[name + "_moved"] > 1e-4          # the steps did change the parameters
+    moved = result["all_reduced"]
+    assert moved["plain"] == moved["sgd"], moved
+    assert moved["refresh"] == moved["sgd"] + moved["factors"], moved
+
+
+# --- grouped and depthwise convolutions ------------------------------------------------------
+
+def grouped_init(key):
+    """4×4×4 -> conv 3×3 groups=2 (4 ch) -> relu -> depthwise 3×3 (groups=4) -> relu ->
+    conv_transpose 2×2 groups=2 (4 ch, 5×5) -> flatten (100) -> dense 3."""
+    k = jax.random.split(key, 5)
+    return {"grouped": {"w": jax.random.normal(k[0], (3, 3, 2, 4)) / 3,
+                        "b": jax.random.normal(k[1], (4,)) / 3},
+            "depthwise": {"w": jax.random.normal(k[2], (3, 3, 1, 4)) / 3},
+            "transpose": {"w": jax.random.normal(k[3], (2, 2, 4, 2)) / 2},
+            "fc": {"w": jax.random.normal(k[4], (100, 3)) / 10}}
+
+
+def grouped_apply(params, state, x, *, train, layers=LayerPolicy()):
+    h = layers.relu(layers.conv2d(x, params["grouped"]["w"], params["grouped"]["b"],
+                                  padding="SAME", groups=2))
+    h = layers.relu(layers.conv2d(h, params["depthwise"]["w"], padding="SAME", groups=4))
+    h = layers.conv_transpose2d(h, params["transpose"]["w"], groups=2)
+    return layers.dense(layers.flatten(h), params["fc"]["w"]), state
+
+
+def _group_blocks(w, groups, layout):
+    """numpy: the (rows, cols) matrix of each group, sliced by hand from the kernel."""
+    w = np.asarray(w)
+    if layout == "conv":            # (KH, KW, C_in/G, C_out): group g's output channels
+        o = w.shape[-1] // groups
+        return [w[..., g * o:(g + 1) * o].reshape(-1, o) for g in range(groups)]
+    c = w.shape[2] // groups        # transpose (KH, KW, C_in, C_out/G): its input channels
+    return [w[:, :, g * c:(g + 1) * c, :].reshape(-1, w.shape[3]) for g in range(groups)]
+
+
+@pytest.mark.parametrize("kind", SO.DAMPING_KINDS)
+def test_kfac_grouped_convs_are_preconditioned_block_diagonally_per_group(kind):
+    """Grouped conv2d, depthwise conv2d and grouped conv_transpose2d: each group's block of the
+    gradient, sliced from the kernel by hand, against ``(A_g ⊗ G_g + γI)⁻¹`` (or the factored
+    form) built densely per group with numpy; a state made without the layers' factor shapes
+    is a jbp error, not a wrong preconditioner."""
+    kx, kp = jax.random.split(jax.random.key(5))
+    x = jax.random.normal(kx, (3, 4, 4, 4), jnp.float64)
+    y = jnp.array([0, 2, 1])
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), grouped_init(kp))
+    out = Q.compute(grouped_apply, params, {}, x, y, quantities=("kfac",))
+    grads, factors = out["grad"], out["kfac"]
+    assert factors["depthwise"]["w"][0].shape == (4, 9, 9)            # one pair per group
+    assert factors["depthwise"]["w"][1].shape == (4, 1, 1)
+    damping = 0.05
+    opt = SO.kfac(1.0, damping=damping, damping_kind=kind, momentum=0.0, kl_clip=1e30)
+    shapes = SO.factor_shapes(grouped_apply, params, {}, (4, 4, 4))
+    state = opt.init(params, factor_shapes=shapes)
+    inputs = SO.CurvatureInputs(kfac_factors=lambda p: factors)
+    update = jax.jit(lambda g, s, p: opt.update(g, s, p, curvature=inputs))   # one compile
+    updates, _ = update(grads, state, params)
+    for name, groups, layout in (("grouped", 2, "conv"), ("depthwise", 4, "conv"),
+                                 ("transpose", 2, "transpose"), ("fc", 1, "conv")):
+        a, g = (np.asarray(f) for f in factors[name]["w"])
+        if groups == 1:
+            a, g = a[None], g[None]
+        blocks_grad = _group_blocks(grads[name]["w"], groups, layout)
+        blocks_update = _group_blocks(updates[name]["w"], groups, layout)
+        for i in range(groups):
+            want = -np.linalg.solve(_dense_preconditioner(a[i], g[i], damping, kind),
+                                    blocks_grad[i].reshape(-1))
+            np.testing.assert_allclose(blocks_update[i].reshape(-1), want, rtol=1e-9,
+                                       atol=1e-12, err_msg=f"{name} group {i}")
+    np.testing.assert_allclose(updates["grouped"]["b"], -grads["grouped"]["b"], rtol=1e-12)
+    with pytest.raises(ValueError, match=r"optimizer: K-FAC's state holds factors .*"
+                                         r"\['depthwise'\]\['w'\]"):
+        jax.eval_shape(update, grads, opt.init(params), params)
+
+
+@pytest.mark.slow            # a K-FAC step of a batch-norm + SE net, and its factors again
+def test_kfac_trains_a_tiny_inverted_residual_net():
+    """A two-block MobileNet/EfficientNet-like net from jbp.models.mobilenet's own blocks
+    (expansion, depthwise with groups = hidden width, squeeze-and-excitation dense layers,
+    batch norm): one jit-compiled K-FAC train step from init_train_state, finite loss, every
+    weight moved, the depthwise factors held per group."""
+    from jbp.models import Model, mobilenet as M
+    spec = M.Spec("tiny", "silu", ((1, 3, 1, 4, 1), (2, 3, 2, 6, 1)), se=True, stem_width=4,
+                  head_width=8, min_size=8)
+    model = Model("tiny_mbconv", lambda key, shape, classes: M._init(spec, key, shape, classes),
+                  lambda p, s, x, *, train, layers=LayerPolicy(): M._apply(
+                      spec, p, s, x, train, layers, None, 0.0, 0.0, "none"))
+    opt = train.make_optimizer("kfac", 0.05, second_order_options={"damping": 1e-2})
+    state = train.init_train_state(model, opt, jax.random.key(0), (8, 8, 3), 5)
+    depthwise = state.opt_state.factors["blocks"][1]["depthwise"]["w"]
+    assert depthwise[0].shape == (8, 9, 9) and depthwise[1].shape == (8, 1, 1)
+    step = train.make_train_step(model.apply, opt, donate=False)
+    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3), jnp.float32)
+    new, metrics = step(state, x, jnp.array([0, 1, 2, 3]))
+    assert bool(metrics["finite"]) and np.isfinite(float(metrics["loss"]))
+    for before, after in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params)):
+        assert float(jnp.max(jnp.abs(after - before))) > 0
+    # the per-group factors of this step are the ones jbp.quantities writes (evaluation mode)
+    want = Q.compute(model.apply, state.params, state.model_state, x, jnp.array([0, 1, 2, 3]),
+                     quantities=("kfac",))["kfac"]["blocks"][1]["depthwise"]["w"]
+    np.testing.assert_allclose(new.opt_state.factors["blocks"][1]["depthwise"]["w"][0],
+                               want[0], rtol=1e-5, atol=1e-7)

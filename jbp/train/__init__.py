@@ -14,7 +14,7 @@ or, a step at a time:
 
 from jbp.train.optim import (OPTIMIZERS, SCHEDULES, make_optimizer, make_schedule,
                              optimizer_from_config)
-from jbp.train.step import (PRECISIONS, TrainState, evaluate, init_train_state,
+from jbp.train.step import (PRECISIONS, TrainState, evaluate, init_optimizer, init_train_state,
                             leaf_names, make_eval_step, make_grad_fn, make_loss,
                             make_train_step, tree_size)
 from jbp.train.stop import Stop, StopRequest
@@ -22,7 +22,8 @@ from jbp.train.run_dir import RunDirError, load_config
 from jbp.train.loop import FitError, NonFiniteError, fit
 
 __all__ = ["OPTIMIZERS", "PRECISIONS", "SCHEDULES", "FitError", "NonFiniteError", "RunDirError",
-           "Stop", "StopRequest", "TrainState", "evaluate", "fit", "init_train_state",
+           "Stop", "StopRequest", "TrainState", "evaluate", "fit", "init_optimizer",
+           "init_train_state",
            "leaf_names", "load_config", "make_eval_step", "make_grad_fn", "make_loss",
            "make_optimizer", "make_schedule", "make_train_step", "optimizer_from_config",
            "tree_size"]

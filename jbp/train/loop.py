@@ -43,7 +43,7 @@ from jbp.policy import LayerPolicy
 from jbp.train import privacy
 from jbp.train import run_dir as run_dirs
 from jbp.train.optim import optimizer_from_config
-from jbp.train.step import (evaluate, init_train_state, leaf_names,
+from jbp.train.step import (evaluate, init_optimizer, init_train_state, leaf_names,
                             make_eval_step, make_train_step, tree_size)
 from jbp.train.stop import Stop
 
@@ -163,7 +163,8 @@ def fit(cfg: config_lib.Config, run_dir: str, *, resume: bool = False, overwrite
         params, model_state = checkpoint.restore_weights(cfg.model.init_from, state.params,
                                                          state.model_state)
         state = state._replace(params=params, model_state=model_state,
-                               opt_state=optimizer.init(params))
+                               opt_state=init_optimizer(model, optimizer, params,
+                                                        model_state, input_shape))
         say(f"weights from {cfg.model.init_from}")
     if resume:
         state, manifest, path = checkpoint.restore_latest(out, state)

@@ -104,7 +104,13 @@ def make_optimizer(name: str, schedule: Union[float, optax.Schedule], *, momentu
     if name in _SECOND_ORDER:
         options = dict(second_order_options or {})
         core = _SECOND_ORDER[name](schedule, momentum, options)
-        chained = type(core)(*optax.chain(*parts, core)) if parts else core
+        if not parts:
+            chained = core
+        else:
+            def init(params, **kw):     # optax.chain's state, core.init's keywords passed on
+                return tuple(p.init(params) for p in parts) + (core.init(params, **kw),)
+            chained = type(core)(init, optax.chain(*parts, core).update)
+            chained.__dict__.update(vars(core))          # refresh_every, sub_batch
         chained.sub_batch = options.get("sub_batch") or None
         return chained
     parts.append(_OPTIMIZERS[name](schedule, momentum, b1, b2, weight_decay))

@@ -33,6 +33,9 @@ Second-order optimisers (``kfac``, ``gauss_newton``, :mod:`jbp.train.second_orde
 optimiser with a ``curvature`` attribute gets ``update(..., curvature=CurvatureInputs(...))``,
 closures over this step's batch that it calls inside the same compiled step (K-FAC's factors
 from ``jbp.quantities`` in evaluation mode, Gauss-Newton's logits and loss on a sub-batch).
+Data parallel, K-FAC's step is two compiled programs, one that refreshes (and all-reduces) the
+factors and one that does not, chosen on the host from the optimiser's count
+(:func:`_kfac_data_parallel`); its ``programs`` attribute holds both.
 
 DP-SGD (``dp=(clip_norm, noise_multiplier)``, config ``train.dp``): the gradient is the clipped,
 noised one of :mod:`jbp.train.privacy` (per-example norms from the rules' probes, a second
@@ -81,7 +84,20 @@ def init_train_state(model: Model, optimizer: optax.GradientTransformation, key:
     params, model_state = model.init(init_key, tuple(input_shape), num_classes)
     if dtype is not None:
         params, model_state = _cast_floats((params, model_state), dtype)
-    return TrainState(params, model_state, optimizer.init(params), jnp.zeros((), jnp.int32), rng)
+    return TrainState(params, model_state,
+                      init_optimizer(model, optimizer, params, model_state, input_shape),
+                      jnp.zeros((), jnp.int32), rng)
+
+
+def init_optimizer(model: Model, optimizer: optax.GradientTransformation, params, model_state,
+                   input_shape: Sequence[int]):
+    """``optimizer.init(params)``; for K-FAC ``init(params, factor_shapes=...)`` with the
+    factor shapes the model's layers state (a grouped convolution: one pair per group,
+    :func:`jbp.train.second_order.factor_shapes`), which the parameters alone do not tell."""
+    if "kfac_factors" in getattr(optimizer, "curvature", ()):
+        return optimizer.init(params, factor_shapes=second_order.factor_shapes(
+            model.apply, params, model_state, input_shape))
+    return optimizer.init(params)
 
 
 # --- steps ------------------------------------------------------------------------------------
@@ -246,10 +262,12 @@ def make_train_step(apply: Callable, optimizer: optax.GradientTransformation,
     if needs:
         _check_second_order(optimizer, loss, mesh, dp)
 
-    def curvature_inputs(state: TrainState, x, y):
+    def curvature_inputs(state: TrainState, x, y, refresh):
         """The closures a second-order optimiser calls (jbp.train.second_order): K-FAC's
         factors from an evaluation-mode pass of this batch (batch norm: running statistics),
-        Gauss-Newton's logits and loss on the first ``sub_batch`` examples, training mode."""
+        Gauss-Newton's logits and loss on the first ``sub_batch`` examples, training mode.
+        ``refresh``: ``None`` (K-FAC decides under ``lax.cond``) or the host's decision (the
+        data-parallel programs, :func:`_kfac_data_parallel`)."""
         from jbp import quantities  # noqa: PLC0415  (jbp.quantities imports the layers)
         sub = optimizer.sub_batch or x.shape[0]
         xs, ys = x[:sub], y[:sub]
@@ -257,9 +275,9 @@ def make_train_step(apply: Callable, optimizer: optax.GradientTransformation,
         kw = {} if key is None else {"key": key}
         def kfac_factors(params):
             """Data parallel: this device's shard's factors, averaged over the mesh (the shards
-            are equal, and both factors are means over the examples); called on refresh steps
-            every step (K-FAC selects the result on refresh steps: a collective inside
-            lax.cond crashed XLA's CPU runtime, docs/second_order.md)."""
+            are equal, and both factors are means over the examples); only the refresh
+            program calls it (a collective inside lax.cond crashed XLA's CPU runtime,
+            docs/second_order.md)."""
             if axis is not None:          # the probes must vary as the device's shard does
                 params = jax.tree.map(lambda a: jax.lax.pcast(a, (axis,), to="varying"),
                                       params)
@@ -268,14 +286,14 @@ def make_train_step(apply: Callable, optimizer: optax.GradientTransformation,
             return factors if axis is None else jax.lax.pmean(factors, axis)
 
         return second_order.CurvatureInputs(
-            kfac_factors=kfac_factors, data_parallel=axis is not None,
+            kfac_factors=kfac_factors, refresh=refresh,
             logits=lambda params: apply(params, state.model_state, xs, train=True,
                                         layers=layers, **kw)[0].astype(jnp.float32),
             loss_of_logits=lambda z: _loss_fn(loss, layers)(z, ys))
 
-    def step(state: TrainState, x, y):
+    def step(state: TrainState, x, y, refresh=None):
         loss_value, (logits, model_state), grads, extra = gradients(state, x, y)
-        more = {"curvature": curvature_inputs(state, x, y)} if needs else {}
+        more = {"curvature": curvature_inputs(state, x, y, refresh)} if needs else {}
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **more)
         params = optax.apply_updates(state.params, updates)
         new_state = TrainState(params, model_state, opt_state, state.step + 1, state.rng)
@@ -297,8 +315,49 @@ def make_train_step(apply: Callable, optimizer: optax.GradientTransformation,
         return new_state, metrics
 
     if mesh is not None:
+        if "kfac_factors" in needs:
+            return _kfac_data_parallel(step, mesh, donate, optimizer)
         return _data_parallel(step, mesh, donate)
     return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def _kfac_data_parallel(step: Callable, mesh, donate: bool, optimizer) -> Callable:
+    """K-FAC's data-parallel step: two compiled programs, chosen on the host.
+
+    ``programs["refresh"]`` computes this step's factors on every device and averages them over
+    the mesh (one all-reduce of the factors), ``programs["plain"]`` neither computes nor reduces
+    factors (it reuses K-FAC's running averages). The choice is K-FAC's own rule, ``count %
+    refresh_every == 0`` with ``count`` read from the optimiser state (one scalar transfer per
+    step, a sync ``fit`` makes anyway), so the collective never sits inside ``lax.cond`` (which
+    crashed XLA's CPU runtime, docs/second_order.md) and runs once per refresh, not per step.
+    A state from a checkpoint resumes on the same schedule, the count being part of it."""
+    from jbp import parallel  # noqa: PLC0415
+    programs = {"refresh": _data_parallel(functools.partial(step, refresh=True), mesh, donate),
+                "plain": _data_parallel(functools.partial(step, refresh=False), mesh, donate)}
+    every = optimizer.refresh_every
+
+    def kfac_data_parallel_step(state: TrainState, x, y):
+        count = kfac_count(state.opt_state)
+        if isinstance(count, jax.core.Tracer):
+            raise ValueError("optimizer: K-FAC's data-parallel step chooses its refresh program "
+                             "on the host from the optimiser's count; call it outside jax.jit "
+                             "(it is compiled already)")
+        refresh = int(parallel.local_view(count)) % every == 0
+        return programs["refresh" if refresh else "plain"](state, x, y)
+
+    kfac_data_parallel_step.programs = programs
+    return kfac_data_parallel_step
+
+
+def kfac_count(opt_state):
+    """The ``count`` of the :class:`jbp.train.second_order.KFACState` inside ``opt_state``
+    (a chain's state holds it among others)."""
+    def is_state(node):
+        return isinstance(node, second_order.KFACState)
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(s)]
+    if len(found) != 1:
+        raise ValueError(f"opt_state: expected one K-FAC state inside, found {len(found)}")
+    return found[0].count
 
 
 def _check_second_order(optimizer, loss, mesh, dp) -> None:
