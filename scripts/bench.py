@@ -181,7 +181,7 @@ def main(argv=None):
 
     from jbp.testing import reference_models  # noqa: PLC0415
     from jbp.models import get_model
-    from jbp.train import make_loss
+    from jbp.train import init_optimizer, make_loss
 
     platforms = sorted({d.platform for d in jax.devices()} | {"cpu"})
     device_name = args.device or jax.default_backend()
@@ -319,7 +319,8 @@ def main(argv=None):
                     continue
                 step = jax_step(v, model_name, model.apply)
                 carry = [jax.tree.map(jnp.copy, t)
-                         for t in (params, state, variant_optimizer(v).init(params))]
+                         for t in (params, state, init_optimizer(
+                                 model, variant_optimizer(v), params, state, shape))]
                 t0 = time.perf_counter()
                 compiled = step.lower(*carry, x, y).compile()
                 compile_s = time.perf_counter() - t0
