@@ -23,7 +23,7 @@ import os
 import re
 import tempfile
 import warnings
-from typing import Any, List, NamedTuple, Optional, Tuple
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -203,26 +203,43 @@ class Weights(NamedTuple):
 _WEIGHT_FIELDS = (".params", ".model_state")
 
 
-def restore_weights(path: str, params_like, state_like) -> Tuple[Any, Any]:
+def restore_weights(path: str, params_like, state_like,
+                    fresh: Sequence[str] = ()) -> Tuple[Any, Any]:
     """The ``params`` and ``model_state`` of the checkpoint ``path`` — a :class:`Weights` file or
     a training run's checkpoint (its optimiser state and step are ignored) — in the structure
     and dtypes of ``params_like``/``state_like``. A leaf that is missing, extra or of another
-    shape is a CheckpointError naming it."""
+    shape is a CheckpointError naming it.
+
+    ``fresh`` names top-level entries of the params (e.g. ``("fc",)``, the classifier of every
+    classification model) whose leaves, and any batch-norm state under the same name, keep
+    their values from ``params_like``/``state_like`` instead: the usual fine-tuning of a
+    1000-class ImageNet checkpoint with a new head of ``num_classes``. Their saved shapes may
+    differ; every other leaf must fit."""
     manifest, arrays = read(path)
     saved = [(e["path"], a) for e, a in zip(manifest["leaves"], arrays)
              if e["path"].startswith(_WEIGHT_FIELDS)]
     template = [(p, leaf) for p, leaf in _leaves_with_paths(Weights(params_like, state_like))
                 if p.startswith(_WEIGHT_FIELDS)]
+    unknown = [name for name in fresh if name not in params_like]
+    if unknown:
+        raise CheckpointError(f"model.init_fresh: {unknown[0]!r} is not a top-level parameter "
+                              f"of the model (it has {', '.join(sorted(params_like))})")
+    prefixes = tuple(f"{field}[{name!r}]" for field in _WEIGHT_FIELDS for name in fresh)
     if [p for p, _ in saved] != [p for p, _ in template]:
         first = _first_difference([p for p, _ in saved], [p for p, _ in template])
         raise CheckpointError(f"{path}: its weights do not fit the model ({len(saved)} leaves, "
                               f"the model has {len(template)}); first differing leaf: {first}")
     leaves = []
     for (name, value), (_, leaf) in zip(saved, template):
+        if name.startswith(prefixes):
+            leaves.append(leaf)
+            continue
         if tuple(value.shape) != tuple(np.shape(leaf)):
             raise CheckpointError(f"{path}: leaf {name} has shape {tuple(value.shape)}, the "
                                   f"model's has {tuple(np.shape(leaf))}: the weights are of "
-                                  f"another model or configuration (num_classes, channels)")
+                                  f"another model or configuration (num_classes, channels); "
+                                  f"to start a layer afresh (a new classifier head), name it in "
+                                  f"model.init_fresh, e.g. [\"fc\"]")
         leaves.append(jnp.asarray(value, dtype=leaf.dtype))
     n = len(jax.tree.leaves(params_like))
     return (jax.tree.unflatten(jax.tree.structure(params_like), leaves[:n]),

@@ -61,6 +61,8 @@ class ModelConfig:
     batch_norm: bool = True           # resnets: False = no batch norm (convolutions get a bias)
     init_from: str = ""               # a jbp weights/run checkpoint to start from (fine-tuning;
                                       # scripts/convert_torch_weights.py makes one from PyTorch)
+    init_fresh: Tuple[str, ...] = ()  # with init_from: top-level parameters left freshly
+                                      # initialised, e.g. ["fc"] for a new classifier head
     decoder: str = "transpose"        # unet: transpose (2×2 up-convolution) | upsample (+ conv)
 
 
@@ -251,6 +253,9 @@ def _validate(cfg: Config, source: str) -> None:
     if cfg.model.init_from and not os.path.isfile(cfg.model.init_from):
         raise ConfigError(f"{source}: model.init_from: no such file {cfg.model.init_from!r} "
                           f"(a checkpoint .npz, e.g. from scripts/convert_torch_weights.py)")
+    if cfg.model.init_fresh and not cfg.model.init_from:
+        raise ConfigError(f"{source}: model.init_fresh: names parameters to leave fresh when "
+                          f"loading model.init_from, which is not set")
     if cfg.train.dp is not None:
         from jbp.train import privacy  # noqa: PLC0415  (jbp.train reads configs)
         try:
@@ -305,6 +310,8 @@ def to_toml(cfg: Config) -> str:
                 del d["optim"][key]
     if not cfg.model.init_from:                          # unused: left out, as above
         del d["model"]["init_from"]
+    if not cfg.model.init_fresh:
+        del d["model"]["init_fresh"]
     if not cfg.data.pad:
         del d["data"]["pad"]
     lines = [f"name = {value(d.pop('name'))}"]

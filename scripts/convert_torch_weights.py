@@ -4,6 +4,8 @@
     python scripts/convert_torch_weights.py efficientnet_b0 efficientnet_b0_rwightman.pth out/
     python scripts/convert_torch_weights.py resnet18 resnet18.safetensors out/
     python scripts/train.py --config my.toml --set model.init_from=out/ckpt-000000000.npz
+    python scripts/train.py --config my.toml --set model.init_from=out/ckpt-000000000.npz \
+        --set 'model.init_fresh=["fc"]'       # ImageNet's weights, a new head of num_classes
 
 INPUT is a ``state_dict`` saved by ``torch.save`` (read with ``torch.load(weights_only=True)``:
 no code runs; a dict holding the state_dict under "state_dict" or "model" is unwrapped) or a
@@ -11,7 +13,8 @@ no code runs; a dict holding the state_dict under "state_dict" or "model" is unw
 ``jbp.torch_weights.MODELS``; ``num_classes`` and the input channels come from the file. The
 output is ``OUTPUT_DIR/ckpt-000000000.npz``, a :class:`jbp.checkpoint.Weights` (params and
 batch-norm state, float32), which ``model.init_from`` loads into a run of the same model,
-``num_classes`` and input channels (docs/errors.md lists what a mismatch says).
+``num_classes`` and input channels (docs/errors.md lists what a mismatch says), or with
+``model.init_fresh = ["fc"]`` into one of other ``num_classes`` (a new classifier head).
 """
 
 from __future__ import annotations

@@ -247,6 +247,37 @@ def test_fit_starts_from_init_from(tmp_path):
         config.from_dict({"model": {"init_from": str(tmp_path / "none.npz")}})
 
 
+def test_init_fresh_gives_a_new_head(tmp_path):
+    """``model.init_fresh``: fine-tuning a checkpoint of 5 classes into a model of 10, the named
+    head starts from the run's own initialisation and every other leaf from the checkpoint.
+    LeNet-5 (its head is ``fc3``), one step at a learning rate of 1e-12."""
+    from jbp import checkpoint, config, train  # noqa: PLC0415
+    model = get_model("lenet5")
+    params, state = model.init(jax.random.key(123), (28, 28, 1), 5)
+    path = checkpoint.save(str(tmp_path / "w"), checkpoint.Weights(params, state, 0))
+    run = {"model": {"name": "lenet5", "init_from": path, "init_fresh": ["fc3"]},
+           "data": {"train_limit": 64, "test_limit": 64},
+           "optim": {"lr": 1e-12, "optimizer": "sgd"},
+           "train": {"epochs": 1, "batch_size": 32, "data_parallel": "off"}}
+    train.fit(config.from_dict(run), str(tmp_path / "run"), max_steps=1, verbose=False)
+    seed_params, seed_state = model.init(jax.random.split(jax.random.key(0))[0], (28, 28, 1), 10)
+    ckpt = checkpoint.checkpoint_paths(str(tmp_path / "run"))[-1]
+    trained, _ = checkpoint.restore_weights(ckpt, seed_params, seed_state)
+    for name in params:
+        want = seed_params[name] if name == "fc3" else params[name]
+        for a, b in zip(jax.tree.leaves(trained[name]), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    assert trained["fc3"]["w"].shape == (84, 10)
+    with pytest.raises(checkpoint.CheckpointError, match=r"leaf .params\['fc3'\]\['b'\] has "
+                                                         r"shape \(5,\).*model.init_fresh"):
+        checkpoint.restore_weights(path, seed_params, seed_state)
+    with pytest.raises(checkpoint.CheckpointError, match=r"model.init_fresh: 'head' is not a "
+                                                         r"top-level parameter"):
+        checkpoint.restore_weights(path, seed_params, seed_state, fresh=("head",))
+    with pytest.raises(config.ConfigError, match=r"model.init_fresh: .*init_from, which is not"):
+        config.from_dict({"model": {"init_fresh": ["fc3"]}})
+
+
 def test_batch_norm_entry_of_the_wrong_length_is_named():
     model = _torch_model("resnet18")
     sd = {k: v.numpy() for k, v in model.state_dict().items()}

@@ -161,11 +161,13 @@ def fit(cfg: config_lib.Config, run_dir: str, *, resume: bool = False, overwrite
     position = {"epoch": 0, "batch": 0}             # the next batch to train on
     if cfg.model.init_from and not resume:          # fine-tuning: the weights, a fresh optimiser
         params, model_state = checkpoint.restore_weights(cfg.model.init_from, state.params,
-                                                         state.model_state)
+                                                         state.model_state,
+                                                         fresh=cfg.model.init_fresh)
         state = state._replace(params=params, model_state=model_state,
                                opt_state=init_optimizer(model, optimizer, params,
                                                         model_state, input_shape))
-        say(f"weights from {cfg.model.init_from}")
+        say(f"weights from {cfg.model.init_from}"
+            + (f" (fresh: {', '.join(cfg.model.init_fresh)})" if cfg.model.init_fresh else ""))
     if resume:
         state, manifest, path = checkpoint.restore_latest(out, state)
         position = manifest["position"]
