@@ -19,6 +19,13 @@ How it works, in three passes over one real batch ``(x, y)`` (train mode):
    counted once per distinct array, inputs included, since they must stay alive), the
    gradients for ``δ_k`` (``‖∂L/∂W‖``, ``‖∂L/∂a‖`` and the manual-vs-autodiff error), and the
    forward and backward time, each ``jax.jit``-compiled on these shapes, median of ``repeats``.
+   The backward computes what a training step computes: the parameters' gradients, and
+   ``∂L/∂a`` only where the call's input depends on the parameters. A call on the model's input
+   batch itself (LeNet's and ResNet's first convolution) gets no ``∂L/∂a``: no step computes the
+   gradient of the images (JAX drops it), and timing it made the stem's backward look 2-4x
+   slower than the step's (docs/xray.md, "Reading the backward column"). Which inputs depend on
+   the parameters is found by one more eager pass under ``jax.vjp`` in the parameters
+   (:func:`_input_depends_on_params`).
 
 Residual bytes are those of the linearisation before XLA optimises the compiled program (XLA may
 fuse or rematerialise some); FLOPs are ``2·MACs`` for convolutions and dense layers (forward
@@ -46,7 +53,8 @@ class Call(NamedTuple):
     layer: str
     args: tuple
     kwargs: dict
-    diff: tuple          # positions of the arguments differentiated: the input, then parameters
+    diff: tuple          # positions of the arguments differentiated: the input (0) where it
+                         # depends on the parameters, then the parameters
     params: int          # parameter count (elements) of the call's parameter arguments
     out_shape: tuple
 
@@ -87,8 +95,9 @@ class _Recorder:
     """A layer namespace that records every call (``probes=None``) or adds ``probes[k]`` to the
     k-th call's output (the cotangent pass)."""
 
-    def __init__(self, base, owners=None, probes=None):
+    def __init__(self, base, owners=None, probes=None, depends=None):
         self._base, self._owners, self._probes = base, owners or {}, probes
+        self._depends = depends          # a list: collects, per call, "input is a tracer"
         self.calls: List[Call] = []
         self._count = 0
         self._last = ""
@@ -105,6 +114,10 @@ class _Recorder:
             if self._probes is not None:
                 y = _primary(out) + self._probes[k]
                 return (y,) + tuple(out[1:]) if isinstance(out, tuple) else y
+            if self._depends is not None:
+                self._depends.append(any(isinstance(a, jax.core.Tracer)
+                                         for a in jax.tree.leaves(args[0])))
+                return out
             self._record(name, args, kwargs, out)
             return out
 
@@ -125,14 +138,39 @@ class _Recorder:
                                tuple(np.shape(_primary(out)))))
 
 
+def _input_depends_on_params(apply: Callable, params, state, x, y, *, loss: str, nn
+                             ) -> List[bool]:
+    """Per call (in the order of :func:`record`): whether its input depends on the parameters,
+    i.e. whether a training step computes ``∂L/∂a`` for it. The forward runs eagerly under
+    ``jax.vjp`` in ``params``: exactly the values computed from the parameters are tracers;
+    the model's input batch and what is computed from it alone stay concrete arrays."""
+    depends: List[bool] = []
+
+    def objective(p):
+        rec = _Recorder(nn, depends=depends)
+        logits, _ = apply(p, state, x, train=True, layers=rec)
+        return getattr(rec, loss)(logits, y)
+
+    jax.vjp(objective, params)
+    return depends
+
+
 def record(apply: Callable, params, state, x, y, *, loss: str = "softmax_cross_entropy",
            nn=None) -> List[Call]:
-    """Pass 1: the model's layer calls (eager, train mode) and the loss call."""
-    rec = _Recorder(nn or LayerPolicy("manual"), _owners(params))
+    """Pass 1: the model's layer calls (eager, train mode) and the loss call. A call whose input
+    does not depend on the parameters (the model's input batch) differentiates its parameters
+    only (``Call.diff`` without 0), as a training step does."""
+    nn = nn or LayerPolicy("manual")
+    rec = _Recorder(nn, _owners(params))
     logits, _ = apply(params, state, x, train=True, layers=rec)
     getattr(rec, loss)(logits, y)
     rec.calls[-1] = rec.calls[-1]._replace(path="loss")
-    return rec.calls
+    depends = _input_depends_on_params(apply, params, state, x, y, loss=loss, nn=nn)
+    if len(depends) != len(rec.calls):
+        raise RuntimeError(f"the model made {len(rec.calls)} layer calls, then "
+                           f"{len(depends)}: jbp.xray needs a deterministic forward")
+    return [c if dep or len(c.diff) == 1 else c._replace(diff=c.diff[1:])
+            for c, dep in zip(rec.calls, depends)]
 
 
 def cotangents(apply: Callable, params, state, x, y, calls: List[Call], *,
@@ -187,7 +225,8 @@ def flops(call: Call):
     conv: forward ``2·N·H_out·W_out·C_out·KH·KW·C_in/G`` (+ ``N·H_out·W_out·C_out`` for the
     bias); backward twice the products (``∂L/∂a`` and ``∂L/∂W`` are one such sum each) plus the
     bias sum. dense: forward ``2·N·D_in·D_out`` (+ ``N·D_out``), backward ``4·N·D_in·D_out``
-    (+ ``N·D_out``)."""
+    (+ ``N·D_out``). A call on the model's input (no ``∂L/∂a``, ``0 not in call.diff``): the
+    backward is the ``∂L/∂W`` sum alone, ``2·MACs`` (+ the bias sum)."""
     bias = len(call.args) > 2 and call.args[2] is not None
     if call.layer == "conv2d":
         kh, kw, cin_g, cout = np.shape(call.args[1])
@@ -203,7 +242,8 @@ def flops(call: Call):
         macs = out * d_in
     else:
         return None
-    return 2 * macs + bias * out, 4 * macs + bias * out
+    sums = 2 if 0 in call.diff else 1                 # ∂L/∂W, and ∂L/∂a where it is needed
+    return 2 * macs + bias * out, 2 * sums * macs + bias * out
 
 
 def _measure(nn, call: Call, delta, repeats: int) -> Dict[str, Any]:
@@ -272,6 +312,7 @@ def xray(apply: Callable, params, state, x, y, *, repeats: int = 5,
         a = _measure(auto, call, delta, repeats)
         counted = flops(call)
         f_fwd, f_bwd = counted if counted else m["xla_flops"]
+        n_in = 1 if call.diff[0] == 0 else 0          # is ∂L/∂a among the gradients?
         rows.append({
             "path": call.path, "layer": call.layer,
             "in_shape": _in_shape(call.args[0]), "out_shape": list(call.out_shape),
@@ -281,8 +322,9 @@ def xray(apply: Callable, params, state, x, y, *, repeats: int = 5,
             "autodiff_fwd_ms": a["fwd_ms"], "autodiff_bwd_ms": a["bwd_ms"],
             "bwd_fwd_ratio": _ratio(m["bwd_ms"], m["fwd_ms"]),
             "autodiff_bwd_fwd_ratio": _ratio(a["bwd_ms"], a["fwd_ms"]),
-            "grad_norm_w": _norm(m["grads"][1:]) if len(call.diff) > 1 else None,
-            "grad_norm_a": _norm(m["grads"][:1]),
+            "grad_norm_w": _norm(m["grads"][n_in:]) if len(call.diff) > n_in else None,
+            "grad_norm_a": _norm(m["grads"][:1]) if n_in else None,
+            "input_grad": bool(n_in),
             "grad_rel_err": _rel_err(m["grads"], a["grads"]),
         })
     return Report(rows, _totals(rows))
@@ -291,7 +333,7 @@ def xray(apply: Callable, params, state, x, y, *, repeats: int = 5,
 COLUMNS = ("path", "layer", "in_shape", "out_shape", "params", "flops_fwd", "flops_bwd",
            "residual_bytes", "autodiff_residual_bytes", "fwd_ms", "bwd_ms", "autodiff_fwd_ms",
            "autodiff_bwd_ms", "bwd_fwd_ratio", "autodiff_bwd_fwd_ratio", "grad_norm_w",
-           "grad_norm_a", "grad_rel_err")
+           "grad_norm_a", "grad_rel_err", "input_grad")
 
 
 def _totals(rows) -> Dict[str, Any]:

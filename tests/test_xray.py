@@ -106,3 +106,25 @@ def test_gradients_small_error_and_norms_match_jax_grad(run):
     for name in ("conv1", "conv2", "fc1", "fc3"):
         want = np.sqrt(sum(float(jnp.sum(v ** 2)) for v in jax.tree.leaves(g[name])))
         np.testing.assert_allclose(rows[name]["grad_norm_w"], want, rtol=1e-4)
+
+
+def test_call_on_the_input_batch_times_no_input_gradient(run):
+    """A training step never computes ∂L/∂(images): the X-ray's backward of LeNet's first
+    convolution is ∂L/∂W and ∂L/∂b alone (its FLOPs by hand: one product sum plus the bias
+    sum), every later call's backward includes ∂L/∂a. The timed backward program's outputs are
+    the parameters' shapes (jbp.xray._measure times exactly the program whose outputs these are)."""
+    from jbp import xray
+    _, rows, params, state, x, y, _ = run
+    assert [p for p, r in rows.items() if not r["input_grad"]] == ["conv1"]
+    assert rows["conv1"]["grad_norm_a"] is None and rows["conv2"]["grad_norm_a"] > 0
+    macs = BATCH * 28 * 28 * 6 * 5 * 5 * 1
+    assert rows["conv1"]["flops_bwd"] == 2 * macs + BATCH * 28 * 28 * 6
+    model = get_model("lenet5")
+    calls = xray.record(model.apply, params, state, jnp.asarray(x), jnp.asarray(y))
+    deltas = xray.cotangents(model.apply, params, state, jnp.asarray(x), jnp.asarray(y), calls)
+    for k in (0, 3):                                    # conv1 (on the images), conv2
+        out = xray._measure(LayerPolicy("manual"), calls[k], deltas[k], repeats=0)
+        shapes = [np.shape(g) for g in jax.tree.leaves(out["grads"])]
+        p = params[calls[k].path]
+        want = ([] if k == 0 else [np.shape(calls[k].args[0])]) + [p["w"].shape, p["b"].shape]
+        assert shapes == want, calls[k].path
