@@ -13,6 +13,17 @@ SGD + momentum 0.9 (optax; torch.optim.SGD for PyTorch):
     lax_reference  the network in plain lax/jnp + jax.grad      (jbp.testing.reference_models)
     torch          PyTorch eager, channels-last                 (if torch is installed; in a
                    child process of its own, so that its OpenMP runtime is not jbp's oneDNN's)
+    torch-compile  the same PyTorch step (forward, backward, SGD step) under torch.compile
+                   (Inductor; on request: --variants ...,torch-compile), in a child process of
+                   its own; its compile time (the first calls, until no call compiles any
+                   more; a fresh Inductor cache unless TORCHINDUCTOR_CACHE_DIR is set) is
+                   the "compile s" column, apart from the step time
+
+With ``--contend N``, N CPU spinners (processes of their own, one process group) run beside the
+timed steps: every round is timed twice, quiet (spinners stopped with SIGSTOP) and contended
+(SIGCONT), so that the machine's slow phases fall on both alike, and each variant's row gets
+"slowdown under contention" = contended median ÷ quiet median (the other columns stay quiet).
+The spinners are killed on every exit path (and die with the parent: PR_SET_PDEATHSIG).
 
 A JAX step is one jit-compiled call (forward, backward, optimizer update; donated state). Steps
 are timed in alternating rounds after warm-up: each round gives every variant one untimed step
@@ -65,6 +76,8 @@ CONFIGS = {  # name -> (model, batch, input_shape, num_classes)
 }
 QUICK = ("lenet5_b128", "resnet20_b32")
 VARIANTS = ("manual", "autodiff", "lax_reference", "torch")
+# PyTorch in child processes: eager, and (on request) the same step under torch.compile.
+TORCH_VARIANTS = ("torch", "torch-compile")
 # Memory policies of jbp's rules (docs/memory.md), on request only: --variants manual,manual-remat
 MEMORY_VARIANTS = {"manual-remat": {"remat": "blocks"}, "manual-bf16res": {"residuals": "bf16"},
                    "manual-int8res": {"residuals": "int8"}}
@@ -131,12 +144,18 @@ def parse_args(argv=None):
                    help="bf16: parameters and images cast to bfloat16 inside the step (jbp's "
                         "precision policy, make_train_step(precision=)); the peak matmul is "
                         "measured in the same dtype. The torch variant runs in f32 only")
+    p.add_argument("--contend", type=int, default=0, metavar="N",
+                   help="time every round also with N CPU spinners running beside it and report "
+                        "each variant's slowdown under contention (contended median / quiet "
+                        "median); default 0: quiet only")
     p.add_argument("--peak-tflops", type=float, default=None, metavar="T",
                    help="the device's datasheet peak in TFLOP/s for --precision's dtype: "
                         "'%% peak' (MFU) divides by it instead of the measured matmul")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.block < 1:
         p.error("--steps and --block must be >= 1, --warmup >= 0")
+    if args.contend < 0:
+        p.error(f"--contend: expected a number of spinners >= 0, got {args.contend}")
     names = QUICK if args.quick else tuple(CONFIGS)
     if args.configs:
         names = tuple(c.strip() for c in args.configs.split(",") if c.strip())
@@ -145,7 +164,7 @@ def parse_args(argv=None):
             p.error(f"--configs: unknown {bad}; choose from {', '.join(CONFIGS)}")
     args.config_names = names
     args.variant_names = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    known = (VARIANTS + tuple(MEMORY_VARIANTS) + tuple(QUANTITY_VARIANTS)
+    known = (VARIANTS + TORCH_VARIANTS[1:] + tuple(MEMORY_VARIANTS) + tuple(QUANTITY_VARIANTS)
              + tuple(SECOND_ORDER_VARIANTS))
     bad = [v for v in args.variant_names if v not in known]
     if bad or "manual" not in args.variant_names:
@@ -193,17 +212,21 @@ def main(argv=None):
     # otherwise share one libgomp (PyTorch's, loaded first), whose spinning workers then slowed
     # PyTorch up to 2x beside jbp's oneDNN steps, and left oneDNN's workers spinning too
     # (jbp sets OMP_WAIT_POLICY=PASSIVE only for a libgomp it loads itself; docs/onednn.md).
-    torch_proc = None
-    if args.precision == "bf16" and "torch" in args.variant_names:
-        args.variant_names = [v for v in args.variant_names if v != "torch"]
-        print("note: --precision bf16: skipping the torch variant (it runs float32)",
+    torch_procs = {}                     # torch variant -> its TorchProcess
+    if args.precision == "bf16" and any(v in TORCH_VARIANTS for v in args.variant_names):
+        args.variant_names = [v for v in args.variant_names if v not in TORCH_VARIANTS]
+        print("note: --precision bf16: skipping the torch variants (they run float32)",
               file=sys.stderr)
-    if "torch" in args.variant_names:
-        torch_proc = TorchProcess(args.threads or os.cpu_count(), device.platform)
-        if torch_proc.error:
-            print(f"note: {torch_proc.error}; skipping the torch variant", file=sys.stderr)
-            torch_proc = None
-    variants = [v for v in args.variant_names if v != "torch" or torch_proc]
+    for v in TORCH_VARIANTS:
+        if v in args.variant_names:
+            proc = TorchProcess(args.threads or os.cpu_count(), device.platform,
+                                compiled=v == "torch-compile")
+            if proc.error:
+                print(f"note: {proc.error}; skipping the {v} variant", file=sys.stderr)
+            else:
+                torch_procs[v] = proc
+    torch_proc = torch_procs.get("torch") or torch_procs.get("torch-compile")   # the header's
+    variants = [v for v in args.variant_names if v not in TORCH_VARIANTS or v in torch_procs]
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
@@ -287,7 +310,7 @@ def main(argv=None):
             from jbp.config import ModelConfig  # noqa: PLC0415
             model = _models.from_config(ModelConfig(name=model_name,
                                                     **CONFIG_OPTIONS[cfg_name]))
-            variants = [v for v in variants if v not in ("lax_reference", "torch")
+            variants = [v for v in variants if v != "lax_reference" and v not in TORCH_VARIANTS
                         and v not in MEMORY_VARIANTS]
         else:
             model = get_model(model_name)
@@ -312,10 +335,26 @@ def main(argv=None):
                 jnp.asarray(x_np))
             x, y = jax.device_put(x_np, device), jax.device_put(y_np, device)
             runners, info = {}, {}
-            for v in variants:
-                if v == "torch":
-                    runners[v] = torch_proc.build(model_name, params, state, x_np, y_np)
-                    info[v] = {"compile_s": None, "temp_bytes": None}
+            for v in list(variants):
+                if v in TORCH_VARIANTS:
+                    try:
+                        runners[v] = torch_procs[v].build(model_name, params, state, x_np, y_np)
+                    except RuntimeError as e:
+                        if v == "torch":
+                            raise
+                        # Inductor failed (no C++ compiler, an unsupported op, ...): say so and
+                        # time the others.
+                        log(f"[{cfg_name}] note: {e}; skipping {v} for this configuration")
+                        variants.remove(v)
+                        continue
+                    compiled = torch_procs[v].compile_info
+                    info[v] = {"compile_s": compiled and compiled["compile_s"],
+                               "temp_bytes": None, "torch_compile": compiled}
+                    if compiled:
+                        log(f"[{cfg_name}] {v}: compiled in {compiled['compile_s']:.1f} s "
+                            f"({compiled['calls']} calls until none compiled, "
+                            f"{compiled['graphs']} graphs; Inductor cache "
+                            f"{compiled['cache_hits']} hits, {compiled['cache_misses']} misses)")
                     continue
                 step = jax_step(v, model_name, model.apply)
                 carry = [jax.tree.map(jnp.copy, t)
@@ -360,17 +399,33 @@ def main(argv=None):
             # about half the CPU (LeNet-5 manual: 7.2 ms alone, 7-16 ms bimodal after torch).
             times = {v: [] for v in variants}
             round_medians = {v: [] for v in variants}
+            contended = {v: [] for v in variants}          # --contend: the contended rounds
             rounds = -(-args.steps // args.block)
-            for r in range(rounds):
+
+            def timed_round(r, times, round_medians):
                 order = variants[r % len(variants):] + variants[:r % len(variants)]
                 for v in order:
                     runners[v]()
                     n = min(args.block, args.steps - len(times[v]))
-                    block = torch_proc.timed(n) if v == "torch" else _timed(runners[v], n)
+                    block = (torch_procs[v].timed(n) if v in torch_procs
+                             else _timed(runners[v], n))
                     times[v] += block
                     round_medians[v].append(float(np.median(block)))
-                log(f"[{cfg_name}] round {r + 1}/{rounds}: " + ", ".join(
-                    f"{v} {np.median(times[v]):.1f} ms" for v in variants))
+
+            # Quiet and contended rounds interleave (round r quiet, then round r with the
+            # spinners running): a slow phase of the machine then falls on both alike. The
+            # spinners are stopped, not killed, between rounds: no start-up inside a round.
+            with Contention(args.contend) as spinners:
+                for r in range(rounds):
+                    timed_round(r, times, round_medians)
+                    msg = ", ".join(f"{v} {np.median(times[v]):.1f} ms" for v in variants)
+                    if args.contend:
+                        spinners.run()
+                        timed_round(r, contended, {v: [] for v in variants})
+                        spinners.pause()
+                        msg += f"; with {args.contend} spinners: " + ", ".join(
+                            f"{v} {np.median(contended[v]):.1f} ms" for v in variants)
+                    log(f"[{cfg_name}] round {r + 1}/{rounds}: {msg}")
 
         manual_ms = float(np.median(times["manual"]))
         for v in variants:
@@ -383,7 +438,7 @@ def main(argv=None):
             gflops = flops / med / 1e6
             rows.append({
                 "model": model_name, "batch": batch, "variant": v,
-                "precision": args.precision if v != "torch" else "f32",
+                "precision": args.precision if v not in TORCH_VARIANTS else "f32",
                 "input_shape": list(shape), "device": device.device_kind,
                 "step_ms_median": med, "step_ms_min": float(np.min(times[v])),
                 "step_ms_max": float(np.max(times[v])), "steps": args.steps,
@@ -397,6 +452,12 @@ def main(argv=None):
                 "baseline": base, "ratio_to_baseline": med / float(np.median(times[base])),
                 "ratio_to_baseline_paired": float(np.median(base_paired)),
             })
+            if info[v].get("torch_compile"):       # calls, graphs, Inductor cache hits
+                rows[-1]["torch_compile"] = info[v]["torch_compile"]
+            if args.contend:
+                rows[-1].update(contend=args.contend,
+                                step_ms_median_contended=float(np.median(contended[v])),
+                                slowdown_contended=float(np.median(contended[v])) / med)
             if v == "manual" and rows[-1]["conv_backend"].startswith("onednn"):
                 # oneDNN's scratch lives outside XLA's buffers (not in temp_bytes): the bytes
                 # held after this config, the largest need of any config so far.
@@ -513,6 +574,8 @@ def _conv_backend(variant: str, platform: str) -> str:
     and the lax reference differentiate XLA's convolution."""
     if variant == "torch":
         return "torch"
+    if variant == "torch-compile":
+        return "torch inductor"
     if not (variant.startswith(("manual", "q-")) or variant == "dp") or platform != "cpu":
         return "xla"
     from jbp import cpu_conv  # noqa: PLC0415
@@ -531,6 +594,90 @@ def paired_ratios(variant_rounds, manual_rounds):
     return [v / m for v, m in zip(variant_rounds, manual_rounds)]
 
 
+class Contention:
+    """``n`` CPU spinners beside the timed steps (``--contend``), as a context manager.
+
+    The spinners are Python busy loops (``while True: pass``) in one process group of their own
+    (the first spinner's); they start stopped (SIGSTOP) and :meth:`run` / :meth:`pause` send the
+    group SIGCONT / SIGSTOP. ``__exit__`` kills the group (SIGKILL) and reaps every spinner, on
+    any exit of the ``with`` block: an exception, KeyboardInterrupt, ``sys.exit``. Each spinner
+    also asks the kernel to kill it when its parent dies (``prctl(PR_SET_PDEATHSIG)``, Linux),
+    so that not even a SIGKILL of the benchmark leaves one spinning. ``n = 0`` does nothing."""
+
+    MARK = "jbp-bench-spinner"        # in each spinner's command line (tests look for it)
+    SPIN = ("import ctypes, os, signal, sys\n"
+            "try:\n"
+            "    ctypes.CDLL(None).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG\n"
+            "except (OSError, AttributeError):\n"
+            "    pass\n"
+            "if os.getppid() != int(sys.argv[2]):             # the parent died already\n"
+            "    sys.exit()\n"
+            "os.kill(os.getpid(), signal.SIGSTOP)             # start paused\n"
+            "while True:\n"
+            "    pass\n")
+
+    def __init__(self, n: int):
+        self.n = n
+        self.procs = []
+        self.pgid = None
+
+    def __enter__(self):
+        import subprocess  # noqa: PLC0415
+        try:
+            for _ in range(self.n):
+                # The first spinner leads a new process group (same session); the others join
+                # it, so that one signal reaches them all.
+                p = subprocess.Popen([sys.executable, "-c", self.SPIN, self.MARK,
+                                      str(os.getpid())], stdin=subprocess.DEVNULL,
+                                     process_group=0 if self.pgid is None else self.pgid)
+                self.procs.append(p)
+                self.pgid = self.pgid or p.pid
+            for p in self.procs:                        # wait until each has stopped itself
+                while p.poll() is None and _proc_state(p.pid) not in ("T", "t"):
+                    time.sleep(0.01)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _signal(self, sig):
+        if self.pgid is not None:
+            os.killpg(self.pgid, sig)
+
+    def run(self):
+        import signal  # noqa: PLC0415
+        self._signal(signal.SIGCONT)
+
+    def pause(self):
+        import signal  # noqa: PLC0415
+        self._signal(signal.SIGSTOP)
+
+    def close(self):
+        import signal  # noqa: PLC0415
+        try:
+            self._signal(signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for p in self.procs:
+            p.kill()                                    # (no-op for a dead one)
+            p.wait()
+        self.procs, self.pgid = [], None
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def _proc_state(pid):
+    """The state letter of ``pid`` from /proc (R, S, T, Z, ...); None for no such process, and
+    ``"T"`` where there is no /proc (callers then do not wait for the letter)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None if os.path.isdir("/proc") else "T"
+
+
 def _timed(run, n):
     """``n`` calls of ``run``, each timed (ms)."""
     block = []
@@ -542,18 +689,31 @@ def _timed(run, n):
 
 
 class TorchProcess:
-    """The PyTorch variant in a child process, driven round by round over a pipe.
+    """A PyTorch variant in a child process, driven round by round over a pipe.
 
     ``build`` sends it a model's parameters and batch and returns a callable for one untimed
     step (it returns the loss); ``timed(n)`` runs ``n`` steps there and returns the times the
-    child measured itself (ms), so no pipe latency is counted."""
+    child measured itself (ms), so no pipe latency is counted. ``compiled=True``: the step runs
+    under ``torch.compile`` (the torch-compile variant); ``build`` then compiles it and sets
+    ``compile_info`` (``compile_s``: the wall time of the calls that compiled, ``calls``,
+    ``graphs``, Inductor's ``cache_hits`` / ``cache_misses``), else ``compile_info`` is None."""
 
-    def __init__(self, threads: int, platform: str):
+    def __init__(self, threads: int, platform: str, compiled: bool = False):
         import multiprocessing  # noqa: PLC0415
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_torch_worker, args=(child, threads, platform),
-                                 daemon=True)
+        self.compile_info = None
+        cache = None
+        if compiled and not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+            # A fresh Inductor cache for this run: its compile time is then a first compile,
+            # as JAX's is (no persistent compilation cache); TORCHINDUCTOR_CACHE_DIR keeps one.
+            import atexit  # noqa: PLC0415
+            import shutil  # noqa: PLC0415
+            import tempfile  # noqa: PLC0415
+            cache = tempfile.mkdtemp(prefix="jbp-bench-inductor-")
+            atexit.register(shutil.rmtree, cache, ignore_errors=True)
+        self._proc = ctx.Process(target=_torch_worker,
+                                 args=(child, threads, platform, compiled, cache), daemon=True)
         self._proc.start()
         child.close()
         reply = self._conn.recv()
@@ -571,15 +731,19 @@ class TorchProcess:
         import jax  # noqa: PLC0415
         import numpy as np  # noqa: PLC0415
         to_np = lambda tree: jax.tree.map(np.asarray, tree)  # noqa: E731
-        self._ask("build", model_name, to_np(params), to_np(state), x_np, y_np)
+        self.compile_info = self._ask("build", model_name, to_np(params), to_np(state), x_np,
+                                      y_np)
         return lambda: self._ask("step")
 
     def timed(self, n):
         return self._ask("timed", n)
 
 
-def _torch_worker(conn, threads, platform):
-    """Child side of :class:`TorchProcess`: PyTorch eager, channels-last, SGD + momentum."""
+def _torch_worker(conn, threads, platform, compiled=False, inductor_cache=None):
+    """Child side of :class:`TorchProcess`: PyTorch eager (or ``compiled``: torch.compile,
+    Inductor's caches in ``inductor_cache`` where given), channels-last, SGD + momentum."""
+    if inductor_cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache      # read when torch loads
     try:
         import torch  # noqa: PLC0415
         from jbp.testing import reference_models  # noqa: PLC0415
@@ -590,6 +754,11 @@ def _torch_worker(conn, threads, platform):
     if device is None:
         conn.send({"error": f"this torch cannot run on {platform}"})
         return
+    if compiled:
+        missing = _inductor_missing(torch, device)
+        if missing:
+            conn.send({"error": missing})
+            return
     torch.set_num_threads(threads)
     conn.send({"version": torch.__version__, "threads": torch.get_num_threads()})
     run = None
@@ -600,19 +769,62 @@ def _torch_worker(conn, threads, platform):
             return
         try:
             if msg[0] == "build":
-                run = _torch_runner(torch, device, reference_models, *msg[1:])
-                conn.send(None)
+                run, compile_info = _torch_runner(torch, device, reference_models, *msg[1:],
+                                                  compiled=compiled)
+                conn.send(compile_info)
             elif msg[0] == "step":
                 conn.send(run())
             else:
                 conn.send(_timed(run, msg[1]))
         except Exception as e:  # noqa: BLE001  (reported in the parent)
-            conn.send(RuntimeError(f"torch variant: {type(e).__name__}: {e}"))
+            name = "torch-compile" if compiled else "torch"
+            text = str(e).strip().splitlines()
+            conn.send(RuntimeError(f"{name} variant: {type(e).__name__}: "
+                                   f"{text[0] if text else ''}"[:500]))
 
 
-def _torch_runner(torch, device, reference_models, model_name, params, state, x_np, y_np):
-    """A callable that runs one PyTorch training step of ``model_name`` from ``params``/``state``
-    on the batch (eager, channels-last, SGD + momentum 0.9) and returns the loss."""
+def _inductor_missing(torch, device):
+    """Why torch.compile's Inductor cannot compile here (a sentence), or None. On CPU it
+    compiles C++: it needs the compiler torch._inductor.config names ($CXX, else g++)."""
+    import shutil  # noqa: PLC0415
+    if not hasattr(torch, "compile"):
+        return f"torch {torch.__version__} has no torch.compile"
+    if device == "cpu":
+        from torch._inductor import config as inductor_config  # noqa: PLC0415
+        names = [c for c in inductor_config.cpp.cxx if c] or ["g++"]
+        if not any(shutil.which(c) for c in names):
+            return (f"torch.compile (Inductor, CPU) needs a C++ compiler: none of "
+                    f"{', '.join(names)} is on PATH (set CXX or install g++)")
+    else:
+        import importlib.util  # noqa: PLC0415
+        if importlib.util.find_spec("triton") is None:
+            return "torch.compile (Inductor, GPU) needs triton, which is not installed"
+    return None
+
+
+def _compile_events(torch):
+    """A number that grows whenever torch.compile compiles something (graphs captured by
+    Dynamo, forward and backward graphs compiled by Inductor): its private timing record,
+    else Dynamo's graph counter."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics  # noqa: PLC0415
+        return sum(len(v) for v in compilation_time_metrics.values())
+    except ImportError:
+        from torch._dynamo.utils import counters  # noqa: PLC0415
+        return counters["stats"]["unique_graphs"]
+
+
+def _torch_runner(torch, device, reference_models, model_name, params, state, x_np, y_np, *,
+                  compiled=False):
+    """``(run, compile_info)``: ``run()`` runs one PyTorch training step of ``model_name`` from
+    ``params``/``state`` on the batch (eager, channels-last, SGD + momentum 0.9) and returns the
+    loss. ``compiled``: the step (zero_grad, forward, backward, optimizer step) runs under
+    ``torch.compile``; it is compiled here, by calling it until a call compiles nothing (the
+    optimizer's momentum buffers appear at the first step and recompile its update at the
+    second), and the model and optimizer are then put back to ``params``/``state`` and empty
+    momentum (zero buffers: SGD's first update ``buf = g`` equals ``0.9·0 + g``), so that
+    ``run()``'s first loss is step 0's like the eager variant's. ``compile_info`` is None
+    (eager) or the dict :class:`TorchProcess` documents."""
     import torch.nn.functional as F  # noqa: PLC0415
     module = reference_models.torch_model(model_name, params, state).to(device)
     module = module.to(memory_format=torch.channels_last).train()
@@ -621,14 +833,41 @@ def _torch_runner(torch, device, reference_models, model_name, params, state, x_
         memory_format=torch.channels_last).to(device)
     yt = torch.from_numpy(y_np).long().to(device)
 
-    def run():
+    def step():
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(module(xt), yt)
         loss.backward()
         opt.step()
-        return float(loss.detach().cpu())      # synchronises on GPU
+        return loss.detach()
 
-    return run
+    if not compiled:
+        return (lambda: float(step().cpu())), None         # .cpu() synchronises on GPU
+
+    import logging  # noqa: PLC0415
+    from torch._dynamo.utils import counters  # noqa: PLC0415
+    torch._logging.set_logs(dynamo=logging.ERROR)  # (zero_grad's profiler note, every config)
+    step = torch.compile(step)
+    saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    compile_s, calls = 0.0, 0
+    for _ in range(8):
+        before = _compile_events(torch)
+        t0 = time.perf_counter()
+        float(step().cpu())
+        dt = time.perf_counter() - t0
+        if _compile_events(torch) == before:                 # this call compiled nothing
+            break
+        compile_s, calls = compile_s + dt, calls + 1
+    with torch.no_grad():
+        for k, v in module.state_dict().items():             # (views of the live tensors)
+            v.copy_(saved[k])
+        for s in opt.state.values():
+            if s.get("momentum_buffer") is not None:
+                s["momentum_buffer"].zero_()
+    info = {"compile_s": compile_s, "calls": calls,
+            "graphs": counters["stats"]["unique_graphs"],
+            "cache_hits": counters["inductor"]["fxgraph_cache_hit"],
+            "cache_misses": counters["inductor"]["fxgraph_cache_miss"]}
+    return (lambda: float(step().cpu())), info
 
 
 def _header(jax, torch, device, peak, args, measured_peak=None):
@@ -636,7 +875,7 @@ def _header(jax, torch, device, peak, args, measured_peak=None):
              f"{os.cpu_count()} CPU cores"]
     if torch is not None:
         lines.append(f"torch {torch.version}, {torch.threads} threads, channels-last, "
-                     f"in its own process")
+                     f"in its own process (each torch variant)")
     env = " ".join(f"{k}={os.environ[k]}" for k in ("GLIBC_TUNABLES", "XLA_FLAGS")
                    if os.environ.get(k))
     source = (f"datasheet peak {peak:.0f} GFLOP/s (--peak-tflops; measured matmul "
@@ -644,6 +883,9 @@ def _header(jax, torch, device, peak, args, measured_peak=None):
     lines.append(f"environment: {env or '(none set)'}; precision {args.precision}, {source}; "
                  f"{args.steps} timed steps per variant in alternating rounds of {args.block} "
                  f"(+1 untimed), after {args.warmup} warm-up steps")
+    if getattr(args, "contend", 0):
+        lines.append(f"contention: every round timed quiet and again with {args.contend} CPU "
+                     f"spinner(s) running; slowdown = contended median / quiet median")
     return "\n".join(lines) + "\n"
 
 
@@ -652,7 +894,12 @@ def table(rows) -> str:
     head = ("| model | batch | variant | precision | step ms median | min–max | × manual "
             "| paired × (range) | compile s | temp MiB | GFLOP/s | % peak | img/s | conv kernels "
             "| baseline | paired × baseline |")
-    out = [head, "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
+    sep = "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"
+    contended = any("slowdown_contended" in r for r in rows)
+    if contended:                     # --contend: one more column, at the end
+        head += " slowdown under contention |"
+        sep += "---:|"
+    out = [head, sep]
     for r in rows:
         compile_s = "" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
         temp = "" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:.1f}"
@@ -664,7 +911,9 @@ def table(rows) -> str:
             f"{r['ratio_paired_max']:.2f}) | {compile_s} | {temp} | {r['gflops']:.1f} "
             f"| {100 * r['peak_fraction']:.1f} | {r['images_per_s']:.0f} "
             f"| {r.get('conv_backend', '')} | {r.get('baseline', 'manual')} "
-            f"| {r.get('ratio_to_baseline_paired', r['ratio_to_manual_paired']):.3f} |")
+            f"| {r.get('ratio_to_baseline_paired', r['ratio_to_manual_paired']):.3f} |"
+            + (f" {r['slowdown_contended']:.2f} |" if contended and "slowdown_contended" in r
+               else " |" if contended else ""))
     return "\n".join(out)
 
 

@@ -152,3 +152,118 @@ def test_torchvision_bench_models_match_jbp():
         module = reference_models.torch_model(name, params, state).train()
         out = module(torch.from_numpy(np.array(x)).permute(0, 3, 1, 2)).detach().numpy()
         np.testing.assert_allclose(out, np.asarray(logits), rtol=1e-3, atol=1e-4)
+
+
+def _bench(*argv, env=None, timeout=600):
+    return subprocess.run([sys.executable, os.path.join(SCRIPTS, "bench.py"), "--configs",
+                           "lenet5_b128", "--steps", "2", "--warmup", "0", "--env", "default",
+                           *argv], capture_output=True, text=True, timeout=timeout,
+                          env=None if env is None else dict(os.environ, **env))
+
+
+def _spinners():
+    """Pids of live --contend spinners (their command line carries bench's mark)."""
+    import glob
+    pids = []
+    for path in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            with open(path, "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"jbp-bench-spinner" in argv and b"-c" in argv:     # a spinner, not this grep
+            pids.append(int(path.split("/")[2]))
+    return pids
+
+
+def test_bench_torch_compile_variant(tmp_path):
+    """torch-compile: the eager step under torch.compile, in its own child; its compile time
+    is reported apart (the "compile s" column) and its step-0 loss is the others' (the script
+    exits non-zero otherwise, and the rows carry the losses)."""
+    pytest.importorskip("torch")
+    import shutil
+    out = tmp_path / "bench.json"
+    proc = _bench("--variants", "manual,torch,torch-compile", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["variant"]: r for r in json.loads(out.read_text())}
+    if shutil.which(os.environ.get("CXX", "g++")) is None:       # no Inductor here: a note
+        assert "needs a C++ compiler" in proc.stderr and "torch-compile" not in rows
+        return
+    compiled, eager = rows["torch-compile"], rows["torch"]
+    assert compiled["compile_s"] > 0 and eager["compile_s"] is None
+    assert compiled["temp_bytes"] is None and compiled["conv_backend"] == "torch inductor"
+    # a first compile (a fresh Inductor cache), in the first call or two (the optimizer's
+    # momentum buffers appear at step 1)
+    info = compiled["torch_compile"]
+    assert info["cache_hits"] == 0 and info["cache_misses"] > 0 and 1 <= info["calls"] <= 3
+    for v in ("torch", "torch-compile"):
+        assert abs(rows[v]["loss0"] - rows["manual"]["loss0"]) < 1e-4 * rows["manual"]["loss0"]
+    assert "torch-compile: compiled in" in proc.stderr
+    line = next(l for l in proc.stdout.splitlines() if "| torch-compile |" in l)
+    assert f"| {compiled['compile_s']:.1f} |" in line          # the compile column is filled
+
+
+def test_bench_torch_compile_without_a_compiler_is_a_note():
+    """No C++ compiler for Inductor: the torch-compile variant is skipped with a sentence
+    saying why, the rest runs; no traceback."""
+    pytest.importorskip("torch")
+    proc = _bench("--variants", "manual,torch-compile", env={"CXX": "/nonexistent/c++"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torch.compile (Inductor, CPU) needs a C++ compiler" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "| torch-compile |" not in proc.stdout and "| lenet5 | 128 | manual |" in proc.stdout
+
+
+def test_bench_contend_reports_slowdown_and_leaves_no_spinner(tmp_path):
+    before = set(_spinners())
+    out = tmp_path / "bench.json"
+    proc = _bench("--variants", "manual", "--contend", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    # slowdown = contended median / quiet median, both in the row
+    assert row["contend"] == 1
+    assert row["slowdown_contended"] == pytest.approx(
+        row["step_ms_median_contended"] / row["step_ms_median"])
+    head = next(l for l in proc.stdout.splitlines() if l.startswith("| model |"))
+    assert head.endswith("| slowdown under contention |")
+    assert "with 1 spinners:" in proc.stderr
+    assert set(_spinners()) <= before
+
+
+def test_contention_spinners_die_on_every_exit():
+    """The spinners run only between run() and pause(), and are gone after the with block
+    however it ends (exception, Ctrl-C, sys.exit), and when the parent is killed outright."""
+    bench = _load("bench")
+    for exc in (RuntimeError, KeyboardInterrupt, SystemExit):
+        with pytest.raises(exc):
+            with bench.Contention(2) as spinners:
+                pids = [p.pid for p in spinners.procs]
+                assert len(set(os.getpgid(p) for p in pids)) == 1      # one process group
+                assert {bench._proc_state(p) for p in pids} <= {"T", "t"}  # start paused
+                spinners.run()
+                assert all(bench._proc_state(p) in ("R", "S") for p in pids)
+                raise exc()
+        assert all(bench._proc_state(p) is None for p in pids), exc
+    # SIGKILL of the parent: no finally runs; the kernel kills the spinners (PDEATHSIG).
+    code = (f"import importlib.util, os, signal, sys\n"
+            f"spec = importlib.util.spec_from_file_location('b', {os.path.join(SCRIPTS, 'bench.py')!r})\n"
+            f"b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b)\n"
+            f"c = b.Contention(1).__enter__(); c.run()\n"
+            f"print(c.procs[0].pid, flush=True); os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    pid = int(proc.stdout.split()[0])
+    import time
+    deadline = time.time() + 10
+    while _alive(pid) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid)
+
+
+def _alive(pid):
+    """A live process (a zombie awaiting its reaper counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
