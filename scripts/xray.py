@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 import jax  # noqa: E402
@@ -59,6 +60,11 @@ def main(argv=None) -> int:
     nn = LayerPolicy("manual", cfg.model.residuals)
     print(f"{cfg.name}: {cfg.model.name}, batch {batch}, residuals {cfg.model.residuals}, "
           f"{args.repeats} timed runs per layer", file=sys.stderr)
+    # What the conv rows ran on: oneDNN's OpenMP team waits for a descheduled thread on a busy
+    # machine (docs/xray.md, "Reading the backward column").
+    from jbp import cpu_conv  # noqa: PLC0415
+    print(f"conv kernels: {cpu_conv.describe()}; OMP_NUM_THREADS="
+          f"{os.environ.get('OMP_NUM_THREADS', '(unset: all cores)')}", file=sys.stderr)
     report = xray.xray(model.apply, params, state, x, y, repeats=args.repeats, manual=nn,
                        progress=lambda p: print(f"  {p}", file=sys.stderr, flush=True))
     print(xray.markdown(report))
