@@ -635,6 +635,9 @@ class Contention:
             for p in self.procs:                        # wait until each has stopped itself
                 while p.poll() is None and _proc_state(p.pid) not in ("T", "t"):
                     time.sleep(0.01)
+                if p.poll() is not None:
+                    raise RuntimeError(f"--contend: a spinner exited at start (exit status "
+                                       f"{p.returncode}); no contention to measure")
         except BaseException:
             self.close()
             raise
