@@ -207,31 +207,30 @@ def test_bench_torch_compile_variant(tmp_path):
     assert f"| {compiled['compile_s']:.1f} |" in line          # the compile column is filled
 
 
-def test_bench_torch_compile_without_a_compiler_is_a_note():
-    """No C++ compiler for Inductor: the torch-compile variant is skipped with a sentence
-    saying why, the rest runs; no traceback."""
-    pytest.importorskip("torch")
-    proc = _bench("--variants", "manual,torch-compile", env={"CXX": "/nonexistent/c++"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "torch.compile (Inductor, CPU) needs a C++ compiler" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert "| torch-compile |" not in proc.stdout and "| lenet5 | 128 | manual |" in proc.stdout
-
-
 def test_bench_contend_reports_slowdown_and_leaves_no_spinner(tmp_path):
+    """--contend 1: each row's slowdown under contention is its contended median over its
+    quiet one, the table has the column, no spinner outlives the run. In the same run (one
+    bench start for both): without a C++ compiler for Inductor, torch-compile is skipped with a
+    sentence saying why, and the rest runs, no traceback."""
     before = set(_spinners())
     out = tmp_path / "bench.json"
-    proc = _bench("--variants", "manual", "--contend", "1", "--json", str(out))
+    torch = importlib.util.find_spec("torch") is not None
+    proc = _bench("--variants", "manual,torch-compile" if torch else "manual", "--contend", "1",
+                  "--json", str(out), env={"CXX": "/nonexistent/c++"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = json.loads(out.read_text())
-    # slowdown = contended median / quiet median, both in the row
-    assert row["contend"] == 1
+    assert row["variant"] == "manual" and row["contend"] == 1
     assert row["slowdown_contended"] == pytest.approx(
         row["step_ms_median_contended"] / row["step_ms_median"])
     head = next(l for l in proc.stdout.splitlines() if l.startswith("| model |"))
     assert head.endswith("| slowdown under contention |")
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("| lenet5 | 128 | manual |"))
+    assert line.endswith(f" {row['slowdown_contended']:.2f} |")
     assert "with 1 spinners:" in proc.stderr
     assert set(_spinners()) <= before
+    if torch:
+        assert "torch.compile (Inductor, CPU) needs a C++ compiler" in proc.stderr
+        assert "Traceback" not in proc.stderr and "| torch-compile |" not in proc.stdout
 
 
 def test_contention_spinners_die_on_every_exit():
