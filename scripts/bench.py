@@ -19,7 +19,8 @@ SGD + momentum 0.9 (optax; torch.optim.SGD for PyTorch):
                    more; a fresh Inductor cache unless TORCHINDUCTOR_CACHE_DIR is set) is
                    the "compile s" column, apart from the step time
 
-With ``--contend N``, N CPU spinners (processes of their own, one process group) run beside the
+With ``--contend N``, N CPU spinners (processes of their own, one process group; at the
+benchmark's niceness, or ``--contend-nice K``) run beside the
 timed steps: every round is timed twice, quiet (spinners stopped with SIGSTOP) and contended
 (SIGCONT), so that the machine's slow phases fall on both alike, and each variant's row gets
 "slowdown under contention" = contended median ÷ quiet median (the other columns stay quiet).
@@ -148,6 +149,11 @@ def parse_args(argv=None):
                    help="time every round also with N CPU spinners running beside it and report "
                         "each variant's slowdown under contention (contended median / quiet "
                         "median); default 0: quiet only")
+    p.add_argument("--contend-nice", type=int, default=None, metavar="K",
+                   help="the spinners' niceness (default: the benchmark's own). E.g. `nice -n 19 "
+                        "bench.py --contend 1 --contend-nice 0`: a benchmark at low priority "
+                        "beside other users' jobs, where oneDNN's OpenMP team waits for "
+                        "scheduler ticks (docs/xray.md, 'Reading the backward column')")
     p.add_argument("--peak-tflops", type=float, default=None, metavar="T",
                    help="the device's datasheet peak in TFLOP/s for --precision's dtype: "
                         "'%% peak' (MFU) divides by it instead of the measured matmul")
@@ -156,6 +162,9 @@ def parse_args(argv=None):
         p.error("--steps and --block must be >= 1, --warmup >= 0")
     if args.contend < 0:
         p.error(f"--contend: expected a number of spinners >= 0, got {args.contend}")
+    if args.contend_nice is not None and not (-20 <= args.contend_nice <= 19 and args.contend):
+        p.error(f"--contend-nice: expected a niceness in -20..19 with --contend N, got "
+                f"{args.contend_nice}")
     names = QUICK if args.quick else tuple(CONFIGS)
     if args.configs:
         names = tuple(c.strip() for c in args.configs.split(",") if c.strip())
@@ -415,7 +424,7 @@ def main(argv=None):
             # Quiet and contended rounds interleave (round r quiet, then round r with the
             # spinners running): a slow phase of the machine then falls on both alike. The
             # spinners are stopped, not killed, between rounds: no start-up inside a round.
-            with Contention(args.contend) as spinners:
+            with Contention(args.contend, args.contend_nice) as spinners:
                 for r in range(rounds):
                     timed_round(r, times, round_medians)
                     msg = ", ".join(f"{v} {np.median(times[v]):.1f} ms" for v in variants)
@@ -612,12 +621,19 @@ class Contention:
             "    pass\n"
             "if os.getppid() != int(sys.argv[2]):             # the parent died already\n"
             "    sys.exit()\n"
+            "if sys.argv[3]:                                  # --contend-nice\n"
+            "    try:\n"
+            "        os.setpriority(os.PRIO_PROCESS, 0, int(sys.argv[3]))\n"
+            "    except PermissionError:\n"
+            "        sys.exit(3)\n"
             "os.kill(os.getpid(), signal.SIGSTOP)             # start paused\n"
             "while True:\n"
             "    pass\n")
 
-    def __init__(self, n: int):
-        self.n = n
+    NICE_DENIED = 3                   # a spinner's exit status: it may not take that niceness
+
+    def __init__(self, n: int, nice=None):
+        self.n, self.nice = n, nice
         self.procs = []
         self.pgid = None
 
@@ -628,13 +644,20 @@ class Contention:
                 # The first spinner leads a new process group (same session); the others join
                 # it, so that one signal reaches them all.
                 p = subprocess.Popen([sys.executable, "-c", self.SPIN, self.MARK,
-                                      str(os.getpid())], stdin=subprocess.DEVNULL,
+                                      str(os.getpid()),
+                                      "" if self.nice is None else str(self.nice)],
+                                     stdin=subprocess.DEVNULL,
                                      process_group=0 if self.pgid is None else self.pgid)
                 self.procs.append(p)
                 self.pgid = self.pgid or p.pid
             for p in self.procs:                        # wait until each has stopped itself
                 while p.poll() is None and _proc_state(p.pid) not in ("T", "t"):
                     time.sleep(0.01)
+                if p.returncode == self.NICE_DENIED:
+                    raise RuntimeError(
+                        f"--contend-nice {self.nice}: the spinners may not run at a lower "
+                        f"niceness than this process ({os.nice(0)}) without privileges; run "
+                        f"the benchmark itself under nice instead")
                 if p.poll() is not None:
                     raise RuntimeError(f"--contend: a spinner exited at start (exit status "
                                        f"{p.returncode}); no contention to measure")
@@ -887,8 +910,10 @@ def _header(jax, torch, device, peak, args, measured_peak=None):
                  f"{args.steps} timed steps per variant in alternating rounds of {args.block} "
                  f"(+1 untimed), after {args.warmup} warm-up steps")
     if getattr(args, "contend", 0):
+        nice = args.contend_nice if args.contend_nice is not None else os.nice(0)
         lines.append(f"contention: every round timed quiet and again with {args.contend} CPU "
-                     f"spinner(s) running; slowdown = contended median / quiet median")
+                     f"spinner(s) running at nice {nice} (this process: nice {os.nice(0)}); "
+                     f"slowdown = contended median / quiet median")
     return "\n".join(lines) + "\n"
 
 

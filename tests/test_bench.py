@@ -247,6 +247,15 @@ def test_contention_spinners_die_on_every_exit():
                 assert all(bench._proc_state(p) in ("R", "S") for p in pids)
                 raise exc()
         assert all(bench._proc_state(p) is None for p in pids), exc
+    # --contend-nice: the spinners take the niceness asked for (they stay paused here); one
+    # below this process's needs a privilege, else it is a sentence, not a traceback
+    want = os.nice(0) + 5 if os.nice(0) <= 14 else os.nice(0) - 1
+    try:
+        with bench.Contention(1, nice=want) as spinners:
+            with open(f"/proc/{spinners.procs[0].pid}/stat") as f:
+                assert int(f.read().rsplit(")", 1)[1].split()[16]) == want   # field 19: nice
+    except RuntimeError as e:
+        assert want < os.nice(0) and "without privileges" in str(e)
     # SIGKILL of the parent: no finally runs; the kernel kills the spinners (PDEATHSIG).
     code = (f"import importlib.util, os, signal, sys\n"
             f"spec = importlib.util.spec_from_file_location('b', {os.path.join(SCRIPTS, 'bench.py')!r})\n"
