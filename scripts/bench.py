@@ -125,7 +125,8 @@ def parse_args(argv=None):
     p.add_argument("--configs", default=None,
                    help=f"comma-separated subset of {', '.join(CONFIGS)}")
     p.add_argument("--variants", default=",".join(VARIANTS),
-                   help="comma-separated; default %(default)s; also the memory policies "
+                   help="comma-separated; default %(default)s; also torch-compile (the "
+                        "torch step under torch.compile, Inductor), the memory policies "
                         f"({', '.join(MEMORY_VARIANTS)}) and the per-example quantities "
                         f"({', '.join(QUANTITY_VARIANTS)}) and the second-order optimisers "
                         f"({', '.join(SECOND_ORDER_VARIANTS)})")
