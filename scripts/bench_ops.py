@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbp import cpu_conv as kernels
+from jbp._conv_kernels import onednn
 from jbp.layers import conv as conv_lib
 
 # (model, input (H, W, C_in), kernel, C_out, stride, padding), as the models build them.
@@ -40,6 +41,11 @@ MODEL_CONVS = {
     "resnet18": [((112, 112, 3), 7, 64, 2, 3), ((28, 28, 64), 3, 64, 1, 1),
                  ((28, 28, 64), 3, 128, 2, 1), ((28, 28, 64), 1, 128, 2, "VALID"),
                  ((14, 14, 128), 3, 128, 1, 1), ((7, 7, 256), 3, 256, 1, 1)],
+    # The U-Net's 2×2 stride-2 up-convolutions (64×64 input) as the convolution C they
+    # transpose (jbp.layers.conv_transpose): C's input_grad is the layer's forward, C's forward
+    # and weight_grad its backward. oneDNN's deconvolution primitive is these same three.
+    "unet_up": [((16, 16, 64), 2, 128, 2, "VALID"), ((32, 32, 32), 2, 64, 2, "VALID"),
+                ((64, 64, 16), 2, 32, 2, "VALID")],
 }
 
 
@@ -73,6 +79,10 @@ def _alternatives(x, w, cfg):
         return alt
     if cfg.stride != (1, 1) and cfg.dilation == (1, 1):
         alt["input_grad"].append(("phases", {}))
+        if onednn.select(x.shape, w.shape, cfg, x.dtype) is not None:
+            # oneDNN's backward-data at a stride its predicate leaves to XLA: what oneDNN's
+            # deconvolution primitive runs as a transposed convolution's forward (unet_up)
+            alt["input_grad"].append(("onednn", {}))
     unit = cfg.stride == (1, 1) and cfg.dilation == (1, 1)
     if unit and w.shape[2] <= 16:
         alt["input_grad"].append(("rows", {}))
