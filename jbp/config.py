@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from jbp.data import DATASETS
-from jbp.models import DECODERS, MODELS, OPTION_DEFAULTS, REMAT, RESIDUALS, get_model
+from jbp.models import (DECODERS, HEAD_INITS, MODELS, OPTION_DEFAULTS, REMAT, RESIDUALS,
+                        get_model)
 from jbp.parallel import DATA_PARALLEL
 from jbp.policy import GRAD_MODES
 
@@ -64,6 +65,8 @@ class ModelConfig:
     init_fresh: Tuple[str, ...] = ()  # with init_from: top-level parameters left freshly
                                       # initialised, e.g. ["fc"] for a new classifier head
     decoder: str = "transpose"        # unet: transpose (2×2 up-convolution) | upsample (+ conv)
+    head_init: str = "torchvision"    # mobilenet_v2, efficientnet_b0: torchvision | zeros (the
+                                      # classifier; jbp.models.mobilenet.HEAD_INITS)
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,7 @@ def choices() -> Dict[Tuple[str, str], Tuple[str, ...]]:
         ("model", "name"): MODELS,
         ("model", "remat"): REMAT,
         ("model", "decoder"): DECODERS,
+        ("model", "head_init"): HEAD_INITS,
         ("model", "residuals"): RESIDUALS,
         ("optim", "optimizer"): OPTIMIZERS,
         ("optim", "schedule"): SCHEDULES,

@@ -124,6 +124,29 @@ def test_memory_policies_and_bf16_train_step():
     assert abs(float(m16["loss"]) - float(m32["loss"])) < 0.05 * abs(float(m32["loss"]))
 
 
+def test_head_init_zeros_changes_the_classifier_only():
+    """``model.head_init = "zeros"``: the classifier's W starts at 0 (uniform predictions); every
+    other leaf is torchvision's init of the same key (the four-block EfficientNet of
+    tests/_tiny_nets.py, built by the same ``_init``; the config reaches B0's init). torchvision's
+    EfficientNet classifier is U(±1/√num_classes): at 10 classes its largest |W| is near 1/√10."""
+    from _tiny_nets import SPEC  # noqa: PLC0415
+    cfg = config.from_dict({"model": {"name": "efficientnet_b0", "head_init": "zeros"}})
+    assert models.from_config(cfg.model).init.keywords == {"head_init": "zeros"}
+    got, _ = mobilenet._init(SPEC, jax.random.key(0), (32, 32, 1), 10, "zeros")
+    want, _ = mobilenet._init(SPEC, jax.random.key(0), (32, 32, 1), 10)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    assert not np.any(np.asarray(got["fc"]["w"]))
+    assert 0.9 / np.sqrt(10) < float(np.max(np.abs(want["fc"]["w"]))) <= 1 / np.sqrt(10)
+    del got["fc"], want["fc"]
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(config.ConfigError, match=r"model.head_init"):
+        config.from_dict({"model": {"name": "efficientnet_b0", "head_init": "ones"}})
+    with pytest.raises(ValueError, match=r"model.head_init: resnet20 does not have this option"):
+        models.from_config(config.from_dict({"model": {"name": "resnet20",
+                                                       "head_init": "zeros"}}).model)
+
+
 def test_parameters_are_float32_under_x64():
     """The suite runs with jax_enable_x64: every initial parameter and statistic is float32
     all the same (a float64 leaf would meet float32 images in the first layer)."""

@@ -27,7 +27,7 @@ class Model(NamedTuple):
     init: Callable
     apply: Callable
     options: FrozenSet[str] = frozenset()   # of ModelConfig's: "shortcuts", "batch_norm", "remat",
-    #                                         "decoder"
+    #                                         "decoder", "head_init"
 
 
 #: Every model, by name.
@@ -50,11 +50,13 @@ RESIDUALS = _residuals.POLICIES
 #: The model options of ``ModelConfig``, with the value that means "not used", and which of
 #: ``init`` and ``apply`` takes each.
 OPTION_DEFAULTS = {"remat": "none", "shortcuts": True, "batch_norm": True,
-                   "decoder": "transpose"}
-INIT_OPTIONS = ("shortcuts", "batch_norm", "decoder")
+                   "decoder": "transpose", "head_init": "torchvision"}
+INIT_OPTIONS = ("shortcuts", "batch_norm", "decoder", "head_init")
 APPLY_OPTIONS = ("shortcuts", "remat", "decoder")
 #: ``ModelConfig.decoder`` values (the U-Net's upsampling).
 DECODERS = unet.DECODERS
+#: ``ModelConfig.head_init`` values (MobileNetV2's and EfficientNet-B0's classifier).
+HEAD_INITS = mobilenet.HEAD_INITS
 
 
 def get_model(name: str) -> Model:

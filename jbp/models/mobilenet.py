@@ -136,7 +136,16 @@ def _init_block(key, b: Block):
     return params, state
 
 
-def _init(spec: Spec, key, input_shape, num_classes):
+#: ``head_init`` values: the classifier's initial weights. "torchvision": torchvision's (MobileNetV2
+#: N(0, 0.01²); EfficientNet U(±1/√num_classes), sized for 1000 classes: at 10 it starts the logits
+#: at about ±4, a loss of 4.7 and a gradient norm ~13× MobileNetV2's, and training from scratch
+#: spikes); "zeros": W = 0 (every class at 1/num_classes; the first step moves W alone).
+HEAD_INITS = ("torchvision", "zeros")
+
+
+def _init(spec: Spec, key, input_shape, num_classes, head_init="torchvision"):
+    if head_init not in HEAD_INITS:
+        raise ValueError(f"head_init: expected one of {HEAD_INITS}, got {head_init!r}")
     h, w, c = input_shape
     if min(h, w) < spec.min_size:
         raise ValueError(f"input_shape: {spec.name} needs images of at least "
@@ -153,6 +162,8 @@ def _init(spec: Spec, key, input_shape, num_classes):
     else:
         r = 1.0 / math.sqrt(num_classes)
         fc_w = _init_lib.scaled_uniform(k_fc, (spec.head_width, num_classes), jnp.float32, -r, r)
+    if head_init == "zeros":
+        fc_w = jnp.zeros_like(fc_w)
     params["fc"] = {"w": fc_w, "b": jnp.zeros((num_classes,), jnp.float32)}
     return params, state
 
@@ -227,9 +238,11 @@ def _check_rates(dropout, stochastic_depth):
             raise ValueError(f"{name}: expected a rate in [0, 1), got {rate!r}")
 
 
-def init_mobilenet_v2(key, input_shape=(224, 224, 3), num_classes=1000):
-    """MobileNetV2 parameters and batch-norm state for NHWC images of ``input_shape``."""
-    return _init(MOBILENET_V2, key, input_shape, num_classes)
+def init_mobilenet_v2(key, input_shape=(224, 224, 3), num_classes=1000, *,
+                      head_init: str = "torchvision"):
+    """MobileNetV2 parameters and batch-norm state for NHWC images of ``input_shape``;
+    ``head_init`` one of :data:`HEAD_INITS`."""
+    return _init(MOBILENET_V2, key, input_shape, num_classes, head_init)
 
 
 def apply_mobilenet_v2(params, state, x, *, train, layers=LayerPolicy(),
@@ -241,9 +254,11 @@ def apply_mobilenet_v2(params, state, x, *, train, layers=LayerPolicy(),
     return _apply(MOBILENET_V2, params, state, x, train, layers, key, dropout, 0.0, remat)
 
 
-def init_efficientnet_b0(key, input_shape=(224, 224, 3), num_classes=1000):
-    """EfficientNet-B0 parameters and batch-norm state for NHWC images of ``input_shape``."""
-    return _init(EFFICIENTNET_B0, key, input_shape, num_classes)
+def init_efficientnet_b0(key, input_shape=(224, 224, 3), num_classes=1000, *,
+                         head_init: str = "torchvision"):
+    """EfficientNet-B0 parameters and batch-norm state for NHWC images of ``input_shape``;
+    ``head_init`` one of :data:`HEAD_INITS`."""
+    return _init(EFFICIENTNET_B0, key, input_shape, num_classes, head_init)
 
 
 def apply_efficientnet_b0(params, state, x, *, train, layers=LayerPolicy(),
@@ -257,4 +272,4 @@ def apply_efficientnet_b0(params, state, x, *, train, layers=LayerPolicy(),
 
 
 #: The options of ``jbp.config.ModelConfig`` both networks have (``jbp.models.from_config``).
-OPTIONS = frozenset({"remat"})
+OPTIONS = frozenset({"remat", "head_init"})
