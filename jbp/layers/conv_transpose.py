@@ -69,7 +69,7 @@ def _forward(x, w, b, cfg: TransposeConfig):
     w_c = _conv_kernel(w)
     # C's input gradient of an error signal of C's output size: where d > s lets o >= s add one
     # window to C, a's missing row/column of that window is a zero error signal
-    z = dispatch("input_grad", (_padded_to_windows(x, z_shape, w_c, cfg), w_c),
+    z = dispatch("input_grad", (_padded_to_windows(x, z_shape, w_c.shape, cfg), w_c),
                  (z_shape, cfg.conv))
     return z if b is None else z + b
 
@@ -86,7 +86,7 @@ def _bwd(cfg: TransposeConfig, res, g):
     dx = dispatch("forward", (g, w_c), (cfg.conv,))[:, :x.shape[1], :x.shape[2]]
     # ∂L/∂W[i,j,c,k] = Σ_{n,h,w} a[n,h,w,c] · δ[n, h·s+i·d−p, w·s+j·d−p, k]: C's weight gradient,
     # a zero-padded to C's output size where C has that extra window (its error signal is 0)
-    a = _padded_to_windows(x, g.shape, w_c, cfg)
+    a = _padded_to_windows(x, g.shape, w_c.shape, cfg)
     dw = _conv_kernel(dispatch("weight_grad", (g, a), (w_c.shape, cfg.conv)))
     # ∂L/∂b[k] = Σ_{n,h,w} δ[n,h,w,k]
     db = None if b is None else E.channel_sum(g)
@@ -95,11 +95,11 @@ def _bwd(cfg: TransposeConfig, res, g):
 
 # --- per-example quantities from the same residuals and δ (module docstring) -------------------
 
-def _padded_to_windows(x, z_shape, w_c, cfg: TransposeConfig):
+def _padded_to_windows(x, z_shape, w_c_shape, cfg: TransposeConfig):
     """a zero-padded to C's output size over an input of ``z_shape``: one more row/column where
     d > s lets o >= s give C an extra window, whose error signal is 0."""
     extra = [c_size - a_size for c_size, a_size in
-             zip(E.out_hw(z_shape, w_c.shape, cfg.conv), x.shape[1:3])]
+             zip(E.out_hw(z_shape, w_c_shape, cfg.conv), x.shape[1:3])]
     return jnp.pad(x, ((0, 0), (0, extra[0]), (0, extra[1]), (0, 0))) if max(extra) else x
 
 
@@ -107,7 +107,7 @@ def per_example_weight_grad(x, g, w_shape, cfg: TransposeConfig):
     """∂ℓ_n/∂W for every n, shape (N, KH, KW, C_in, C_out // groups): the backward's
     weight-gradient equation (C's weight gradient) on each example alone, vmapped over n."""
     w_c_shape = (w_shape[0], w_shape[1], w_shape[3], w_shape[2])
-    a = _padded_to_windows(x, g.shape, jnp.zeros(w_c_shape, x.dtype), cfg)
+    a = _padded_to_windows(x, g.shape, w_c_shape, cfg)
     return jax.vmap(lambda gn, an: _conv_kernel(
         E.weight_grad(gn[None], an[None], w_c_shape, cfg.conv)))(g, a)
 

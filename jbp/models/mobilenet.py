@@ -157,13 +157,14 @@ def _init(spec: Spec, key, input_shape, num_classes, head_init="torchvision"):
     inits = [_init_block(k, b) for k, b in zip(jax.random.split(k_blocks, len(blocks)), blocks)]
     params["blocks"], state["blocks"] = [p for p, _ in inits], [s for _, s in inits]
     _add_conv_bn(params, state, k_head, "head", 1, blocks[-1].cout, spec.head_width)
-    if spec.name == "mobilenet_v2":      # torchvision: N(0, 0.01²); EfficientNet: U(±1/√out)
-        fc_w = _init_lib.scaled_normal(k_fc, (spec.head_width, num_classes), jnp.float32, 0.01)
+    fc_shape = (spec.head_width, num_classes)
+    if head_init == "zeros":
+        fc_w = jnp.zeros(fc_shape, jnp.float32)
+    elif spec.name == "mobilenet_v2":    # torchvision: N(0, 0.01²); EfficientNet: U(±1/√out)
+        fc_w = _init_lib.scaled_normal(k_fc, fc_shape, jnp.float32, 0.01)
     else:
         r = 1.0 / math.sqrt(num_classes)
-        fc_w = _init_lib.scaled_uniform(k_fc, (spec.head_width, num_classes), jnp.float32, -r, r)
-    if head_init == "zeros":
-        fc_w = jnp.zeros_like(fc_w)
+        fc_w = _init_lib.scaled_uniform(k_fc, fc_shape, jnp.float32, -r, r)
     params["fc"] = {"w": fc_w, "b": jnp.zeros((num_classes,), jnp.float32)}
     return params, state
 
