@@ -83,17 +83,19 @@ class ManualRule:
         self._vjp = jax.custom_vjp(primal or forward, nondiff_argnums=static)
 
         def fwd_with_axes(*args):
-            out, res = fwd(*args)
+            with jax.named_scope(f"jbp.{name}.fwd"):
+                out, res = fwd(*args)
             return out, (res, _ArgAxes(tuple(_varying_axes(a) for a in args[:num_diff])))
 
         def bwd_with_axes(*args):
             *static_args, (res, arg_axes), g = args
-            cts = bwd(*static_args, res, g)
+            with jax.named_scope(f"jbp.{name}.bwd"):
+                cts = bwd(*static_args, res, g)
             return tuple(_match_axes(ct, axes) for ct, axes in zip(cts, arg_axes.axes))
 
         self._vjp.defvjp(fwd_with_axes, bwd_with_axes, optimize_remat=OPTIMIZE_REMAT)
         self._probed = None if quantities is None else _probed_vjp(
-            primal or forward, fwd, bwd, quantities, num_diff, num_static)
+            name, primal or forward, fwd, bwd, quantities, num_diff, num_static)
 
     def with_probes(self, probes: tuple, *args: Any):
         """The rule with probes (``jbp._probes``), with the same axis matching under
@@ -174,8 +176,8 @@ def make_varying(x, axes: frozenset):
     return x
 
 
-def _probed_vjp(primal: Callable, fwd: Callable, bwd: Callable, quantities: Callable,
-                num_diff: int, num_static: int):
+def _probed_vjp(name: str, primal: Callable, fwd: Callable, bwd: Callable,
+                quantities: Callable, num_diff: int, num_static: int):
     """``primal(*diff, probes, *static)`` as a ``custom_vjp`` whose backward is the rule's plus
     ``quantities(*static, residuals, g, names)`` for the probes (``jbp._probes``). The probes'
     names travel as static structure; the probes themselves (zeros) are not kept."""
@@ -188,7 +190,8 @@ def _probed_vjp(primal: Callable, fwd: Callable, bwd: Callable, quantities: Call
     vjp = jax.custom_vjp(probed_primal, nondiff_argnums=static)
 
     def probed_fwd(*args):
-        out, res = fwd(*args[:num_diff], *args[num_diff + 1:])
+        with jax.named_scope(f"jbp.{name}.fwd"):
+            out, res = fwd(*args[:num_diff], *args[num_diff + 1:])
         probes = args[num_diff]
         # varying mesh axes of the arguments and of every probe leaf (as __init__'s rule does)
         axes = _ArgAxes(tuple(_varying_axes(a) for a in args[:num_diff]))
@@ -197,12 +200,14 @@ def _probed_vjp(primal: Callable, fwd: Callable, bwd: Callable, quantities: Call
 
     def probed_bwd(*args):
         *static_args, (res, names, axes, probe_axes), g = args
-        cts = bwd(*static_args, res, g)
+        with jax.named_scope(f"jbp.{name}.bwd"):
+            cts = bwd(*static_args, res, g)
         cts = tuple(_match_axes(ct, a) for ct, a in zip(cts, axes.axes))
         # Under shard_map a probe that varies over the data axis (per-example: batch_l2,
         # batch_grad) keeps this device's rows; one that does not (sums over the examples:
         # sum_grad_squared, kfac) is psum-ed over the devices, like a parameter's gradient.
-        qs = tuple(quantities(*static_args, res, g, names.names))
+        with jax.named_scope(f"jbp.{name}.quantities"):
+            qs = tuple(quantities(*static_args, res, g, names.names))
         leaves, tree = jax.tree.flatten(qs)
         qs = jax.tree.unflatten(tree, [_match_axes(q, a)
                                        for q, a in zip(leaves, probe_axes.axes)])

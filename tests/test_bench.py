@@ -279,3 +279,39 @@ def _alive(pid):
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_profile_exclusive_times_by_hand():
+    """scripts/profile_step.py sums each event's time minus its nested events' (a conditional
+    thunk holding the thunks of its branch): by hand, on one thread and two."""
+    prof = _load("profile_step")
+    events = [{"name": "conditional.1", "ts": 0, "dur": 10, "pid": 1, "tid": 1},
+              {"name": "ffi_call.2", "ts": 1, "dur": 3, "pid": 1, "tid": 1},
+              {"name": "fusion.3", "ts": 5, "dur": 4, "pid": 1, "tid": 1},
+              {"name": "fusion.4", "ts": 12, "dur": 2, "pid": 1, "tid": 1},
+              {"name": "fusion.4", "ts": 2, "dur": 6, "pid": 1, "tid": 2}]  # another thread
+    assert dict(prof._exclusive_times(events)) == {"conditional.1": 3, "ffi_call.2": 3,
+                                                   "fusion.3": 4, "fusion.4": 8}
+
+
+def test_profile_step_sorts_every_equation_of_a_step(tmp_path):
+    """One LeNet-5 step, profiled on both sides: every thunk of jbp's trace is an instruction
+    of the compiled step and lands in a kind; the three convolution equations, ReLU, pooling,
+    the dense layers and the optimizer each take time on both sides; no batch norm (LeNet-5
+    has none)."""
+    prof = _load("profile_step")
+    jbp_side = prof.profile_jbp("lenet5", 8, (28, 28, 1), 10, 2, str(tmp_path))
+    kinds = jbp_side["kinds"]
+    assert jbp_side["events_per_step"] > 10
+    for kind in ("conv forward", "conv input grad", "conv weight grad", "ReLU", "pooling",
+                 "dense", "optimizer"):
+        assert kinds.get(kind, 0) > 0, (kind, kinds)
+    assert "batch norm" not in kinds and set(kinds) <= set(prof.KINDS)
+    # the profiled thunks account for the step (not more than the traced wall time on the
+    # main thread plus XLA's second worker)
+    assert 0 < sum(kinds.values()) < 2.5 * jbp_side["traced_wall_ms"]
+    torch_side = prof.profile_torch("lenet5", 8, (28, 28, 1), 10, 2, threads=1)
+    for kind in ("conv forward", "conv input+weight grad", "ReLU", "pooling", "dense",
+                 "optimizer"):
+        assert torch_side["kinds"].get(kind, 0) > 0, (kind, torch_side["kinds"])
+    assert "batch norm" not in torch_side["kinds"]
