@@ -13,6 +13,7 @@ training seconds to 98.5% and 99% test accuracy, final accuracy, median ms per s
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -35,14 +36,36 @@ def main(argv=None) -> int:
                    help="use only the first N training images (default: all 60,000)")
     p.add_argument("--test-limit", type=int, default=None,
                    help="evaluate on the first N test images (default: all 10,000)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="stop a run once its training time (compilation and evaluation "
+                        "excluded) passes SECONDS, even before --steps (default: no limit)")
     p.add_argument("--out", default="runs/second_order")
+    p.add_argument("--replot", default=None, metavar="JSON[,JSON...]",
+                   help="train nothing: read the rows of earlier runs' second_order.json "
+                        "files (e.g. one per model), write them together to OUT (one table, "
+                        "one PNG)")
     args = p.parse_args(argv)
+    if args.replot:
+        rows = []
+        for path in (s.strip() for s in args.replot.split(",") if s.strip()):
+            try:
+                with open(path) as f:
+                    rows += json.load(f)
+            except (OSError, ValueError) as e:
+                print(f"error: --replot: cannot read {path}: {e}", file=sys.stderr)
+                return 2
+        os.makedirs(args.out, exist_ok=True)
+        optimizer_study.write(rows, args.out)
+        print(optimizer_study.table(rows))
+        print(f"\nwrote {os.path.join(args.out, 'second_order.json')} and second_order.png")
+        return 0
     split = lambda text: tuple(s.strip() for s in text.split(",") if s.strip())  # noqa: E731
     try:
         rows = optimizer_study.run(
             models_=split(args.models), optimizers=split(args.optimizers), steps=args.steps,
             sweep=args.sweep, eval_every=args.eval_every, batch_size=args.batch_size,
-            train_limit=args.train_limit, test_limit=args.test_limit, out=args.out, root=ROOT)
+            train_limit=args.train_limit, test_limit=args.test_limit, out=args.out, root=ROOT,
+            time_budget=args.time_budget)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
