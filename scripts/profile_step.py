@@ -22,7 +22,8 @@ Kinds: conv forward, conv input grad, conv weight grad (on PyTorch's oneDNN path
 conv (other: XLA ops around the kernels), batch norm, ReLU, batch norm + ReLU (one fused
 pass), reorders/copies, allocation (PyTorch's ``empty``/``resize_``; XLA allocates outside
 its ops), optimizer, loss + other (residual additions, the loss). Times are the sum of exclusive event times
-per step (ms); "wall" is the measured step time. On XLA:CPU independent thunks may run
+per step (ms; on jbp's side each thunk's median run times its runs per step); "wall" is the
+measured step time. On XLA:CPU independent thunks may run
 concurrently, so jbp's sum can exceed its wall time.
 """
 
@@ -135,23 +136,24 @@ def _hlo_kinds(hlo_text: str, batch: int) -> dict:
 
 
 def _exclusive_times(events):
-    """Per event name, its summed duration minus that of the events nested in it on the same
-    thread (µs)."""
+    """Per event name, the list of its occurrences' durations minus those of the events nested
+    in each on the same thread (µs), in trace order."""
     by_thread = collections.defaultdict(list)
     for e in events:
         by_thread[(e["pid"], e["tid"])].append(e)
-    total = collections.Counter()
+    times = collections.defaultdict(list)
     for evs in by_thread.values():
         evs.sort(key=lambda e: (e["ts"], -e["dur"]))
-        stack = []                              # (name, end) of the open events
+        stack = []                              # [name, end, index in times[name]]
         for e in evs:
             while stack and e["ts"] >= stack[-1][1]:
                 stack.pop()
             if stack:
-                total[stack[-1][0]] -= e["dur"]
-            total[e["name"]] += e["dur"]
-            stack.append((e["name"], e["ts"] + e["dur"]))
-    return total
+                parent, _, i = stack[-1]
+                times[parent][i] -= e["dur"]
+            times[e["name"]].append(e["dur"])
+            stack.append((e["name"], e["ts"] + e["dur"], len(times[e["name"]]) - 1))
+    return dict(times)
 
 
 def profile_jbp(model_name, batch, shape, classes, steps, workdir, *, options=None,
@@ -206,10 +208,13 @@ def profile_jbp(model_name, batch, shape, classes, steps, workdir, *, options=No
         trace = json.load(f)
     events = [e for e in (trace["traceEvents"] if isinstance(trace, dict) else trace)
               if e.get("ph") == "X" and e.get("name") in kinds]
+    # Per thunk, the median of its runs times its runs per step: the first traced steps pay
+    # the profiler's start-up (measured: up to +60 ms on a 60 ms step), which a mean would keep.
     by_kind, by_op = collections.Counter(), collections.Counter()
     for name, us in _exclusive_times(events).items():
-        by_kind[kinds[name]] += us / 1e3 / steps
-        by_op[name] += us / 1e3 / steps
+        ms = float(np.median(us)) * len(us) / steps / 1e3
+        by_kind[kinds[name]] += ms
+        by_op[name] += ms
     return {"wall_ms": 1e3 * wall, "traced_wall_ms": 1e3 * traced_wall, "loss": loss,
             "kinds": dict(by_kind), "events_per_step": len(events) / steps,
             "top_ops": {f"{name} ({kinds[name]})": ms for name, ms in by_op.most_common(15)}}
