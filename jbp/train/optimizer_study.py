@@ -226,8 +226,9 @@ def plot(rows: List[dict], path: str) -> Optional[str]:
             steps = [p["step"] for p in row["curve"]]
             seconds = [p["time_s"] for p in row["curve"]]
             acc = [p["accuracy"] for p in row["curve"]]
-            axes[i][0].plot(steps, acc, marker=".", label=label)
-            axes[i][1].plot(seconds, acc, marker=".", label=label)
+            color = f"C{OPTIMIZERS.index(row['optimizer'])}"    # one colour per optimiser
+            axes[i][0].plot(steps, acc, marker=".", label=label, color=color)
+            axes[i][1].plot(seconds, acc, marker=".", label=label, color=color)
         for ax, xlabel in zip(axes[i], ("step", "training wall time (s)")):
             for target in TARGETS:
                 ax.axhline(target, color="gray", lw=0.5, ls="--")
