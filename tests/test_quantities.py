@@ -211,13 +211,14 @@ def test_lenet5_per_example_quantities():
     check_first_pass(out, lenet5.apply, params, {}, x, y, "softmax_cross_entropy", "mean")
 
 
-@pytest.mark.parametrize("stride,dilation,padding,groups", [
-    (2, 2, ((1, 2), (0, 1)), 1), (1, 1, "SAME", 2)])
-def test_conv_batch_l2_both_routes_and_patches(stride, dilation, padding, groups):
+@pytest.mark.parametrize("stride,dilation,padding,groups,kernel", [
+    (2, 2, ((1, 2), (0, 1)), 1, (3, 2)), (1, 1, "SAME", 2, (3, 2)), (2, 1, "VALID", 1, (1, 1))])
+def test_conv_batch_l2_both_routes_and_patches(stride, dilation, padding, groups, kernel):
     """Gram matrices and per-example gradients give the same ‖∂ℓ_n/∂W‖², and the patches are
-    ordered like W's rows (Σ_t p ⊗ δ reproduces the per-example gradient)."""
+    ordered like W's rows (Σ_t p ⊗ δ reproduces the per-example gradient). The strided 1×1
+    case takes the per-example gradient's batched-matmul form."""
     x = jax.random.normal(jax.random.key(9), (3, 7, 6, 4), jnp.float64)
-    w = jax.random.normal(jax.random.key(10), (3, 2, 4 // groups, 6), jnp.float64)
+    w = jax.random.normal(jax.random.key(10), (*kernel, 4 // groups, 6), jnp.float64)
     cfg = conv_module.conv_config(x, w, stride=stride, padding=padding, dilation=dilation,
                                   groups=groups)
     z = jbp.conv2d(x, w, stride=stride, padding=padding, dilation=dilation, groups=groups)
