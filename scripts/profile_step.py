@@ -21,10 +21,11 @@ Kinds: conv forward, conv input grad, conv weight grad (on PyTorch's oneDNN path
 ``convolution_backward`` op computes both gradients: shown as "conv input+weight grad"),
 conv (other: XLA ops around the kernels), batch norm, ReLU, batch norm + ReLU (one fused
 pass), reorders/copies, allocation (PyTorch's ``empty``/``resize_``; XLA allocates outside
-its ops), optimizer, loss + other (residual additions, the loss). Times are the sum of exclusive event times
-per step (ms; on jbp's side each thunk's median run times its runs per step); "wall" is the
-measured step time. On XLA:CPU independent thunks may run
-concurrently, so jbp's sum can exceed its wall time.
+its ops), optimizer, loss + other (residual additions, the loss), and on jbp's side with
+``--quantity`` the per-example work, tagged "[quantities]". Times are sums of exclusive event
+times per step (ms; on jbp's side each thunk's median run times its runs per step); "wall" is
+the measured step time. On XLA:CPU independent thunks may run concurrently, so jbp's sum can
+exceed its wall time. ``resnet20nobn_b32`` (no batch norm) has no PyTorch twin: ``--sides jbp``.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ import argparse
 import collections
 import glob
 import gzip
+import importlib.util
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -43,16 +44,22 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TUNED_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}      # as scripts/bench.py's --env tuned
-_REEXEC_MARK = "JBP_PROFILE_REEXEC"
-CONFIGS = {  # name -> (model, batch, input_shape, num_classes); scripts/bench.py's shapes
-    "lenet5_b128": ("lenet5", 128, (28, 28, 1), 10),
-    "resnet20_b32": ("resnet20", 32, (32, 32, 3), 10),
-    "resnet20_b128": ("resnet20", 128, (32, 32, 3), 10),
-    "resnet18_b16": ("resnet18", 16, (112, 112, 3), 1000),
-    "resnet20nobn_b32": ("resnet20", 32, (32, 32, 3), 10),
-}
-CONFIG_OPTIONS = {"resnet20nobn_b32": {"batch_norm": False}}   # jbp side only
+
+
+def _load_bench():
+    """scripts/bench.py as a module (scripts/ is not a package; its top level imports only the
+    standard library): the configurations, environment and steps profiled here are its own."""
+    spec = importlib.util.spec_from_file_location(
+        "_jbp_bench", os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+#: bench.py's configurations whose PyTorch twin is ``reference_models.torch_model``'s.
+CONFIGS = {name: c for name, c in bench.CONFIGS.items() if c[0] in ("lenet5", "resnet20",
+                                                                     "resnet18")}
 KINDS = ("conv forward", "conv input grad", "conv weight grad", "conv input+weight grad",
          "conv (other)", "batch norm", "ReLU", "batch norm + ReLU (fused)", "pooling",
          "dense", "reorders/copies", "allocation", "optimizer", "loss + other")
@@ -60,7 +67,7 @@ _ONEDNN_TARGETS = {"JbpDnnlConvForward": "conv forward", "JbpDnnlConvInputGrad":
                    "JbpDnnlConvWeightGrad": "conv weight grad"}
 
 
-def _batch(model_name, batch, shape, classes):
+def _batch(batch, shape, classes):
     import numpy as np  # noqa: PLC0415
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, *shape), dtype=np.float32)
@@ -92,47 +99,52 @@ def _hlo_kinds(hlo_text: str, batch: int) -> dict:
 
     def classify(name):
         called, line = instructions[name]
-        target = re.search(r'custom_call_target="([^"]+)"', line)
-        if target and target.group(1) in _ONEDNN_TARGETS:
-            return _ONEDNN_TARGETS[target.group(1)]
         lines = [line] + (computations.get(called, []) if called else [])
         names = [n for n in map(op_name, lines) if n]
-        found = {m for n in names for m in re.findall(r"jbp\.([a-z0-9_]+)\.(fwd|bwd|quantities)", n)}
-        layers = {layer for layer, _ in found}
-        opcode = re.search(r" = \S+ ([a-z\-]+)\(", line)
-        opcode = opcode.group(1) if opcode else ""
-        moves = opcode in ("copy", "transpose") or re.match(r"(copy|transpose)", name)
-        if {"batch_norm", "relu"} <= layers:
-            return "batch norm + ReLU (fused)"
-        if layers & {"conv2d", "conv_transpose2d"}:
-            if any(" convolution(" in l for l in lines):
-                if ("conv2d", "bwd") not in found:
-                    return "conv forward"
-                dims = re.search(r" = f\d+\[(\d+),", line)
-                return "conv input grad" if dims and int(dims.group(1)) == batch \
-                    else "conv weight grad"
-            return "reorders/copies" if moves else "conv (other)"
-        for layer, kind in (("batch_norm", "batch norm"), ("relu", "ReLU"),
-                            ("max_pool", "pooling"), ("avg_pool", "pooling"),
-                            ("global_avg_pool", "pooling"), ("dense", "dense")):
-            if layer in layers:
-                return kind
-        if moves:
-            return "reorders/copies"
-        # outside value_and_grad's jvp/transpose: the optax update
-        if names and all("jvp(" not in n and "transpose(" not in n for n in names):
-            return "optimizer"
-        return "loss + other"
-
-    def classify_all(name):
-        kind = classify(name)
-        called, line = instructions[name]
-        lines = [line] + (computations.get(called, []) if called else [])
-        if any(".quantities/" in l or ".quantities)" in l for l in lines):
-            return f"{kind} [quantities]" if kind != "loss + other" else "quantities"
+        found = {m for n in names
+                 for m in re.findall(r"jbp\.([a-z0-9_]+)\.(fwd|bwd|quantities)", n)}
+        target = re.search(r'custom_call_target="([^"]+)"', line)
+        if target and target.group(1) in _ONEDNN_TARGETS:
+            kind = _ONEDNN_TARGETS[target.group(1)]
+        else:
+            kind = _kind(name, line, lines, names, found, batch)
+        if any(part == "quantities" for _, part in found):     # jbp.quantities' extra work
+            return "quantities" if kind == "loss + other" else f"{kind} [quantities]"
         return kind
 
-    return {name: classify_all(name) for name in instructions}
+    return {name: classify(name) for name in instructions}
+
+
+def _kind(name, line, lines, names, found, batch):
+    """The kind of one instruction (``line``; ``lines`` adds the computation it calls) from
+    the rule scopes ``found`` in its ops' names and its opcode."""
+    layers = {layer for layer, _ in found}
+    opcode = re.search(r" = \S+ ([a-z\-]+)\(", line)
+    opcode = opcode.group(1) if opcode else ""
+    moves = opcode in ("copy", "transpose") or re.match(r"(copy|transpose)", name)
+    if {"batch_norm", "relu"} <= layers:
+        return "batch norm + ReLU (fused)"
+    if layers & {"conv2d", "conv_transpose2d"}:
+        if any(" convolution(" in l for l in lines):
+            if ("conv2d", "quantities") in found:
+                return "conv weight grad"               # per-example: (N, KH, KW, C, K)
+            if ("conv2d", "bwd") not in found:
+                return "conv forward"
+            dims = re.search(r" = f\d+\[(\d+),", line)
+            return "conv input grad" if dims and int(dims.group(1)) == batch \
+                else "conv weight grad"
+        return "reorders/copies" if moves else "conv (other)"
+    for layer, kind in (("batch_norm", "batch norm"), ("relu", "ReLU"),
+                        ("max_pool", "pooling"), ("avg_pool", "pooling"),
+                        ("global_avg_pool", "pooling"), ("dense", "dense")):
+        if layer in layers:
+            return kind
+    if moves:
+        return "reorders/copies"
+    # outside value_and_grad's jvp/transpose: the optax update
+    if names and all("jvp(" not in n and "transpose(" not in n for n in names):
+        return "optimizer"
+    return "loss + other"
 
 
 def _exclusive_times(events):
@@ -162,29 +174,26 @@ def profile_jbp(model_name, batch, shape, classes, steps, workdir, *, options=No
     import jax.numpy as jnp  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
     import optax  # noqa: PLC0415
-    from jbp import models, quantities  # noqa: PLC0415
+    from jbp import models  # noqa: PLC0415
     from jbp.config import ModelConfig  # noqa: PLC0415
     from jbp.train import make_loss  # noqa: PLC0415
 
     model = models.from_config(ModelConfig(name=model_name, num_classes=classes,
                                            **(options or {})))
     params, state = model.init(jax.random.PRNGKey(0), shape, classes)
-    x_np, y_np = _batch(model_name, batch, shape, classes)
+    x_np, y_np = _batch(batch, shape, classes)
     x, y = jnp.asarray(x_np), jnp.asarray(y_np)
     optimizer = optax.sgd(0.01, momentum=0.9)
     loss_fn = make_loss(model.apply, "softmax_cross_entropy", grad="manual")
 
-    def step(params, model_state, opt_state, x, y):
-        if quantity is None:
-            (loss, (_, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                params, model_state, x, y)
-        else:             # the quantity and the gradient of one pass (evaluation mode)
-            out = quantities.compute(model.apply, params, model_state, x, y,
-                                     quantities=(quantity,))
-            loss, grads = out["loss"], out["grad"]
+    def step(params, model_state, opt_state, x, y):       # scripts/bench.py's "manual" step
+        (loss, (_, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, model_state, x, y)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        extra = None if quantity is None else out[quantity]        # returned: kept alive
-        return optax.apply_updates(params, updates), model_state, opt_state, (loss, extra)
+        return optax.apply_updates(params, updates), model_state, opt_state, loss
+
+    if quantity is not None:     # the quantity and the gradient of one pass (evaluation mode)
+        step = bench.quantity_step(f"q-{quantity}", model.apply, optimizer)
 
     carry = (params, state, optimizer.init(params))
     compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(*carry, x, y).compile()
@@ -194,8 +203,9 @@ def profile_jbp(model_name, batch, shape, classes, steps, workdir, *, options=No
         nonlocal carry
         t0 = time.perf_counter()
         for _ in range(n):
-            *carry, (loss, extra) = compiled(*carry, x, y)
-        jax.block_until_ready((carry, extra))
+            out = compiled(*carry, x, y)        # (params, state, opt_state, loss[, quantity])
+            carry, loss = out[:3], out[3]
+        jax.block_until_ready(out)
         return (time.perf_counter() - t0) / n, float(loss)
 
     run(5)
@@ -246,7 +256,7 @@ def profile_torch(model_name, batch, shape, classes, steps, threads):
 
     torch.set_num_threads(threads)
     params, state = get_model(model_name).init(jax.random.PRNGKey(0), shape, classes)
-    x_np, y_np = _batch(model_name, batch, shape, classes)
+    x_np, y_np = _batch(batch, shape, classes)
     module = reference_models.torch_model(model_name, params, state)
     module = module.to(memory_format=torch.channels_last).train()
     opt = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
@@ -317,16 +327,17 @@ def main(argv=None) -> int:
                    help="tuned: GLIBC_TUNABLES=glibc.malloc.hugetlb=1, as scripts/bench.py")
     p.add_argument("--_torch-child", dest="torch_child", action="store_true",
                    help=argparse.SUPPRESS)
+    p.set_defaults(device=None)              # (what bench.maybe_reexec reads: CPU)
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps: expected >= 1, got {args.steps}")
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     if not sides or set(sides) - {"jbp", "torch"}:
         p.error(f"--sides: expected jbp, torch or both, got {args.sides!r}")
-    if args.env == "tuned" and platform.system() == "Linux" and not os.environ.get(_REEXEC_MARK):
-        sys.stdout.flush()
-        os.execve(sys.executable, [sys.executable] + sys.argv,
-                  dict(os.environ, **TUNED_ENV, **{_REEXEC_MARK: "1"}))
+    if args.config in bench.CONFIG_OPTIONS and "torch" in sides:
+        p.error(f"--config {args.config}: a jbp-only variant of the model (no PyTorch twin); "
+                f"pass --sides jbp")
+    bench.maybe_reexec(args)                 # --env tuned: bench.py's environment, re-exec
     model_name, batch, shape, classes = CONFIGS[args.config]
     if args.torch_child:                     # a process of its own: PyTorch's OpenMP runtime
         print(json.dumps(profile_torch(model_name, batch, shape, classes, args.steps,
@@ -336,7 +347,7 @@ def main(argv=None) -> int:
     if "torch" in sides:
         # first, before jbp loads oneDNN in this process (scripts/bench.py says why)
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--config", args.config,
-                              "--steps", str(args.steps), "--_torch-child"],
+                              "--steps", str(args.steps), "--env", args.env, "--_torch-child"],
                              capture_output=True, text=True, timeout=1800)
         if out.returncode != 0:
             print(f"note: the PyTorch side failed: {out.stderr.strip()[-500:]}", file=sys.stderr)
@@ -345,7 +356,7 @@ def main(argv=None) -> int:
     if "jbp" in sides:
         with tempfile.TemporaryDirectory() as workdir:
             jbp_side = profile_jbp(model_name, batch, shape, classes, args.steps, workdir,
-                                   options=CONFIG_OPTIONS.get(args.config),
+                                   options=bench.CONFIG_OPTIONS.get(args.config),
                                    quantity=args.quantity)
     print(f"{args.config}: one train step (SGD + momentum), {args.steps} profiled steps per "
           f"side, ms per step")

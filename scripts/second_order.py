@@ -45,9 +45,10 @@ def main(argv=None) -> int:
                         "files (e.g. one per model), write them together to OUT (one table, "
                         "one PNG)")
     args = p.parse_args(argv)
+    split = lambda text: tuple(s.strip() for s in text.split(",") if s.strip())  # noqa: E731
     if args.replot:
         rows = []
-        for path in (s.strip() for s in args.replot.split(",") if s.strip()):
+        for path in split(args.replot):
             try:
                 with open(path) as f:
                     rows += json.load(f)
@@ -56,19 +57,17 @@ def main(argv=None) -> int:
                 return 2
         os.makedirs(args.out, exist_ok=True)
         optimizer_study.write(rows, args.out)
-        print(optimizer_study.table(rows))
-        print(f"\nwrote {os.path.join(args.out, 'second_order.json')} and second_order.png")
-        return 0
-    split = lambda text: tuple(s.strip() for s in text.split(",") if s.strip())  # noqa: E731
-    try:
-        rows = optimizer_study.run(
-            models_=split(args.models), optimizers=split(args.optimizers), steps=args.steps,
-            sweep=args.sweep, eval_every=args.eval_every, batch_size=args.batch_size,
-            train_limit=args.train_limit, test_limit=args.test_limit, out=args.out, root=ROOT,
-            time_budget=args.time_budget)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    else:
+        try:
+            rows = optimizer_study.run(
+                models_=split(args.models), optimizers=split(args.optimizers),
+                steps=args.steps, sweep=args.sweep, eval_every=args.eval_every,
+                batch_size=args.batch_size, train_limit=args.train_limit,
+                test_limit=args.test_limit, out=args.out, root=ROOT,
+                time_budget=args.time_budget)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     print(optimizer_study.table(rows))
     print(f"\nwrote {os.path.join(args.out, 'second_order.json')} and second_order.png")
     return 0

@@ -298,7 +298,8 @@ def test_profile_step_sorts_every_equation_of_a_step(tmp_path):
     """One LeNet-5 step, profiled on both sides: every thunk of jbp's trace is an instruction
     of the compiled step and lands in a kind; the three convolution equations, ReLU, pooling,
     the dense layers and the optimizer each take time on both sides; no batch norm (LeNet-5
-    has none)."""
+    has none); with ``--quantity batch_l2`` the per-example weight gradients are their own
+    rows."""
     prof = _load("profile_step")
     jbp_side = prof.profile_jbp("lenet5", 8, (28, 28, 1), 10, 2, str(tmp_path))
     kinds = jbp_side["kinds"]
@@ -307,6 +308,11 @@ def test_profile_step_sorts_every_equation_of_a_step(tmp_path):
                  "dense", "optimizer"):
         assert kinds.get(kind, 0) > 0, (kind, kinds)
     assert "batch norm" not in kinds and set(kinds) <= set(prof.KINDS)
+    # with batch_l2, the per-example weight gradients are tagged apart from the batch's
+    q_kinds = prof.profile_jbp("lenet5", 8, (28, 28, 1), 10, 2, str(tmp_path / "q"),
+                               quantity="batch_l2")["kinds"]
+    assert q_kinds.get("conv weight grad [quantities]", 0) > 0, q_kinds
+    assert q_kinds.get("conv weight grad", 0) > 0 and "conv forward [quantities]" not in q_kinds
     # the profiled thunks account for the step (not more than the traced wall time on the
     # main thread plus XLA's second worker)
     assert 0 < sum(kinds.values()) < 2.5 * jbp_side["traced_wall_ms"]

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jbp import _checks, _probes, _residuals
-from jbp._conv_kernels import dispatch, is_pointwise
+from jbp._conv_kernels import dispatch, is_pointwise, tap_forms
 from jbp.layers import padding as _padding
 from jbp.layers.conv_equations import ConvConfig, channel_sum, out_hw, weight_grad
 from jbp._registry import layer
@@ -98,11 +98,9 @@ def per_example_weight_grad(x, g, w_shape, cfg: ConvConfig):
     convolution table like the batch's own weight gradient (grouped kernels on CPU). A 1×1
     kernel of one group without padding is one batched matmul instead, ``∂ℓ_n/∂W[0,0] = a_nᵀ δ_n``
     over the strided pixels (as a grouped convolution it took XLA's generic, slow form)."""
-    if is_pointwise(w_shape, cfg):
-        (sh, sw), (n, ho, wo, _) = cfg.stride, g.shape
-        xs = lax.slice(x, (0, 0, 0, 0), (n, (ho - 1) * sh + 1, (wo - 1) * sw + 1, x.shape[3]),
-                       (1, sh, sw, 1))
-        return jnp.einsum("nhwc,nhwk->nck", xs, g)[:, None, None]
+    if is_pointwise(w_shape, cfg):            # the batch's pointwise form, one example each
+        return jax.vmap(lambda xn, gn: tap_forms.pointwise_weight_grad(
+            xn[None], gn[None], w_shape, cfg))(x, g)
     n = x.shape[0]
     kh, kw, cin_g, cout = w_shape
     a = jnp.moveaxis(x, 0, 2).reshape(1, x.shape[1], x.shape[2], n * x.shape[3])

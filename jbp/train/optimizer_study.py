@@ -196,7 +196,8 @@ def table(rows: List[dict]) -> str:
         lines.append(f"| {r['model']} | {r['optimizer']}{star} | {setting} | "
                      f"{fmt(r['steps_to_0.985'], 'd')} | {fmt(r['time_to_0.985'], '.1f')} | "
                      f"{fmt(r['steps_to_0.99'], 'd')} | {fmt(r['time_to_0.99'], '.1f')} | "
-                     f"{r.get('steps_run', r['steps'])} | {r['final_accuracy']:.4f} | {fmt(r['step_ms_median'], '.1f')} |")
+                     f"{r.get('steps_run', r['steps'])} | {r['final_accuracy']:.4f} | "
+                     f"{fmt(r['step_ms_median'], '.1f')} |")
     return "\n".join(lines)
 
 
