@@ -26,6 +26,10 @@ its ops), optimizer, loss + other (residual additions, the loss), and on jbp's s
 times per step (ms; on jbp's side each thunk's median run times its runs per step); "wall" is
 the measured step time. On XLA:CPU independent thunks may run concurrently, so jbp's sum can
 exceed its wall time. ``resnet20nobn_b32`` (no batch norm) has no PyTorch twin: ``--sides jbp``.
+
+Under ``--env tuned`` (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, the benchmark's) PyTorch's
+step runs about 3× slower *while profiled* (allocation and first-touch elementwise ops;
+docs/performance.md); its kernel rows stay right. ``--env default`` profiles it faithfully.
 """
 
 from __future__ import annotations
