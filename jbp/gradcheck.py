@@ -198,10 +198,19 @@ def random_cotangent(out, seed: int = 0):
                                      for x in leaves])
 
 
+def _compiled_vjp(leaf_fn: Callable, leaves, jit: bool) -> Callable:
+    """``u ↦ VJP of leaf_fn at leaves`` (a tuple, one cotangent per leaf): with ``jit`` one
+    compiled program for the forward and the backward together, else op by op."""
+    if not jit:
+        return jax.vjp(leaf_fn, *leaves)[1]
+    program = jax.jit(lambda flat, u: jax.vjp(leaf_fn, *flat)[1](u))
+    return lambda u: program(list(leaves), u)
+
+
 def versus_autodiff(manual_fn: Callable, autodiff_fn: Callable, args, *,
                     names: Optional[Sequence[str]] = None, label: str = "manual",
                     rtol: Optional[float] = None, atol: Optional[float] = None,
-                    seed: int = 0) -> GradCheck:
+                    seed: int = 0, jit: bool = True) -> GradCheck:
     """VJPs of ``manual_fn`` and ``autodiff_fn`` at ``args`` under one random cotangent.
 
     Every array of ``args`` (positional arguments, each a pytree of arrays, or one pytree) is
@@ -213,11 +222,16 @@ def versus_autodiff(manual_fn: Callable, autodiff_fn: Callable, args, *,
     ``jbp.accuracy.ULPS`` (:func:`jbp.accuracy.judge`; ``GradCheck.float64`` holds that table).
     The rows still show manual against autodiff. Other dtypes, or explicit tolerances: manual
     against autodiff within ``rtol``/``atol``.
+
+    ``jit=True`` (the default) computes each VJP, forward and backward, as one compiled
+    program, as a train step runs it; ``jit=False`` dispatches op by op, as eager code runs,
+    which compiles every op as a program of its own (a few times slower for one check).
     """
     manual_leaf_fn, leaves, names = _on_leaves(manual_fn, args, names)
     autodiff_leaf_fn, _, _ = _on_leaves(autodiff_fn, args, None)
-    out, manual_vjp = jax.vjp(manual_leaf_fn, *leaves)
-    ref_out, autodiff_vjp = jax.vjp(autodiff_leaf_fn, *leaves)
+    manual_vjp = _compiled_vjp(manual_leaf_fn, leaves, jit)
+    autodiff_vjp = _compiled_vjp(autodiff_leaf_fn, leaves, jit)
+    out = jax.eval_shape(manual_leaf_fn, *leaves) if jit else manual_leaf_fn(*leaves)
     u = random_cotangent(out, seed)
     dtype = _dtype_name(leaves)
     key = ("autodiff", dtype)
@@ -233,7 +247,8 @@ def versus_autodiff(manual_fn: Callable, autodiff_fn: Callable, args, *,
         return check
     from jbp import accuracy  # noqa: PLC0415 (accuracy imports the models lazily)
     with jax.enable_x64(True):
-        reference = jax.vjp(autodiff_leaf_fn, *accuracy.widen(leaves))[1](accuracy.widen(u))
+        reference = _compiled_vjp(autodiff_leaf_fn, accuracy.widen(leaves), jit)(
+            accuracy.widen(u))
     verdict = accuracy.judge(jax.tree.leaves(got), jax.tree.leaves(want),
                              jax.tree.leaves(reference), check.names, label=label,
                              detail="float32")
@@ -358,7 +373,11 @@ def versus_finite_differences(fn: Callable, args, *, mode: str = "auto",
     elif mode == "directions":
         rng = np.random.default_rng((seed, 0xD1F))
         u = jnp.asarray(rng.standard_normal(n_out), theta0.dtype)
-        grad = jax.grad(lambda t: jnp.dot(u, flat(t)))(theta0)      # Jᵀu through the rule
+        # Each one compiled program (arrays as arguments, not constants folded into it).
+        grad = jax.jit(jax.grad(lambda t, u: jnp.dot(u, flat(t))))(theta0, u)  # Jᵀu, the rule
+        projections = jax.jit(jax.vmap(
+            lambda d, t, u: jnp.dot(u, flat(t + step * d) - flat(t - step * d)) / (2 * step),
+            in_axes=(0, None, None)))
         got, want = [], []
         for i in range(len(leaves)):
             lo, hi = offsets[i], offsets[i + 1]
@@ -366,10 +385,8 @@ def versus_finite_differences(fn: Callable, args, *, mode: str = "auto",
             v[:, lo:hi] = rng.standard_normal((num_directions, hi - lo))
             v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-300)
             v = jnp.asarray(v, theta0.dtype)
-            proj = jax.vmap(lambda d: jnp.dot(u, flat(theta0 + step * d) - flat(theta0 - step * d))
-                            / (2 * step))(v)
             got.append(v @ grad)
-            want.append(proj)
+            want.append(projections(v, theta0, u))
         detail = f"{num_directions} random directions per argument"
     else:
         raise ValueError(f"mode: expected 'auto', 'full' or 'directions', got {mode!r}")

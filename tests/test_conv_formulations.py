@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import functools
 import zlib
 
 from jbp.layers import conv as C
@@ -65,15 +66,32 @@ COLUMN_SHAPES = [
 ]
 
 
+def _compiled(fn, *args):
+    """``fn(*args)`` as one compiled program, the arrays its arguments and the rest (shapes,
+    configurations, chunk and block sizes) fixed in it: op-by-op dispatch would compile every
+    op of a form as a program of its own, most of this file's time (docs/testing.md)."""
+    where = [i for i, a in enumerate(args) if isinstance(a, jax.Array)]
+
+    def program(*arrays):
+        full = list(args)
+        for i, a in zip(where, arrays):
+            full[i] = a
+        return fn(*full)
+
+    return jax.jit(program)(*(args[i] for i in where))
+
+
+@functools.lru_cache(maxsize=None)      # every test of a shape shares its inputs and references
 def _setup(shape):
     n, h, w, cin, cout, kh, kw, stride, padding, dilation = shape
     rng = np.random.default_rng(zlib.crc32(str(shape).encode()))   # the same every run
     x = jnp.asarray(rng.standard_normal((n, h, w, cin)))
     wt = jnp.asarray(rng.standard_normal((kh, kw, cin, cout)))
     cfg = C.conv_config(x, wt, stride=stride, padding=padding, dilation=dilation)
-    z, vjp = jax.vjp(lambda x, w: E.correlate(x, w, cfg), x, wt)
-    g = jnp.asarray(rng.standard_normal(z.shape))
-    dx_ref, dw_ref = vjp(g)
+    z_shape = jax.eval_shape(lambda x, w: E.correlate(x, w, cfg), x, wt).shape
+    g = jnp.asarray(rng.standard_normal(z_shape))
+    dx_ref, dw_ref = _compiled(lambda x, w, g: jax.vjp(lambda x, w: E.correlate(x, w, cfg),
+                                                       x, w)[1](g), x, wt, g)
     return x, wt, g, cfg, dx_ref, dw_ref
 
 
@@ -87,7 +105,7 @@ def _close(a, b):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_chunked_weight_grads(shape, form):
     x, wt, g, cfg, _, dw_ref = _setup(shape)
-    _close(getattr(T, form)(x, g, wt.shape, cfg), dw_ref)
+    _close(_compiled(getattr(T, form), x, g, wt.shape, cfg), dw_ref)
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3])
@@ -95,7 +113,7 @@ def test_chunked_weight_grads(shape, form):
 def test_batch_chunked_weight_grad(shape, chunk):
     """Chunks that divide the batch, and ones that leave a smaller last chunk."""
     x, wt, g, cfg, _, dw_ref = _setup(shape)
-    _close(T.batch_chunked_weight_grad(x, g, wt.shape, cfg, chunk), dw_ref)
+    _close(_compiled(T.batch_chunked_weight_grad, x, g, wt.shape, cfg, chunk), dw_ref)
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 64])
@@ -104,7 +122,7 @@ def test_split_tap_weight_grad(shape, chunk):
     """Stride 1 (the only stride it takes): asymmetric padding, dilation, kernels wider than
     the input or one row tall; chunks that divide the batch, leave a remainder, or hold it."""
     x, wt, g, cfg, _, dw_ref = _setup(shape)
-    _close(B.split_tap_weight_grad(x, g, wt.shape, cfg, chunk), dw_ref)
+    _close(_compiled(B.split_tap_weight_grad, x, g, wt.shape, cfg, chunk), dw_ref)
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 64])
@@ -113,7 +131,8 @@ def test_split_tap_correlate(shape, chunk):
     """The split forward on the same stride-1 shapes: chunks that divide the batch, leave a
     smaller last chunk, or hold it all."""
     x, wt, _, cfg, _, _ = _setup(shape)
-    _close(B.split_tap_correlate(x, wt, cfg, chunk), E.correlate(x, wt, cfg))
+    _close(_compiled(B.split_tap_correlate, x, wt, cfg, chunk),
+           _compiled(E.correlate, x, wt, cfg))
 
 
 def test_manual_forward_takes_the_split_on_cpu():
@@ -139,8 +158,9 @@ def test_manual_forward_takes_the_split_on_cpu():
 @pytest.mark.parametrize("shape", COLUMN_SHAPES, ids=str)
 def test_column_blocked_forms(shape, block):
     x, wt, g, cfg, _, dw_ref = _setup(shape)
-    _close(B.column_blocked_correlate(x, wt, cfg, block), E.correlate(x, wt, cfg))
-    _close(B.column_blocked_weight_grad(x, g, wt.shape, cfg, block), dw_ref)
+    _close(_compiled(B.column_blocked_correlate, x, wt, cfg, block),
+           _compiled(E.correlate, x, wt, cfg))
+    _close(_compiled(B.column_blocked_weight_grad, x, g, wt.shape, cfg, block), dw_ref)
 
 
 @pytest.mark.parametrize("images", [1, 2, 4, 7])
@@ -209,10 +229,12 @@ def test_forward(shape):
     """``_forward``, column-blocked on CPU for these shapes, is the convolution; forward-mode
     differentiation of the autodiff twin (through ``lax.platform_dependent``) is JAX's."""
     x, wt, _, cfg, _, _ = _setup(shape)
-    _close(C._forward(x, wt, None, cfg), E.correlate(x, wt, cfg))
+    _close(_compiled(C._forward, x, wt, None, cfg), _compiled(E.correlate, x, wt, cfg))
     tangents = (jnp.ones_like(x), jnp.full_like(wt, 0.5))
-    _, jvp = jax.jvp(lambda x, w: C._forward(x, w, None, cfg), (x, wt), tangents)
-    _, jvp_ref = jax.jvp(lambda x, w: E.correlate(x, w, cfg), (x, wt), tangents)
+    _, jvp = _compiled(lambda x, w, tx, tw: jax.jvp(lambda x, w: C._forward(x, w, None, cfg),
+                                                    (x, w), (tx, tw)), x, wt, *tangents)
+    _, jvp_ref = _compiled(lambda x, w, tx, tw: jax.jvp(lambda x, w: E.correlate(x, w, cfg),
+                                                        (x, w), (tx, tw)), x, wt, *tangents)
     _close(jvp, jvp_ref)
 
 
@@ -220,7 +242,7 @@ def test_forward(shape):
                          ids=str)
 def test_row_input_grad(shape):
     x, wt, g, cfg, dx_ref, _ = _setup(shape)
-    _close(T.row_input_grad(g, wt, x.shape, cfg), dx_ref)
+    _close(_compiled(T.row_input_grad, g, wt, x.shape, cfg), dx_ref)
 
 
 @pytest.mark.parametrize("equation", ["forward", "input_grad", "weight_grad"])
@@ -229,21 +251,22 @@ def test_dispatch(shape, equation):
     """``dispatch(equation, *arguments(...))``, the one call of the table's forms and generic
     functions, computes its equation: the convolution, or JAX's derivative of it."""
     x, wt, g, cfg, dx_ref, dw_ref = _setup(shape)
-    want = {"forward": E.correlate(x, wt, cfg), "input_grad": dx_ref, "weight_grad": dw_ref}
-    _close(dispatch(equation, *arguments(equation, x, wt, g, cfg)), want[equation])
+    want = {"forward": _compiled(E.correlate, x, wt, cfg), "input_grad": dx_ref,
+            "weight_grad": dw_ref}
+    _close(_compiled(dispatch, equation, *arguments(equation, x, wt, g, cfg)), want[equation])
 
 
 @pytest.mark.parametrize("shape", [s for s in SHAPES if s[9] == 1], ids=str)
 def test_phase_input_grad(shape):
     x, wt, g, cfg, dx_ref, _ = _setup(shape)
-    _close(T.phase_input_grad(g, wt, x.shape, cfg), dx_ref)
+    _close(_compiled(T.phase_input_grad, g, wt, x.shape, cfg), dx_ref)
 
 
 @pytest.mark.parametrize("shape", SHAPES + COLUMN_SHAPES, ids=str)
 def test_cpu_dispatch(shape):
     """The rule's backward, with whatever forms the table chooses on this backend."""
     x, wt, g, cfg, dx_ref, dw_ref = _setup(shape)
-    dx, dw, _ = C._bwd(cfg, (x, wt, None), g)
+    dx, dw, _ = _compiled(lambda x, w, g: C._bwd(cfg, (x, w, None), g), x, wt, g)
     _close(dx, dx_ref)
     _close(dw, dw_ref)
 
@@ -253,8 +276,8 @@ def test_pointwise(shape):
     x, wt, g, cfg, dx_ref, dw_ref = _setup(shape)
     if not is_pointwise(wt.shape, cfg):
         pytest.skip("padded 1x1: not pointwise (takes the phase path, tested above)")
-    _close(T.pointwise_input_grad(g, wt, x.shape, cfg), dx_ref)
-    _close(T.pointwise_weight_grad(x, g, wt.shape, cfg), dw_ref)
+    _close(_compiled(T.pointwise_input_grad, g, wt, x.shape, cfg), dx_ref)
+    _close(_compiled(T.pointwise_weight_grad, x, g, wt.shape, cfg), dw_ref)
 
 
 # Depthwise (groups = C_in = C_out): (N, H, W, C, KH, KW, stride, padding, dilation). The nets'
@@ -284,13 +307,14 @@ def test_depthwise_forms(shape):
     wt = jnp.asarray(rng.standard_normal((kh, kw, 1, c)))
     cfg = C.conv_config(x, wt, stride=stride, padding=padding, dilation=dilation, groups=c)
     assert D.is_depthwise(x.shape, wt.shape, cfg)
-    z, vjp = jax.vjp(lambda x, w: E.correlate(x, w, cfg), x, wt)
+    z = _compiled(E.correlate, x, wt, cfg)
     g = jnp.asarray(rng.standard_normal(z.shape))
-    dx_ref, dw_ref = vjp(g)
-    _close(D.correlate(x, wt, cfg), z)
-    _close(D.input_grad(g, wt, x.shape, cfg), dx_ref)
-    _close(D.weight_grad(x, g, wt.shape, cfg), dw_ref)
-    dx, dw, _ = C._bwd(cfg, (x, wt, None), g)
+    dx_ref, dw_ref = _compiled(lambda x, w, g: jax.vjp(lambda x, w: E.correlate(x, w, cfg),
+                                                       x, w)[1](g), x, wt, g)
+    _close(_compiled(D.correlate, x, wt, cfg), z)
+    _close(_compiled(D.input_grad, g, wt, x.shape, cfg), dx_ref)
+    _close(_compiled(D.weight_grad, x, g, wt.shape, cfg), dw_ref)
+    dx, dw, _ = _compiled(lambda x, w, g: C._bwd(cfg, (x, w, None), g), x, wt, g)
     _close(dx, dx_ref)
     _close(dw, dw_ref)
 

@@ -40,6 +40,17 @@ def test_autodiff_comparison_catches_wrong_rule():
     assert gradcheck.versus_autodiff(right, right, (X,), names=["x"]).ok
 
 
+def test_autodiff_comparison_op_by_op():
+    """``jit=False`` checks the same VJPs dispatched op by op: the same rows to rounding, and the
+    wrong rule caught."""
+    for fn in (wrong, right):
+        compiled = gradcheck.versus_autodiff(fn, right, (X,), names=["x"])
+        eager = gradcheck.versus_autodiff(fn, right, (X,), names=["x"], jit=False)
+        assert eager.ok == compiled.ok == (fn is right)
+        for a, b in zip(eager.args, compiled.args):
+            assert a.max_abs == pytest.approx(b.max_abs, rel=1e-6, abs=1e-14)
+
+
 @pytest.mark.parametrize("mode", ["full", "directions"])
 def test_finite_differences_catch_wrong_rule(mode):
     assert not gradcheck.versus_finite_differences(wrong, (X,), mode=mode).ok

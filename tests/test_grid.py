@@ -24,6 +24,24 @@ from jbp.testing.grid import CASES
 IDS = [c.id for c in CASES]
 
 
+def _compiled_vjp(fn, args, u=None):
+    """``(out, grads, u)``: ``fn``'s output at ``args`` and its VJP under the cotangent ``u``
+    (``gradcheck.random_cotangent`` when None), forward and backward in one compiled program.
+    Op-by-op dispatch would compile each op as a program of its own, most of the grid's time
+    (docs/testing.md); the eager path is checked against this one by
+    ``test_jit_gradients_equal_eager``."""
+    if u is None:
+        u = gradcheck.random_cotangent(jax.eval_shape(fn, *args))
+
+    @jax.jit
+    def program(args, u):
+        out, vjp = jax.vjp(fn, *args)
+        return out, vjp(u)
+
+    out, grads = program(tuple(args), u)
+    return out, grads, u
+
+
 @pytest.fixture(params=CASES, ids=IDS)
 def case(request):
     return request.param
@@ -48,11 +66,10 @@ def test_manual_matches_pytorch(case):
         pytest.skip(f"{case.id}: no PyTorch twin")
     from jbp.testing.torch_reference import torch_vjp
     args64 = case.args(jnp.float64)
-    out, vjp = jax.vjp(case.fn(jbp), *args64)
-    u = gradcheck.random_cotangent(out)
+    out, grads, u = _compiled_vjp(case.fn(jbp), args64)
     torch_out, torch_grads = torch_vjp(case, args64, u)
     rtol, atol = gradcheck.DEFAULT_TOLERANCES[("pytorch", "float64")]
-    result = gradcheck.compare("manual", "pytorch", [out, *vjp(u)], [torch_out, *torch_grads],
+    result = gradcheck.compare("manual", "pytorch", [out, *grads], [torch_out, *torch_grads],
                                ["output", *case.names], rtol=rtol, atol=atol)
     assert result.ok, str(result)
 
@@ -77,8 +94,8 @@ def test_kwargs_are_the_layer_call(direct):
     """``Case.kwargs`` is the configuration the case really runs: calling the public layer with
     it gives the case's own function's output, bit for bit."""
     args = direct.args(jnp.float64)
-    want = direct.fn(jbp)(*args)
-    got = getattr(jbp, direct.layer)(*args, **direct.kwargs)
+    want = jax.jit(direct.fn(jbp))(*args)
+    got = jax.jit(lambda *a: getattr(jbp, direct.layer)(*a, **direct.kwargs))(*args)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
@@ -97,9 +114,10 @@ def _rule_has_its_own_forward(case, args) -> bool:
 def test_primal_of_fwd_equals_plain_call(case):
     args = case.args(jnp.float64)
     manual = case.fn(jbp)
-    primal_from_fwd, _ = jax.vjp(manual, *args)      # runs the rule's fwd
-    plain = manual(*args)                             # runs the custom_vjp primal
-    reference = case.fn(jbp.autodiff)(*args)          # the shared forward, no rule at all
+    # Each its own compiled program (one program could share their common work).
+    primal_from_fwd = jax.jit(lambda *a: jax.vjp(manual, *a)[0])(*args)  # runs the rule's fwd
+    plain = jax.jit(manual)(*args)                    # runs the custom_vjp primal
+    reference = jax.jit(case.fn(jbp.autodiff))(*args)  # the shared forward, no rule at all
     own_forward = _rule_has_its_own_forward(case, args)
     for a, b, c in zip(jax.tree.leaves(primal_from_fwd), jax.tree.leaves(plain),
                        jax.tree.leaves(reference)):
@@ -115,10 +133,9 @@ def test_primal_of_fwd_equals_plain_call(case):
                          ids=["float32", "float64", "bfloat16"])
 def test_gradient_dtype_is_input_dtype(case, dtype):
     args = case.args(dtype)
-    out, vjp = jax.vjp(case.fn(jbp), *args)
+    out, grads, _ = _compiled_vjp(case.fn(jbp), args)
     for o in jax.tree.leaves(out):
         assert o.dtype == dtype
-    grads = vjp(gradcheck.random_cotangent(out))
     for name, a, g in zip(case.names, args, grads):
         assert g.dtype == a.dtype, f"{name}: gradient {g.dtype} for a {a.dtype} input"
         assert g.shape == a.shape
@@ -135,11 +152,10 @@ def test_bfloat16_gradients_close_to_float32(case):
     args16 = case.args(jnp.bfloat16)
     args32 = tuple(a.astype(jnp.float32) for a in args16)
     fn = case.fn(jbp)
-    out16, vjp16 = jax.vjp(fn, *args16)
-    out32, vjp32 = jax.vjp(fn, *args32)
-    u16 = gradcheck.random_cotangent(out16)
+    _, grads16, u16 = _compiled_vjp(fn, args16)
     u32 = jax.tree.map(lambda u: u.astype(jnp.float32), u16)
-    for name, g16, g32 in zip(case.names, vjp16(u16), vjp32(u32)):
+    _, grads32, _ = _compiled_vjp(fn, args32, u32)
+    for name, g16, g32 in zip(case.names, grads16, grads32):
         # bfloat16 keeps 8 significant bits (relative spacing 2^-8 ≈ 4e-3); sums of tens of
         # terms lose a few more. Relative to the largest entry, 3e-2 is ~8 ulps.
         err = gradcheck.arg_error(name, g16.astype(jnp.float32), g32, rtol=3e-2, atol=0.0)

@@ -39,13 +39,13 @@ def test_vmap_per_example_gradients_equal_python_loop(case):
     args = case.args(jnp.float64)
     x, params = args[0], args[1:]
     fn = case.fn(jbp)
-    u = gradcheck.random_cotangent(fn(*args))
+    u = gradcheck.random_cotangent(jax.eval_shape(fn, *args))
 
     def example_loss(xi, ui, *p):
         return jnp.sum(ui * fn(xi[None], *p)[0])
 
     grads = jax.grad(example_loss, argnums=(0, *range(2, 2 + len(params))))
-    batched = jax.vmap(grads, in_axes=(0, 0) + (None,) * len(params))(x, u, *params)
+    batched = jax.jit(jax.vmap(grads, in_axes=(0, 0) + (None,) * len(params)))(x, u, *params)
     one = jax.jit(grads)                      # compiled once, called for every example
     for i in range(x.shape[0]):
         looped = one(x[i], u[i], *params)
@@ -71,9 +71,10 @@ def test_vmap_over_independent_batches_equals_loop(case):
     def loss(*a):
         return jnp.sum(jnp.sin(fn(*a)))
 
-    batched = jax.vmap(jax.grad(loss, argnums))(*stacked)
+    batched = jax.jit(jax.vmap(jax.grad(loss, argnums)))(*stacked)
+    one = jax.jit(jax.grad(loss, argnums))          # compiled once, called for every batch
     for i, args in enumerate(stacks):
-        for b, l in zip(batched, jax.grad(loss, argnums)(*args)):
+        for b, l in zip(batched, one(*args)):
             np.testing.assert_allclose(np.asarray(b[i]), np.asarray(l), rtol=1e-12, atol=1e-12)
 
 
@@ -123,7 +124,7 @@ def test_hessian_vector_product_matches_autodiff(case):
     args = case.args(jnp.float64)
     rng = np.random.default_rng(5)
     vs = [jnp.asarray(rng.standard_normal(a.shape)) for a in args]
-    u = gradcheck.random_cotangent(case.fn(jbp)(*args), seed=3)
+    u = gradcheck.random_cotangent(jax.eval_shape(case.fn(jbp), *args), seed=3)
 
     def hvp(ns):
         fn = case.fn(ns)
