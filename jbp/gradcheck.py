@@ -11,7 +11,8 @@ readable ``str`` table and an ``ok`` flag):
   one VJP per output element); ``mode="directions"`` compares ``uᵀ J v`` for a few random
   directions ``v`` per argument and a random cotangent ``u``, for inputs too large for the full
   Jacobian.
-- :func:`compare` for gradients computed elsewhere (e.g. PyTorch autograd).
+- :func:`compare` for gradients computed elsewhere (e.g. PyTorch autograd), with
+  :func:`vjp_at` for the rule's side (output and VJP in one compiled program).
 
 Arguments are pytrees: ``args`` is the tuple (or list) of positional arguments, each an array or
 any pytree of arrays (a params dict), or one pytree taken as the single argument. Every leaf gets
@@ -198,13 +199,30 @@ def random_cotangent(out, seed: int = 0):
                                      for x in leaves])
 
 
-def _compiled_vjp(leaf_fn: Callable, leaves, jit: bool) -> Callable:
-    """``u ↦ VJP of leaf_fn at leaves`` (a tuple, one cotangent per leaf): with ``jit`` one
-    compiled program for the forward and the backward together, else op by op."""
+def vjp_at(fn: Callable, args, u=None, *, seed: int = 0, jit: bool = True):
+    """``(out, grads, u)``: ``fn``'s output at the positional arrays ``args`` and its VJP under
+    the cotangent ``u`` (:func:`random_cotangent` with ``seed`` when None), one gradient per
+    argument.
+
+    ``jit=True`` computes the forward and the backward as one compiled program, as a train step
+    runs them; ``jit=False`` dispatches op by op, as eager code runs, which compiles every op as
+    a program of its own (a few times slower for one check).
+    """
+    args = tuple(args)
     if not jit:
-        return jax.vjp(leaf_fn, *leaves)[1]
-    program = jax.jit(lambda flat, u: jax.vjp(leaf_fn, *flat)[1](u))
-    return lambda u: program(list(leaves), u)
+        out, vjp = jax.vjp(fn, *args)
+        u = random_cotangent(out, seed) if u is None else u
+        return out, vjp(u), u
+    if u is None:
+        u = random_cotangent(jax.eval_shape(fn, *args), seed)
+
+    @jax.jit
+    def program(args, u):
+        out, vjp = jax.vjp(fn, *args)
+        return out, vjp(u)
+
+    out, grads = program(args, u)
+    return out, grads, u
 
 
 def versus_autodiff(manual_fn: Callable, autodiff_fn: Callable, args, *,
@@ -223,23 +241,18 @@ def versus_autodiff(manual_fn: Callable, autodiff_fn: Callable, args, *,
     The rows still show manual against autodiff. Other dtypes, or explicit tolerances: manual
     against autodiff within ``rtol``/``atol``.
 
-    ``jit=True`` (the default) computes each VJP, forward and backward, as one compiled
-    program, as a train step runs it; ``jit=False`` dispatches op by op, as eager code runs,
-    which compiles every op as a program of its own (a few times slower for one check).
+    ``jit``: each VJP as one compiled program (the default) or op by op (:func:`vjp_at`).
     """
     manual_leaf_fn, leaves, names = _on_leaves(manual_fn, args, names)
     autodiff_leaf_fn, _, _ = _on_leaves(autodiff_fn, args, None)
-    manual_vjp = _compiled_vjp(manual_leaf_fn, leaves, jit)
-    autodiff_vjp = _compiled_vjp(autodiff_leaf_fn, leaves, jit)
-    out = jax.eval_shape(manual_leaf_fn, *leaves) if jit else manual_leaf_fn(*leaves)
-    u = random_cotangent(out, seed)
+    _, got, u = vjp_at(manual_leaf_fn, leaves, seed=seed, jit=jit)
+    _, want, _ = vjp_at(autodiff_leaf_fn, leaves, u, jit=jit)
     dtype = _dtype_name(leaves)
     key = ("autodiff", dtype)
     if key not in DEFAULT_TOLERANCES and (rtol is None or atol is None):
         raise TypeError(f"versus_autodiff: no default tolerance for dtype {key[1]}; pass rtol "
                         f"and atol")
     default_rtol, default_atol = DEFAULT_TOLERANCES.get(key, (rtol, atol))
-    got, want = manual_vjp(u), autodiff_vjp(u)
     check = compare(label, "autodiff", got, want, names,
                     rtol=default_rtol if rtol is None else rtol,
                     atol=default_atol if atol is None else atol, detail=dtype)
@@ -247,8 +260,8 @@ def versus_autodiff(manual_fn: Callable, autodiff_fn: Callable, args, *,
         return check
     from jbp import accuracy  # noqa: PLC0415 (accuracy imports the models lazily)
     with jax.enable_x64(True):
-        reference = _compiled_vjp(autodiff_leaf_fn, accuracy.widen(leaves), jit)(
-            accuracy.widen(u))
+        _, reference, _ = vjp_at(autodiff_leaf_fn, accuracy.widen(leaves), accuracy.widen(u),
+                                 jit=jit)
     verdict = accuracy.judge(jax.tree.leaves(got), jax.tree.leaves(want),
                              jax.tree.leaves(reference), check.names, label=label,
                              detail="float32")

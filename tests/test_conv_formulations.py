@@ -15,6 +15,7 @@ from jbp.layers import conv as C
 from jbp.layers import conv_equations as E
 from jbp._conv_kernels import (FORMS, arguments, block_forms as B, choose, depthwise_forms as D,
                                dispatch, is_pointwise, tap_forms as T, tuning)
+from jbp.gradcheck import vjp_at
 from jbp.testing.grid import CONV_CASES
 from jbp._conv_kernels.onednn import set_conv_backend
 
@@ -90,8 +91,7 @@ def _setup(shape):
     cfg = C.conv_config(x, wt, stride=stride, padding=padding, dilation=dilation)
     z_shape = jax.eval_shape(lambda x, w: E.correlate(x, w, cfg), x, wt).shape
     g = jnp.asarray(rng.standard_normal(z_shape))
-    dx_ref, dw_ref = _compiled(lambda x, w, g: jax.vjp(lambda x, w: E.correlate(x, w, cfg),
-                                                       x, w)[1](g), x, wt, g)
+    _, (dx_ref, dw_ref), _ = vjp_at(lambda x, w: E.correlate(x, w, cfg), (x, wt), g)
     return x, wt, g, cfg, dx_ref, dw_ref
 
 
@@ -307,10 +307,9 @@ def test_depthwise_forms(shape):
     wt = jnp.asarray(rng.standard_normal((kh, kw, 1, c)))
     cfg = C.conv_config(x, wt, stride=stride, padding=padding, dilation=dilation, groups=c)
     assert D.is_depthwise(x.shape, wt.shape, cfg)
-    z = _compiled(E.correlate, x, wt, cfg)
-    g = jnp.asarray(rng.standard_normal(z.shape))
-    dx_ref, dw_ref = _compiled(lambda x, w, g: jax.vjp(lambda x, w: E.correlate(x, w, cfg),
-                                                       x, w)[1](g), x, wt, g)
+    z_shape = jax.eval_shape(lambda x, w: E.correlate(x, w, cfg), x, wt).shape
+    g = jnp.asarray(rng.standard_normal(z_shape))
+    z, (dx_ref, dw_ref), _ = vjp_at(lambda x, w: E.correlate(x, w, cfg), (x, wt), g)
     _close(_compiled(D.correlate, x, wt, cfg), z)
     _close(_compiled(D.input_grad, g, wt, x.shape, cfg), dx_ref)
     _close(_compiled(D.weight_grad, x, g, wt.shape, cfg), dw_ref)

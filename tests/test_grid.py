@@ -24,22 +24,9 @@ from jbp.testing.grid import CASES
 IDS = [c.id for c in CASES]
 
 
-def _compiled_vjp(fn, args, u=None):
-    """``(out, grads, u)``: ``fn``'s output at ``args`` and its VJP under the cotangent ``u``
-    (``gradcheck.random_cotangent`` when None), forward and backward in one compiled program.
-    Op-by-op dispatch would compile each op as a program of its own, most of the grid's time
-    (docs/testing.md); the eager path is checked against this one by
-    ``test_jit_gradients_equal_eager``."""
-    if u is None:
-        u = gradcheck.random_cotangent(jax.eval_shape(fn, *args))
-
-    @jax.jit
-    def program(args, u):
-        out, vjp = jax.vjp(fn, *args)
-        return out, vjp(u)
-
-    out, grads = program(tuple(args), u)
-    return out, grads, u
+# The columns below compute each VJP as one compiled program (gradcheck.vjp_at): op-by-op
+# dispatch would compile each op as a program of its own, most of the grid's time
+# (docs/testing.md); the eager path is checked against it by test_jit_gradients_equal_eager.
 
 
 @pytest.fixture(params=CASES, ids=IDS)
@@ -66,7 +53,7 @@ def test_manual_matches_pytorch(case):
         pytest.skip(f"{case.id}: no PyTorch twin")
     from jbp.testing.torch_reference import torch_vjp
     args64 = case.args(jnp.float64)
-    out, grads, u = _compiled_vjp(case.fn(jbp), args64)
+    out, grads, u = gradcheck.vjp_at(case.fn(jbp), args64)
     torch_out, torch_grads = torch_vjp(case, args64, u)
     rtol, atol = gradcheck.DEFAULT_TOLERANCES[("pytorch", "float64")]
     result = gradcheck.compare("manual", "pytorch", [out, *grads], [torch_out, *torch_grads],
@@ -133,7 +120,7 @@ def test_primal_of_fwd_equals_plain_call(case):
                          ids=["float32", "float64", "bfloat16"])
 def test_gradient_dtype_is_input_dtype(case, dtype):
     args = case.args(dtype)
-    out, grads, _ = _compiled_vjp(case.fn(jbp), args)
+    out, grads, _ = gradcheck.vjp_at(case.fn(jbp), args)
     for o in jax.tree.leaves(out):
         assert o.dtype == dtype
     for name, a, g in zip(case.names, args, grads):
@@ -152,9 +139,9 @@ def test_bfloat16_gradients_close_to_float32(case):
     args16 = case.args(jnp.bfloat16)
     args32 = tuple(a.astype(jnp.float32) for a in args16)
     fn = case.fn(jbp)
-    _, grads16, u16 = _compiled_vjp(fn, args16)
+    _, grads16, u16 = gradcheck.vjp_at(fn, args16)
     u32 = jax.tree.map(lambda u: u.astype(jnp.float32), u16)
-    _, grads32, _ = _compiled_vjp(fn, args32, u32)
+    _, grads32, _ = gradcheck.vjp_at(fn, args32, u32)
     for name, g16, g32 in zip(case.names, grads16, grads32):
         # bfloat16 keeps 8 significant bits (relative spacing 2^-8 ≈ 4e-3); sums of tens of
         # terms lose a few more. Relative to the largest entry, 3e-2 is ~8 ulps.
